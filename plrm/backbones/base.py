@@ -1,0 +1,60 @@
+"""Backbone: turns (prompt, response) items into model inputs and an encoder module.
+
+A backbone is prepared once per dataset with the unique items of the data (each unique text is handled once,
+whatever the number of users), then serves ``inputs(item_ids)`` for batches. The trainable or frozen
+``encoder()`` module maps those inputs to features ``h`` of shape (N, feature_dim); methods put their heads on
+top. Issue-6 backbones (HF transformers with LoRA, frozen encoders with a disk cache) implement the same three
+calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class ItemIndex:
+    """The unique (prompt, response) items of a dataset and where each row's chosen/rejected item sits."""
+
+    keys: np.ndarray          # (I,) uint64 item keys (plrm.data.source.item_keys)
+    chosen_item: np.ndarray   # (rows,) int64 index into keys
+    rejected_item: np.ndarray  # (rows,) int64
+    first_row: np.ndarray     # (I,) a row where each item occurs, for error messages
+
+    @property
+    def n_items(self) -> int:
+        return len(self.keys)
+
+
+class Backbone:
+    """Base class of registered backbones."""
+
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    @property
+    def feature_dim(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self, data, items: ItemIndex) -> None:
+        """Compute or look up what ``inputs`` serves, for every unique item of ``data``."""
+        raise NotImplementedError
+
+    def inputs(self, item_ids: torch.Tensor) -> Any:
+        """Model inputs of these items (a tensor, or a dict of tensors for token batches)."""
+        raise NotImplementedError
+
+    def encoder(self) -> nn.Module:
+        """The module mapping ``inputs`` to features (N, feature_dim); it may hold trainable parameters."""
+        raise NotImplementedError

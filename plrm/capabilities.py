@@ -1,0 +1,28 @@
+"""The capability vocabulary: what datasets and backbones provide, what methods need.
+
+A runner decides what can run where by comparing sets of these strings; it never checks names.
+Plugins use the same strings (they are plain ``str``, so a plugin may also introduce its own).
+"""
+
+from __future__ import annotations
+
+FEATURES = "features"          # a feature vector per (prompt, response): precomputed or from an encoder backbone
+LM = "lm"                      # log-probabilities of a causal LM (P-DPO, GenARM, policies)
+TEXT = "text"                  # real prompt/response text that a tokenizer can read
+SHARED_PAIRS = "shared_pairs"  # the same (prompt, response, response) item is labelled by several users (pair_id)
+REFERENCE = "reference"        # each user's own ground-truth completion (Pref-LaMP-style evaluation)
+ORACLE = "oracle"              # ground-truth per-user rewards (synthetic worlds): oracle rows in the results
+
+DESCRIPTIONS = {
+    FEATURES: "a feature vector per (prompt, response)",
+    LM: "a causal language model backbone (log-probabilities)",
+    TEXT: "prompt and response text",
+    SHARED_PAIRS: "item pairs shared across users (pair_id)",
+    REFERENCE: "reference completions per user",
+    ORACLE: "ground-truth user rewards",
+}
+
+
+def unmet(needs: frozenset[str] | set[str], provided: frozenset[str] | set[str]) -> list[str]:
+    """Human-readable reasons why ``needs`` is not covered by ``provided`` (empty list: all met)."""
+    return [f"needs {DESCRIPTIONS.get(n, n)} ('{n}')" for n in sorted(set(needs) - set(provided))]

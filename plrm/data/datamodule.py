@@ -1,0 +1,117 @@
+"""The LightningDataModule: train / validation batches of seen users, support and test pairs for evaluation.
+
+Heavy work happens once per dataset in :class:`PreparedData` (the unique-item index and the backbone's
+inputs for every unique item); a :class:`PreferenceDataModule` is then a cheap view for one split and one
+batch size. A batch is a dict:
+
+``user_idx`` (B,) int64, ``chosen`` / ``rejected`` backbone inputs of the two responses, ``row`` (B,) int64
+(the canonical row), ``pair_weight`` (B,) float32: the 1/|D_u| weight of papers/004 eq. 10, scaled to mean 1.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from plrm.backbones.base import Backbone, ItemIndex
+from plrm.data.source import PreferenceData, item_keys
+from plrm.data.splits import SUPPORT, TEST, TRAIN, VAL, Split
+
+
+def build_item_index(data: PreferenceData) -> ItemIndex:
+    """Unique (prompt, response) items of all rows; each is encoded once however many users judge it."""
+    table = data.pairs.data.table
+    prompts = table["prompt"].to_numpy(zero_copy_only=False)
+    keys = np.concatenate([item_keys(prompts, table["chosen"].to_numpy(zero_copy_only=False)),
+                           item_keys(prompts, table["rejected"].to_numpy(zero_copy_only=False))])
+    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    n = table.num_rows
+    return ItemIndex(keys=uniq, chosen_item=inverse[:n].astype(np.int64), rejected_item=inverse[n:].astype(np.int64),
+                     first_row=first % n)
+
+
+class PreparedData:
+    """A dataset with its item index and a prepared backbone, shared by every split and method of a run."""
+
+    def __init__(self, data: PreferenceData, backbone: Backbone):
+        self.data = data
+        self.backbone = backbone
+        self.items = build_item_index(data)
+        backbone.prepare(data, self.items)
+        self.chosen_item = torch.from_numpy(self.items.chosen_item)
+        self.rejected_item = torch.from_numpy(self.items.rejected_item)
+
+
+class _PairRows(torch.utils.data.Dataset):
+    """Indexed by a *list* of positions (a whole batch at once), so features are gathered in one op."""
+
+    def __init__(self, dm: PreferenceDataModule, rows: np.ndarray):
+        self.dm, self.rows = dm, torch.from_numpy(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, positions) -> dict:
+        return self.dm.batch(self.rows[torch.as_tensor(positions)])
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    def __init__(self, prepared: PreparedData, split: Split, batch_size: int = 1024, seed: int = 0):
+        super().__init__()
+        self.prepared, self.split, self.batch_size, self.seed = prepared, split, batch_size, seed
+        self.row_user = torch.from_numpy(split.row_user)
+        train = split.role == TRAIN
+        n_train = np.bincount(split.row_user[train], minlength=len(split.user_ids)).astype(np.float64)
+        mean_pairs = train.sum() / max(1, (n_train > 0).sum())
+        self.user_weight = torch.from_numpy((mean_pairs / np.maximum(n_train, 1)).astype(np.float32))
+
+    @property
+    def n_users(self) -> int:
+        return len(self.split.user_ids)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.prepared.backbone.feature_dim
+
+    def batch(self, rows: torch.Tensor) -> dict:
+        p = self.prepared
+        users = self.row_user[rows]
+        return {
+            "row": rows,
+            "user_idx": users,
+            "chosen": p.backbone.inputs(p.chosen_item[rows]),
+            "rejected": p.backbone.inputs(p.rejected_item[rows]),
+            "pair_weight": self.user_weight[users],
+        }
+
+    def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
+        ds = _PairRows(self, rows)
+        generator = torch.Generator().manual_seed(self.seed)
+        base = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
+        # batch_size=None + a BatchSampler as sampler: the dataset receives whole index lists (one gather).
+        return DataLoader(ds, sampler=BatchSampler(base, self.batch_size, drop_last=False), batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.split.rows(TRAIN), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        rows = self.split.rows(VAL)
+        return self._loader(rows, shuffle=False) if len(rows) else []
+
+    # ---- evaluation-side views ----------------------------------------------------------------------------
+    def support_rows(self, k: int) -> np.ndarray:
+        return self.split.support_rows(k)
+
+    def seen_train_rows(self) -> np.ndarray:
+        return np.flatnonzero((self.split.role == TRAIN) | (self.split.role == VAL))
+
+    def test_rows(self, unseen: bool) -> np.ndarray:
+        return self.split.test_rows(unseen)
+
+    def support_pool_rows(self) -> np.ndarray:
+        return self.split.rows(SUPPORT)
+
+    def all_test_rows(self) -> np.ndarray:
+        return self.split.rows(TEST)

@@ -1,0 +1,148 @@
+"""The low-rank synthetic world (DESIGN §7), PersonalLLM-like as in papers/004 §5.
+
+Prompts have ``n_responses`` responses each; every (prompt, response) item has a feature vector
+e ~ N(0, I_D). There are K true reward functions, linear in the features: f_k(e) = e . v_k with
+v_k ~ N(0, I_D). A user has weights w_u ~ Dirichlet(alpha) over them, so their true reward is
+r_u(e) = e . (V w_u). Each pair is the user's highest- vs lowest-scored response of a prompt
+(papers/004 §5: "we store the highest/lowest scored responses"), or, with ``labels: bradley_terry``,
+that pair labelled by a Bradley-Terry draw.
+
+Seen and unseen users are generated alike: ``pairs_per_user`` pairs on distinct train prompts (the split's
+few-shot support of an unseen user is the first k of them) and pairs on the test prompts (a 'split' column
+marks which). Two oracles are scored on every row: the personal oracle (the user's own true reward) and the
+non-personalized oracle (the population-mean weights); the gap between them is the room for
+personalization (papers/000 §4.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from plrm import capabilities as cap
+from plrm.config import opt
+from plrm.data.source import DatasetSource, FeatureTable, PreferenceData, item_keys
+from plrm.registry import datasets as dataset_registry
+
+
+def dirichlet(rng: np.random.Generator, alpha: float, n: int, k: int) -> np.ndarray:
+    """Dirichlet(alpha) samples that stay finite for tiny alpha.
+
+    numpy's sampler draws Gamma(alpha), which underflows to 0 for alpha ~ 1e-3 and gives 0/0 rows.
+    Work in log space instead: log G(alpha) = log G(alpha + 1) + log(U) / alpha, then a softmax.
+    """
+    log_g = np.log(rng.gamma(alpha + 1.0, size=(n, k))) + np.log(rng.uniform(size=(n, k))) / alpha
+    log_g -= log_g.max(axis=1, keepdims=True)
+    g = np.exp(log_g)
+    return g / g.sum(axis=1, keepdims=True)
+
+
+def _texts(prefix: str, ids: np.ndarray) -> pd.Series:
+    return prefix + pd.Series(ids, dtype=np.int64).astype(str)
+
+
+@dataset_registry.register("lowrank_world")
+class LowRankWorld(DatasetSource):
+    """Synthetic PersonalLLM-like world: linear true rewards, Dirichlet users, known oracles."""
+
+    provides = frozenset({cap.FEATURES, cap.ORACLE, cap.SHARED_PAIRS})
+
+    @dataclass
+    class Config:
+        n_users: int = opt(2000, "Users generated (split.unseen_fraction of them become unseen users).")
+        pairs_per_user: int = opt(45, "Train pairs per user, on distinct train prompts (papers/004: 45).")
+        n_train_prompts: int = opt(9000, "Prompts that train pairs are drawn from.")
+        n_test_prompts: int = opt(1000, "Test prompts.")
+        test_prompts_per_user: int | None = opt(
+            None, "Test pairs per user, on distinct test prompts (null: every test prompt, as papers/004).")
+        n_responses: int = opt(8, "Responses per prompt (PersonalLLM: 8).")
+        feature_dim: int = opt(4096, "D, the feature dimension (papers/004 embeddings: 4096).")
+        n_functions: int = opt(10, "K, the number of true reward functions (PersonalLLM: 10 reward models).")
+        alpha: float = opt(0.01, "Dirichlet concentration of user weights: 0.001 very diverse, 0.1 near uniform.")
+        labels: str = opt("extremes", "'extremes': highest vs lowest scored response; 'bradley_terry': that "
+                          "pair's order drawn with P = sigmoid(delta / bt_temperature).")
+        bt_temperature: float = opt(1.0, "Temperature of Bradley-Terry labels (true reward units).")
+        seed: int = opt(0, "Seed of the world (features, true functions, users, pairs).")
+
+        def __post_init__(self) -> None:
+            if self.labels not in ("extremes", "bradley_terry"):
+                raise ValueError(f"labels must be 'extremes' or 'bradley_terry', got {self.labels!r}")
+            if self.pairs_per_user > self.n_train_prompts:
+                raise ValueError(f"pairs_per_user={self.pairs_per_user} exceeds n_train_prompts={self.n_train_prompts}")
+            if self.test_prompts_per_user is not None and self.test_prompts_per_user > self.n_test_prompts:
+                raise ValueError(f"test_prompts_per_user={self.test_prompts_per_user} exceeds "
+                                 f"n_test_prompts={self.n_test_prompts}")
+            if self.n_responses < 2:
+                raise ValueError("n_responses must be >= 2")
+
+    def load(self) -> PreferenceData:
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+        n_prompts = c.n_train_prompts + c.n_test_prompts
+        features = rng.standard_normal((n_prompts * c.n_responses, c.feature_dim), dtype=np.float32)  # (I, D)
+        directions = rng.standard_normal((c.feature_dim, c.n_functions)).astype(np.float32)       # (D, K)
+        true_rewards = (features @ directions).reshape(n_prompts, c.n_responses, c.n_functions)    # (P, R, K)
+        user_weights = dirichlet(rng, c.alpha, c.n_users, c.n_functions)                           # (U, K)
+        mean_weights = user_weights.mean(axis=0)                                                   # (K,)
+
+        # Which prompts each user judges: distinct train prompts, and test prompts.
+        train_prompts = rng.random((c.n_users, c.n_train_prompts)).argpartition(
+            c.pairs_per_user - 1, axis=1)[:, :c.pairs_per_user]                                    # (U, n_tr)
+        if c.test_prompts_per_user is None:
+            test_prompts = np.broadcast_to(np.arange(c.n_test_prompts), (c.n_users, c.n_test_prompts))
+        else:
+            test_prompts = rng.random((c.n_users, c.n_test_prompts)).argpartition(
+                c.test_prompts_per_user - 1, axis=1)[:, :c.test_prompts_per_user]
+        test_prompts = test_prompts + c.n_train_prompts
+        prompt = np.concatenate([train_prompts, test_prompts], axis=1)                             # (U, n)
+        is_test = np.zeros(prompt.shape, dtype=bool)
+        is_test[:, train_prompts.shape[1]:] = True
+        user = np.broadcast_to(np.arange(c.n_users)[:, None], prompt.shape)
+
+        # Each user's scores of the responses of each of their prompts: (U, n, R).
+        scores = np.einsum("unrk,uk->unr", true_rewards[prompt], user_weights, optimize=True)
+        chosen = scores.argmax(axis=2)
+        rejected = scores.argmin(axis=2)
+        delta = np.take_along_axis(scores, chosen[..., None], 2) - np.take_along_axis(scores, rejected[..., None], 2)
+        delta = delta[..., 0]
+        if c.labels == "bradley_terry":
+            flip = rng.random(delta.shape) >= 1.0 / (1.0 + np.exp(-delta / c.bt_temperature))
+            chosen, rejected = np.where(flip, rejected, chosen), np.where(flip, chosen, rejected)
+        diff_k = (np.take_along_axis(true_rewards[prompt], chosen[..., None, None], 2)
+                  - np.take_along_axis(true_rewards[prompt], rejected[..., None, None], 2))[:, :, 0]  # (U, n, K)
+        personal = np.einsum("unk,uk->un", diff_k, user_weights)
+        population = diff_k @ mean_weights
+
+        prompt, user, chosen, rejected = prompt.ravel(), user.ravel(), chosen.ravel(), rejected.ravel()
+        width = len(str(c.n_users - 1))
+        prompt_text = _texts("prompt ", prompt)
+        response_prefix = "response to prompt " + prompt_text.str.slice(7) + " #"
+        low, high = np.minimum(chosen, rejected), np.maximum(chosen, rejected)
+        table = pa.table({
+            "user_id": pa.array(("user" + pd.Series(user).astype(str).str.zfill(width)).to_numpy()),
+            "prompt": pa.array(prompt_text.to_numpy()),
+            "chosen": pa.array((response_prefix + pd.Series(chosen).astype(str)).to_numpy()),
+            "rejected": pa.array((response_prefix + pd.Series(rejected).astype(str)).to_numpy()),
+            "pair_id": pa.array((prompt_text.str.slice(7) + ":" + pd.Series(low).astype(str) + "-"
+                                 + pd.Series(high).astype(str)).to_numpy()),
+            "split": pa.array(np.where(is_test.ravel(), "test", "train")),
+        })
+        item_prompt = np.repeat(np.arange(n_prompts), c.n_responses)
+        item_response = np.tile(np.arange(c.n_responses), n_prompts)
+        item_prompt_text = _texts("prompt ", item_prompt)
+        keys = item_keys(item_prompt_text,
+                         "response to prompt " + item_prompt_text.str.slice(7) + " #"
+                         + pd.Series(item_response).astype(str))
+        return PreferenceData(
+            name="lowrank_world",
+            pairs=datasets.Dataset(datasets.table.InMemoryTable(table)),
+            provides=self.provides,
+            features=FeatureTable(keys, features),
+            oracle_logits={"oracle/personal": personal.ravel().astype(np.float32),
+                           "oracle/non-personalized": population.ravel().astype(np.float32)},
+            truth={"directions": directions, "user_weights": user_weights, "feature_dim": c.feature_dim},
+        )

@@ -1,0 +1,112 @@
+"""What a dataset provides: the canonical pairs plus, optionally, item features and oracle logits.
+
+A dataset source is a registered class with a ``Config`` dataclass and a ``load()`` that returns
+:class:`PreferenceData`. Sources may be synthetic (known ground truth) or real (local files or the Hub).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import datasets
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from plrm import capabilities as cap
+from plrm.data.schema import DataValidationError, validate_pairs
+
+ITEM_SEP = "\x1f"  # joins prompt and response into an item key; a control char that never occurs in text
+
+
+def item_keys(prompts, responses) -> np.ndarray:
+    """uint64 key of each (prompt, response) item: a hash of the two texts."""
+    joined = pd.Series(prompts, dtype=object) + ITEM_SEP + pd.Series(responses, dtype=object)
+    return pd.util.hash_array(joined.to_numpy(dtype=object), categorize=False).astype(np.uint64)
+
+
+@dataclass
+class FeatureTable:
+    """Precomputed features of (prompt, response) items, stored once per unique item."""
+
+    keys: np.ndarray    # (N,) uint64 item keys, see item_keys()
+    matrix: np.ndarray  # (N, D) float32
+
+    def __post_init__(self) -> None:
+        # Sort an index, not the matrix: the matrix can be gigabytes (PersonalLLM size: 80k x 4096).
+        self._order = np.argsort(self.keys, kind="stable")
+        self._sorted = self.keys[self._order]
+        if (self._sorted[1:] == self._sorted[:-1]).any():
+            raise DataValidationError("feature table holds the same (prompt, response) item twice")
+
+    @property
+    def dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+    def rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """Row of each key; -1 where the table has no features for it."""
+        pos = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
+        return np.where(self._sorted[pos] == keys, self._order[pos], -1)
+
+    @classmethod
+    def from_columns(cls, table: pa.Table) -> FeatureTable:
+        """Features from the optional ``chosen_emb`` / ``rejected_emb`` columns, one row per unique item."""
+        keys = np.concatenate([item_keys(table["prompt"].to_pylist(), table["chosen"].to_pylist()),
+                               item_keys(table["prompt"].to_pylist(), table["rejected"].to_pylist())])
+        emb = np.concatenate([np.asarray(table["chosen_emb"].to_pylist(), dtype=np.float32),
+                              np.asarray(table["rejected_emb"].to_pylist(), dtype=np.float32)])
+        uniq, first = np.unique(keys, return_index=True)
+        return cls(uniq, emb[first])
+
+
+@dataclass
+class PreferenceData:
+    """A loaded dataset: canonical pairs (validated), item features and oracle logits where known."""
+
+    name: str
+    pairs: datasets.Dataset
+    provides: frozenset[str]
+    features: FeatureTable | None = None
+    # name -> (rows,) preference logit of a ground-truth scorer on every row, e.g. 'oracle/personal'
+    oracle_logits: dict[str, np.ndarray] = field(default_factory=dict)
+    # ground truth of synthetic worlds, for tests and analysis (e.g. 'directions', 'user_weights')
+    truth: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_pairs(self.pairs, self.name)
+        table = self.pairs.data.table
+        if self.features is None and "chosen_emb" in table.column_names:
+            self.features = FeatureTable.from_columns(table)
+        if self.features is not None:
+            self.provides = self.provides | {cap.FEATURES}
+        if self.oracle_logits:
+            self.provides = self.provides | {cap.ORACLE}
+        if "pair_id" in table.column_names:
+            self.provides = self.provides | {cap.SHARED_PAIRS}
+        if "reference" in table.column_names:
+            self.provides = self.provides | {cap.REFERENCE}
+        for key, logits in self.oracle_logits.items():
+            if len(logits) != len(self.pairs):
+                raise DataValidationError(
+                    f"{self.name}: oracle '{key}' has {len(logits)} logits for {len(self.pairs)} rows")
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.pairs)
+
+
+class DatasetSource:
+    """Base class of registered datasets. Subclasses set ``Config`` and implement ``load``."""
+
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def load(self) -> PreferenceData:
+        raise NotImplementedError

@@ -1,0 +1,117 @@
+"""The evaluation protocol (DESIGN §5; papers/004 §5): seen, unseen (few-shot) and overall users.
+
+* seen users: scored on their test pairs with the trained per-user state;
+* unseen users: for every k of the few-shot curve, ``adapt`` fits their state from their first k support
+  pairs, then they are scored on their test pairs; the headline unseen accuracy is at ``split.k``, which is
+  adapted last, so the model leaves evaluation holding the k-shot state;
+* overall: seen and unseen users together (unseen at ``split.k``), each user weighing the same.
+
+Scores come from ``pair_logit`` on item embeddings computed once per unique item, so millions of (user, pair)
+rows cost one embedding per item plus a cheap per-pair head. Methods that cannot adapt new users
+(``adapts_new_users = 'no'``) get None (printed n/a) for unseen users, never a fallback number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from plrm.data.datamodule import PreferenceDataModule
+from plrm.eval.metrics import summarize
+from plrm.methods.base import PersonalizedRewardModel
+
+ITEM_CHUNK = 8192
+PAIR_CHUNK_BYTES = 256 * 2**20  # gathered item embeddings per pair chunk
+
+
+@dataclass
+class EvalResult:
+    metrics: dict             # {'seen': {...}, 'unseen': {...} | None, 'overall': {...}, 'fewshot': [...]}
+    per_user: pd.DataFrame    # user_id, group, k, n_test, accuracy
+
+
+@torch.no_grad()
+def score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: np.ndarray,
+               max_pairs: int = 262144) -> torch.Tensor:
+    """Preference logits (len(rows),) of the given canonical rows under the model's current state."""
+    prepared = dm.prepared
+    rows_t = torch.from_numpy(rows)
+    chosen, rejected = prepared.chosen_item[rows_t], prepared.rejected_item[rows_t]
+    items = torch.unique(torch.cat([chosen, rejected]))  # sorted
+    device = model.device
+    z = torch.cat([model.item_embedding(model.encode(_to(prepared.backbone.inputs(items[i:i + ITEM_CHUNK]), device)))
+                   for i in range(0, len(items), ITEM_CHUNK)]) if len(items) else torch.empty(0, 1)
+    pos_c, pos_r = torch.searchsorted(items, chosen), torch.searchsorted(items, rejected)
+    users = dm.row_user[rows_t]
+    step = max(1, min(max_pairs, PAIR_CHUNK_BYTES // (2 * z.shape[1] * z.element_size())))
+    out = [model.pair_logit(z[pos_c[s:s + step]], z[pos_r[s:s + step]], users[s:s + step].to(device)).float().cpu()
+           for s in range(0, len(rows), step)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _to(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else {k: v.to(device) for k, v in x.items()}
+
+
+def adapt_unseen(model: PersonalizedRewardModel, dm: PreferenceDataModule, k: int) -> None:
+    """Fit every unseen user's state from their first k support pairs (one vectorized call)."""
+    rows = dm.support_rows(k)
+    support = {key: _to(v, model.device) for key, v in dm.batch(torch.from_numpy(rows)).items()}
+    users = torch.from_numpy(dm.split.unseen_users).to(model.device)
+    model.adapt(support, users)
+
+
+def _per_user_frame(dm, users: np.ndarray, acc: torch.Tensor, count: torch.Tensor, group: str, k) -> pd.DataFrame:
+    idx = torch.as_tensor(users, dtype=torch.long)
+    return pd.DataFrame({"user_id": dm.split.user_ids[users].astype(str), "group": group,
+                         "k": k, "n_test": count[idx].numpy(), "accuracy": acc[idx].numpy()})
+
+
+def evaluate(model: PersonalizedRewardModel, dm: PreferenceDataModule, k: int, k_list: list[int],
+             worst_fractions: list[float], max_pairs: int = 262144) -> EvalResult:
+    model.eval()
+    split = dm.split
+    seen_users, unseen_users, n_users = split.seen_users, split.unseen_users, dm.n_users
+    seen_rows = dm.test_rows(unseen=False)
+    seen_logits = score_rows(model, dm, seen_rows, max_pairs)
+    seen_user_idx = dm.row_user[torch.from_numpy(seen_rows)]
+    seen, acc_s, cnt_s = summarize(seen_logits, seen_user_idx, seen_users, n_users, worst_fractions)
+    frames = [_per_user_frame(dm, seen_users, acc_s, cnt_s, "seen", None)]
+    metrics: dict = {"seen": seen, "unseen": None, "overall": None, "fewshot": []}
+    if model.adapts_new_users == "no" or len(unseen_users) == 0:
+        metrics["overall"] = seen if len(unseen_users) == 0 else None
+        return EvalResult(metrics, pd.concat(frames, ignore_index=True))
+    unseen_rows = dm.test_rows(unseen=True)
+    unseen_user_idx = dm.row_user[torch.from_numpy(unseen_rows)]
+    for k_i in [k_ for k_ in sorted(set(k_list)) if k_ != k] + [k]:  # the headline k last
+        adapt_unseen(model, dm, k_i)
+        logits = score_rows(model, dm, unseen_rows, max_pairs)
+        unseen, acc_u, cnt_u = summarize(logits, unseen_user_idx, unseen_users, n_users, worst_fractions)
+        metrics["fewshot"].append({"k": k_i, **unseen})
+    metrics["fewshot"].sort(key=lambda r: r["k"])
+    metrics["unseen"] = unseen
+    frames.append(_per_user_frame(dm, unseen_users, acc_u, cnt_u, "unseen", k))
+    all_logits = torch.cat([seen_logits, logits])
+    all_users = torch.cat([seen_user_idx, unseen_user_idx])
+    metrics["overall"], _, _ = summarize(all_logits, all_users, np.arange(n_users), n_users, worst_fractions)
+    return EvalResult(metrics, pd.concat(frames, ignore_index=True))
+
+
+def evaluate_oracle(logits_all_rows: np.ndarray, dm: PreferenceDataModule, worst_fractions: list[float]) -> EvalResult:
+    """The same metrics for a ground-truth scorer given as one logit per canonical row."""
+    logits = torch.from_numpy(np.asarray(logits_all_rows, dtype=np.float32))
+    out, frames = {}, []
+    n_users = dm.n_users
+    for group, unseen, users in (("seen", False, dm.split.seen_users), ("unseen", True, dm.split.unseen_users)):
+        rows = dm.test_rows(unseen=unseen)
+        out[group], acc, cnt = summarize(logits[rows], dm.row_user[torch.from_numpy(rows)], users, n_users,
+                                         worst_fractions)
+        frames.append(_per_user_frame(dm, users, acc, cnt, group, None))
+    rows = dm.all_test_rows()
+    out["overall"], _, _ = summarize(logits[rows], dm.row_user[torch.from_numpy(rows)], np.arange(n_users),
+                                     n_users, worst_fractions)
+    out["fewshot"] = []
+    return EvalResult(out, pd.concat(frames, ignore_index=True))

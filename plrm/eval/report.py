@@ -1,0 +1,95 @@
+"""Results across seeds: mean +- std, the printed table, results.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+GROUPS = ("seen", "unseen", "overall")
+
+
+def _mean_std(values: list) -> dict | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None
+    arr = np.asarray(vals, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """{seed: {entry: metrics}} -> {entry: {group: {metric: {mean, std, n}}, 'fewshot': {k: {...}}}}."""
+    entries: list[str] = []
+    for res in per_seed.values():
+        entries += [e for e in res if e not in entries]
+    out: dict[str, dict] = {}
+    for entry in entries:
+        runs = [res[entry] for res in per_seed.values() if entry in res]
+        agg: dict = {}
+        for group in GROUPS:
+            groups = [r.get(group) for r in runs]
+            if all(g is None for g in groups):
+                agg[group] = None
+                continue
+            keys = next(g for g in groups if g is not None).keys()
+            agg[group] = {k: _mean_std([g.get(k) if g else None for g in groups]) for k in keys}
+        ks = sorted({row["k"] for r in runs for row in r.get("fewshot", [])})
+        agg["fewshot"] = {str(k): _mean_std([row["accuracy"] for r in runs for row in r.get("fewshot", [])
+                                             if row["k"] == k]) for k in ks}
+        for extra in ("train_seconds", "adapt_seconds"):
+            if any(extra in r for r in runs):
+                agg[extra] = _mean_std([r.get(extra) for r in runs])
+        out[entry] = agg
+    return out
+
+
+def _fmt(stat: dict | None, pct: bool = True) -> str:
+    if stat is None:
+        return "n/a"
+    scale = 100.0 if pct else 1.0
+    if stat["n"] > 1:
+        return f"{stat['mean'] * scale:.1f} ± {stat['std'] * scale:.1f}"
+    return f"{stat['mean'] * scale:.1f}"
+
+
+def render(summary: dict[str, dict], k: int, worst: str = "accuracy_worst_10pct", console: Console | None = None) -> None:
+    console = console or Console(soft_wrap=True)
+    table = Table(title=f"accuracy (%), mean over users; unseen users adapted on k={k} pairs")
+    for col in ("method", "seen", "unseen", "overall", "worst 10% (overall)", "AUROC (overall)"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for entry, agg in summary.items():
+        def g(group, key="accuracy"):
+            return (agg.get(group) or {}).get(key) if agg.get(group) else None
+        table.add_row(entry, _fmt(g("seen")), _fmt(g("unseen")), _fmt(g("overall")),
+                      _fmt(g("overall", worst)), _fmt(g("overall", "auroc")))
+    console.print(table)
+    ks = sorted({int(x) for agg in summary.values() for x in agg.get("fewshot", {})})
+    if ks:
+        curve = Table(title="few-shot curve: unseen accuracy (%) vs support pairs k")
+        curve.add_column("method")
+        for k_i in ks:
+            curve.add_column(f"k={k_i}", justify="right")
+        for entry, agg in summary.items():
+            if agg.get("fewshot"):
+                curve.add_row(entry, *[_fmt(agg["fewshot"].get(str(k_i))) for k_i in ks])
+        console.print(curve)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic JSON write (a crash never leaves half a results file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

@@ -1,0 +1,156 @@
+"""The method base class: every personalized reward model is a ``PersonalizedRewardModel``.
+
+A method's reward for item features ``h`` (from the backbone's encoder) and user ``u`` factors as
+
+    z = item_embedding(h)        # user-independent part of the head, (N, Z); identity by default
+    r = user_reward(z, u)        # the personalized scalar, (N,)
+
+``head(h, u) = user_reward(item_embedding(h), u)`` is the one method-specific function reward-guided decoding
+needs later; ``item_embedding`` lets evaluation score millions of (user, pair) rows from each unique item's
+``z`` computed once. Pairwise-only judges override ``pair_logit`` (and make ``user_reward`` raise).
+
+Per-user state lives in the module (``nn.Embedding``-style tables indexed by ``user_idx``), so Lightning
+checkpoints, DDP and loggers work unchanged. ``adapt(support, users)`` fits new users' rows from their support
+pairs, vectorized over users, and must leave every shared tensor unchanged. Training, validation, the loss
+and the optimizer are plumbing that lives here; a method file holds parameters, ``user_reward``, its
+regularizer and ``adapt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from plrm import capabilities as cap
+from plrm.config import opt
+
+
+@dataclass
+class MethodConfig:
+    """Options every method has (training loop and optimizer)."""
+
+    lr: float = opt(1e-3, "Learning rate of the shared parameters.")
+    weight_decay: float = opt(0.0, "Decoupled weight decay (AdamW) of the shared parameters.")
+    batch_size: int = opt(1024, "Training pairs per step.")
+    max_epochs: int = opt(10, "Training epochs over the seen users' train pairs.")
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: no limit).")
+    balance_users: bool = opt(True, "Weight each pair by 1/|D_u| so every user counts equally "
+                                    "(papers/004 eq. 10); with equal pairs per user it changes nothing.")
+
+
+@dataclass
+class AdaptConfig:
+    """Options of methods that fit new users' state with the shared per-user routine (plrm.methods.peruser)."""
+
+    adapt_lr: float = opt(0.1, "Adam learning rate of few-shot adaptation (papers/004 B.1: 0.1).")
+    adapt_steps: int = opt(300, "Full-batch Adam steps of few-shot adaptation.")
+    adapt_l2: float = opt(0.0, "L2 penalty on the adapted per-user parameters.")
+
+
+class PersonalizedRewardModel(L.LightningModule):
+    """Base class of all methods. Subclasses set ``Config`` and implement ``user_reward`` (and ``adapt``)."""
+
+    Config: ClassVar[type] = MethodConfig
+    needs: ClassVar[frozenset[str]] = frozenset({cap.FEATURES})
+    # 'yes': adapt() fits new users; 'generic': one model for everyone, adapt() is a no-op;
+    # 'no': unseen users cannot be served and the protocol reports n/a for them.
+    adapts_new_users: ClassVar[Literal["yes", "generic", "no"]] = "yes"
+
+    def __init__(self, config: Any, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.n_users = n_users
+        self.feature_dim = feature_dim
+        self.encoder = encoder if encoder is not None else nn.Identity()
+        self.save_hyperparameters({"method": type(self).__name__, "config": dataclasses.asdict(config),
+                                   "n_users": n_users, "feature_dim": feature_dim})
+
+    # ---- what a method defines ----------------------------------------------------------------------------
+    def item_embedding(self, h: Tensor) -> Tensor:
+        """User-independent part of the head: (N, D) -> (N, Z)."""
+        return h
+
+    def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
+        """Scalar reward (N,) of item embeddings z (N, Z) for users user_idx (N,)."""
+        raise NotImplementedError
+
+    def regularization(self) -> Tensor | float:
+        """Penalty added to the training loss."""
+        return 0.0
+
+    def adapt(self, support: dict, users: Tensor) -> None:
+        """Fit the per-user state of ``users`` from ``support`` pairs (a batch dict of all their pairs)."""
+        if self.adapts_new_users == "yes":
+            raise NotImplementedError(f"{type(self).__name__} declares adapts_new_users='yes' but has no adapt()")
+
+    # ---- derived ----------------------------------------------------------------------------------------
+    def encode(self, items: Any) -> Tensor:
+        return self.encoder(items)
+
+    def head(self, h: Tensor, user_idx: Tensor) -> Tensor:
+        return self.user_reward(self.item_embedding(h), user_idx)
+
+    def reward(self, items: Any, user_idx: Tensor) -> Tensor:
+        """Scalar reward of each (prompt, response) item for each user: (N,)."""
+        return self.head(self.encode(items), user_idx)
+
+    def pair_logit(self, z_chosen: Tensor, z_rejected: Tensor, user_idx: Tensor) -> Tensor:
+        """Log-odds that chosen beats rejected, from item embeddings."""
+        return self.user_reward(z_chosen, user_idx) - self.user_reward(z_rejected, user_idx)
+
+    def embed_pairs(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Item embeddings of a batch's chosen and rejected responses, encoded in one forward pass."""
+        n = len(batch["user_idx"])
+        items = _concat(batch["chosen"], batch["rejected"])
+        z = self.item_embedding(self.encode(items))  # (2B, Z)
+        return z[:n], z[n:]
+
+    def preference_logit(self, batch: dict) -> Tensor:
+        z_chosen, z_rejected = self.embed_pairs(batch)
+        return self.pair_logit(z_chosen, z_rejected, batch["user_idx"])
+
+    def nll(self, logit: Tensor, batch: dict) -> Tensor:
+        """Bradley-Terry negative log-likelihood -log sigmoid(r+ - r-) (papers/004 eq. 4), user-balanced
+        as eq. 10 when ``balance_users``."""
+        per_pair = -F.logsigmoid(logit)
+        if self.config.balance_users:
+            per_pair = per_pair * batch["pair_weight"]
+        return per_pair.mean()
+
+    def loss(self, batch: dict) -> Tensor:
+        return self.nll(self.preference_logit(batch), batch)
+
+    # ---- Lightning ----------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        nll = self.loss(batch)
+        loss = nll + self.regularization()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["user_idx"]))
+        self.log("train/nll", nll, batch_size=len(batch["user_idx"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logit = self.preference_logit(batch)
+        n = len(batch["user_idx"])
+        self.log("val/loss", -F.logsigmoid(logit).mean(), prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/accuracy", (logit > 0).float().mean(), prog_bar=True, batch_size=n, sync_dist=True)
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer groups; methods with per-user tables give them their own learning rate / decay."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameter_groups(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+
+def _concat(a: Any, b: Any) -> Any:
+    if isinstance(a, Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, dict):  # token batches of LM backbones
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    raise TypeError(f"cannot batch backbone inputs of type {type(a).__name__}")

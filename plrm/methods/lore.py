@@ -1,0 +1,74 @@
+"""LoRe: low-rank reward modeling (papers/004 §3, Example 1; eq. 8, 10, 11; B.1 hyperparameters).
+
+    R_phi(x, y) = A e(x, y)                 A in R^{B x D}: the shared reward basis  (eq. 8)
+    r_u(x, y)   = w_u^T R_phi(x, y)          w_u on the simplex Delta^{B-1}: user u's weights
+
+Seen users: A and {w_u} jointly minimize sum_u 1/|D_u| sum_i -log sigmoid(w_u^T (R(x, y+) - R(x, y-)))
+(eq. 10). New users: w_new = argmin over the simplex of the same loss on their few-shot pairs, A frozen
+(eq. 11), solved for all new users at once by plrm.methods.peruser. The simplex is parameterized by a
+softmax over per-user logits (zero logits = uniform weights).
+
+Shared: ``basis`` (A). Per user: ``user_logits`` (U, B).
+Regularization (not in the paper, whose basis overfits 45 pairs per user): ``basis_l2``, an L2 penalty on A.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from plrm.config import opt
+from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel
+from plrm.methods.peruser import fit_per_user
+from plrm.registry import methods
+
+
+@methods.register("lore")
+class LoRe(PersonalizedRewardModel):
+    """LoRe: shared linear reward basis, per-user simplex weights; new users by eq. 11."""
+
+    @dataclass
+    class Config(MethodConfig, AdaptConfig):
+        rank: int = opt(10, "B, the number of basis reward functions (papers/004: cross-validated in {2,..,50}).")
+        lr: float = opt(0.5, "Adam learning rate of the basis A (papers/004 B.1: 0.5).")
+        user_lr: float | None = opt(None, "Adam learning rate of the seen users' weights (null: same as lr).")
+        basis_l2: float = opt(0.0, "L2 penalty basis_l2 * ||A||_F^2 on the basis (0: the paper's objective).")
+
+    def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
+        super().__init__(config, n_users, feature_dim, encoder)
+        self.basis = nn.Linear(feature_dim, config.rank, bias=False)         # A: (B, D)
+        self.user_logits = nn.Parameter(torch.zeros(n_users, config.rank))   # (U, B); softmax -> w_u
+
+    def user_weights(self, user_idx: Tensor) -> Tensor:
+        return torch.softmax(self.user_logits[user_idx], dim=-1)  # (N, B), rows on the simplex
+
+    def item_embedding(self, h: Tensor) -> Tensor:
+        return self.basis(h)  # R_phi(x, y): (N, B)
+
+    def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
+        return (z * self.user_weights(user_idx)).sum(-1)  # w_u^T R_phi: (N,)
+
+    def regularization(self) -> Tensor | float:
+        return self.config.basis_l2 * self.basis.weight.pow(2).sum() if self.config.basis_l2 else 0.0
+
+    def parameter_groups(self) -> list[dict]:
+        shared = [p for n, p in self.named_parameters() if p.requires_grad and n != "user_logits"]
+        user_lr = self.config.user_lr if self.config.user_lr is not None else self.config.lr
+        return [{"params": shared}, {"params": [self.user_logits], "lr": user_lr, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def adapt(self, support: dict, users: Tensor) -> None:
+        """Eq. 11 for every user in ``users`` at once, with the basis frozen."""
+        z_chosen, z_rejected = self.embed_pairs(support)
+        basis_diff = z_chosen - z_rejected                                   # (P, B)
+        owner = torch.searchsorted(users, support["user_idx"])              # users must be sorted
+        fitted = fit_per_user(
+            torch.zeros(len(users), self.config.rank, device=basis_diff.device),
+            owner,
+            lambda logits, pos: -nn.functional.logsigmoid(
+                (torch.softmax(logits, -1) * basis_diff[pos]).sum(-1)),
+            steps=self.config.adapt_steps, lr=self.config.adapt_lr, l2=self.config.adapt_l2,
+        )
+        self.user_logits[users] = fitted

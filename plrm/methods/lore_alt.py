@@ -1,0 +1,92 @@
+"""LoRe-Alt: LoRe trained by alternating updates (papers/001 app. E.3).
+
+For each batch: one step on the user weights with the basis frozen, then one step on the basis with the user
+weights frozen -- Lightning manual optimization with two optimizers. New users: LoRe's eq. 11, unchanged.
+
+Optional reference penalty (the LoRe authors' code keeps the basis reward near an off-the-shelf reward model;
+papers/001 E.3 drops it when no pretrained RM exists): ``reference_weight * mean((r_u(x, y) - r_ref(x, y))^2)``
+over the batch's responses, where r_ref is the linear head of a trained ``bt`` checkpoint
+(``reference_checkpoint``) on the same features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from plrm.checkpoint import load_checkpoint
+from plrm.config import opt
+from plrm.methods.lore import LoRe
+from plrm.registry import methods
+
+
+@methods.register("lore_alt")
+class LoReAlt(LoRe):
+    """LoRe with alternating user-weight / basis steps and an optional reference-RM penalty."""
+
+    @dataclass
+    class Config(LoRe.Config):
+        reference_checkpoint: str | None = opt(
+            None, "A `bt` checkpoint (<run>/seed-<s>/<label>.ckpt) whose head is the reference reward.")
+        reference_weight: float = opt(0.0, "Weight of the penalty keeping user rewards near the reference.")
+        gradient_clip_val: float | None = opt(None, "Clip the basis gradient norm (manual optimization).")
+
+        def __post_init__(self) -> None:
+            if self.reference_weight > 0 and not self.reference_checkpoint:
+                raise ValueError("reference_weight > 0 needs reference_checkpoint")
+
+    def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
+        super().__init__(config, n_users, feature_dim, encoder)
+        self.automatic_optimization = False
+        self.reference = None
+        if config.reference_checkpoint:
+            state = load_checkpoint(config.reference_checkpoint)["state_dict"]
+            if "head_linear.weight" not in state or state["head_linear.weight"].shape[1] != feature_dim:
+                raise ValueError(f"reference_checkpoint {config.reference_checkpoint}: not a `bt` checkpoint "
+                                 f"over {feature_dim}-d features")
+            self.reference = nn.Linear(feature_dim, 1)
+            self.reference.load_state_dict({"weight": state["head_linear.weight"], "bias": state["head_linear.bias"]})
+            self.reference.requires_grad_(False)
+
+    def configure_optimizers(self):
+        user_lr = self.config.user_lr if self.config.user_lr is not None else self.config.lr
+        user_opt = torch.optim.Adam([self.user_logits], lr=user_lr)
+        basis_params = [p for n, p in self.named_parameters() if p.requires_grad and n != "user_logits"]
+        basis_opt = torch.optim.AdamW(basis_params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return [user_opt, basis_opt]
+
+    def reference_penalty(self, batch: dict, z_chosen: Tensor, z_rejected: Tensor) -> Tensor | float:
+        if self.reference is None or not self.config.reference_weight:
+            return 0.0
+        users = batch["user_idx"]
+        gap_c = self.user_reward(z_chosen, users) - self.reference(self.encode(batch["chosen"]))[:, 0]
+        gap_r = self.user_reward(z_rejected, users) - self.reference(self.encode(batch["rejected"]))[:, 0]
+        return self.config.reference_weight * 0.5 * (gap_c.pow(2).mean() + gap_r.pow(2).mean())
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        user_opt, basis_opt = self.optimizers()
+        users = batch["user_idx"]
+        # 1) user weights, basis frozen
+        with torch.no_grad():
+            z_chosen, z_rejected = self.embed_pairs(batch)
+        user_loss = self.nll(self.pair_logit(z_chosen, z_rejected, users), batch)
+        user_opt.zero_grad()
+        self.manual_backward(user_loss)
+        user_opt.step()
+        # 2) basis, user weights frozen
+        z_chosen, z_rejected = self.embed_pairs(batch)
+        weights = self.user_weights(users).detach()
+        nll = self.nll(((z_chosen - z_rejected) * weights).sum(-1), batch)
+        basis_loss = nll + self.regularization() + self.reference_penalty(batch, z_chosen, z_rejected)
+        basis_opt.zero_grad()
+        self.manual_backward(basis_loss)
+        if self.config.gradient_clip_val is not None:
+            self.clip_gradients(basis_opt, gradient_clip_val=self.config.gradient_clip_val)
+        basis_opt.step()
+        n = len(users)
+        self.log("train/loss", basis_loss, prog_bar=True, batch_size=n)
+        self.log("train/nll", nll, batch_size=n)
+        self.log("train/user_step_nll", user_loss, batch_size=n)
+        return basis_loss

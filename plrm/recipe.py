@@ -1,0 +1,350 @@
+"""Recipes: OmegaConf YAML files that name the dataset, backbone, methods, trainer, logger, eval and seeds.
+
+A recipe is data, read with ``yaml.safe_load``; no code runs because of it. ``extends: <name-or-path>``
+merges a base recipe first (several levels allowed). ``key=value`` overrides (OmegaConf dotlist syntax)
+apply last. Validation walks the whole recipe against one schema -- the fixed sections below plus the
+``Config`` dataclass of the chosen dataset, backbone and each method -- and reports every problem at once,
+each with its full key path and, for an unknown key, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+
+from plrm.config import check_value, default_of, help_of, opt, type_hints, type_name
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message lists every problem with its key path."""
+
+
+# ---- fixed sections --------------------------------------------------------------------------------------
+@dataclass
+class RunSection:
+    name: str = opt("run", "Run name: the run directory is <output_dir>/<name>.")
+    output_dir: str = opt("runs", "Where run directories are written.")
+    seed: int = opt(0, "Seed of model initialisation and data order (split seeds are split.seeds).")
+    overwrite: bool = opt(False, "Replace an existing run directory of the same name instead of failing.")
+
+
+@dataclass
+class SplitSection:
+    seeds: list[int] = opt([0], "Split seeds; the whole protocol repeats per seed and reports mean +- std.")
+    unseen_fraction: float = opt(0.5, "Fraction of users held out as unseen (few-shot) users.")
+    test_fraction: float = opt(
+        0.5, "Fraction of each user's pairs held out for test; ignored where the dataset has a 'split' column.")
+    val_fraction: float = opt(0.0, "Fraction of each seen user's train pairs held out for validation.")
+    k: int = opt(9, "Support pairs per unseen user for the headline unseen accuracy.")
+    from_file: str | None = opt(
+        None, "Reuse a split: a split.parquet written by an earlier run, or a JSON file "
+        "{'seen_users': [...], 'unseen_users': [...]} such as a paper's published user split.")
+
+
+@dataclass
+class EvalSection:
+    k_list: list[int] = opt([1, 3, 9], "Few-shot curve: support sizes k at which unseen users are adapted and tested.")
+    worst_fractions: list[float] = opt([0.1, 0.2, 0.5], "Report the mean accuracy of the worst q of users for each q.")
+    batch_size: int = opt(262144, "Pairs scored per chunk during evaluation (memory vs speed).")
+
+
+@dataclass
+class TrainerSection:
+    accelerator: str = opt("cpu", "Lightning accelerator: cpu, gpu, auto.")
+    devices: Any = opt(1, "Lightning devices: a count, a list of ids, or 'auto'.")
+    strategy: str = opt("auto", "Lightning strategy: auto, ddp, fsdp, ...")
+    precision: str = opt("32-true", "Lightning precision string, e.g. 32-true, bf16-mixed.")
+    gradient_clip_val: float | None = opt(None, "Clip gradient norm to this value (null: no clipping).")
+    deterministic: bool = opt(False, "torch deterministic algorithms.")
+    log_every_n_steps: int = opt(10, "Logging interval in training steps.")
+    progress_bar: Literal["auto", "on", "off"] = opt(
+        "auto", "Progress bars: 'auto' shows them on a terminal and prints plain log lines in batch jobs.")
+    num_threads: int | None = opt(None, "torch intra-op threads on CPU (null: torch's default).")
+
+
+@dataclass
+class LoggerSection:
+    kind: Literal["wandb", "csv", "tensorboard", "none"] = opt("wandb", "Experiment tracker.")
+    project: str = opt("plrm", "W&B project / TensorBoard and CSV sub-folder.")
+    entity: str | None = opt(None, "W&B entity (team or user).")
+    mode: Literal["auto", "online", "offline", "disabled"] = opt(
+        "auto", "W&B mode. 'auto': WANDB_MODE if set, else online when credentials exist, else offline (said once).")
+    tags: list[str] = opt([], "W&B tags.")
+
+
+FIXED_SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "split": SplitSection,
+    "eval": EvalSection,
+    "trainer": TrainerSection,
+    "logger": LoggerSection,
+}
+DYNAMIC_SECTIONS = ("data", "backbone", "methods")
+TOP_LEVEL = (*FIXED_SECTIONS, *DYNAMIC_SECTIONS, "extends", "description")
+
+
+@dataclass
+class Component:
+    """A registry entry chosen by a recipe: its registry name and its typed options."""
+
+    name: str
+    config: Any
+
+
+@dataclass
+class Recipe:
+    run: RunSection
+    split: SplitSection
+    eval: EvalSection
+    trainer: TrainerSection
+    logger: LoggerSection
+    data: Component
+    backbone: Component
+    methods: dict[str, Component]
+    description: str = ""
+    raw: dict = dataclasses.field(default_factory=dict)  # resolved recipe as plain data (written to the run dir)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+# ---- finding and reading recipe files -------------------------------------------------------------------
+def builtin_recipe_dir() -> Path:
+    return Path(str(importlib.resources.files("plrm") / "recipes"))
+
+
+def builtin_recipes() -> dict[str, Path]:
+    root = builtin_recipe_dir()
+    return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def find_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
+    p = Path(name_or_path)
+    candidates = [p] if p.is_absolute() else ([relative_to / p] if relative_to else []) + [p]
+    for c in candidates:
+        if c.is_file():
+            return c
+        if c.suffix == "" and c.with_suffix(".yaml").is_file():
+            return c.with_suffix(".yaml")
+    known = builtin_recipes()
+    key = name_or_path.removesuffix(".yaml")
+    if key in known:
+        return known[key]
+    hint = difflib.get_close_matches(key, list(known), n=1)
+    did = f" Did you mean '{hint[0]}'?" if hint else ""
+    raise RecipeError(
+        f"recipe '{name_or_path}' is neither a file nor a built-in recipe.{did} "
+        f"Built-in recipes: {', '.join(known)} (see `plrm recipes list`)")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict, child: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in child.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_recipe(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict:
+    """The raw recipe with its ``extends`` chain merged (base first)."""
+    path = find_recipe(name_or_path, _seen[-1].parent if _seen else None).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise RecipeError(f"recipe 'extends' forms a cycle: {chain}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: 'extends' must be a recipe name or path, got {parent!r}")
+    return _deep_merge(read_recipe(parent, (*_seen, path)), data)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """OmegaConf dotlist overrides (``methods.lore.rank=5``); ``~key`` deletes a key."""
+    deletes = [o[1:] for o in overrides if o.startswith("~")]
+    sets = [o for o in overrides if not o.startswith("~")]
+    for o in sets:
+        if "=" not in o:
+            raise RecipeError(f"override '{o}' is not of the form key=value")
+    cfg = OmegaConf.create(raw)
+    if sets:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(sets))
+    out = OmegaConf.to_container(cfg, resolve=False)
+    for key in deletes:
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if not isinstance(node, dict) or last not in node:
+            raise RecipeError(f"override '~{key}': no such key to delete")
+        del node[last]
+    return out
+
+
+def resolve(raw: dict) -> dict:
+    """Resolve ``${...}`` interpolations."""
+    try:
+        return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except Exception as exc:  # omegaconf raises several exception types for bad interpolations
+        raise RecipeError(f"recipe interpolation failed: {exc}") from exc
+
+
+# ---- validation --------------------------------------------------------------------------------------------
+def _suggest(key: str, valid: list[str]) -> str:
+    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(valid)}"
+
+
+def _build(cls: type, values: Any, path: str, problems: list[str], extra_valid: tuple[str, ...] = ()) -> Any:
+    """Instantiate dataclass ``cls`` from ``values``, appending every problem (with key path) to ``problems``."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        problems.append(f"{path}: must be a mapping, got {values!r}")
+        return None
+    hints = type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    valid = list(fields) + list(extra_valid)
+    kwargs = {}
+    for key, value in values.items():
+        if key in extra_valid:
+            continue
+        if key not in fields:
+            problems.append(f"{path}.{key}: unknown key{_suggest(str(key), valid)}")
+            continue
+        ok, coerced = check_value(value, hints[key])
+        if not ok:
+            problems.append(f"{path}.{key}: expected {type_name(hints[key])}, got {value!r}")
+            continue
+        kwargs[key] = coerced
+    for name, f in fields.items():
+        if name not in kwargs and default_of(f) is dataclasses.MISSING:
+            problems.append(f"{path}.{name}: required key is missing ({help_of(f)})")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # a Config's __post_init__ may reject a combination of values
+        problems.append(f"{path}: {exc}")
+        return None
+
+
+def _component(registry: Any, values: Any, path: str, problems: list[str], default_name: str | None = None):
+    if not isinstance(values, dict):
+        problems.append(f"{path}: must be a mapping with a 'name' key, got {values!r}")
+        return None
+    name = values.get("name", default_name)
+    if name is None:
+        problems.append(f"{path}.name: required key is missing (a registered {registry.kind}; see `plrm list`)")
+        return None
+    try:
+        cls = registry.get(name)
+    except LookupError as exc:
+        problems.append(f"{path}.name: {exc}")
+        return None
+    config = _build(cls.Config, values, path, problems, extra_valid=("name",))
+    return Component(name=name, config=config)
+
+
+def validate(raw: dict, source: str = "recipe") -> Recipe:
+    """Check a resolved raw recipe against the schema; raise one RecipeError listing every problem."""
+    from plrm import registry
+
+    registry.ensure_builtins()
+    problems: list[str] = []
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(f"{key}: unknown section{_suggest(str(key), list(TOP_LEVEL))}")
+    sections = {name: _build(cls, raw.get(name), name, problems) for name, cls in FIXED_SECTIONS.items()}
+    data = _component(registry.datasets, raw.get("data"), "data", problems) if "data" in raw else None
+    if "data" not in raw:
+        problems.append("data: required section is missing (which dataset to use; see `plrm list datasets`)")
+    backbone = _component(registry.backbones, raw.get("backbone", {}), "backbone", problems, default_name="precomputed")
+    methods: dict[str, Component] = {}
+    raw_methods = raw.get("methods")
+    if not isinstance(raw_methods, dict) or not raw_methods:
+        problems.append("methods: required section is missing or empty (a mapping label -> {name: <method>, ...})")
+    else:
+        for label, values in raw_methods.items():
+            comp = _component(registry.methods, values if values is not None else {}, f"methods.{label}",
+                              problems, default_name=str(label))
+            if comp is not None:
+                methods[str(label)] = comp
+    split = sections["split"]
+    ev = sections["eval"]
+    if split is not None:
+        if not split.seeds:
+            problems.append("split.seeds: needs at least one seed")
+        for key in ("unseen_fraction", "test_fraction", "val_fraction"):
+            v = getattr(split, key)
+            if not 0.0 <= v < 1.0:
+                problems.append(f"split.{key}: must be in [0, 1), got {v}")
+        if split.k < 1:
+            problems.append(f"split.k: must be >= 1, got {split.k}")
+    if ev is not None and any(k < 1 for k in ev.k_list):
+        problems.append(f"eval.k_list: every k must be >= 1, got {ev.k_list}")
+    if problems:
+        listing = "\n  ".join(problems)
+        raise RecipeError(f"{source}: {len(problems)} problem(s):\n  {listing}")
+    return Recipe(data=data, backbone=backbone, methods=methods, raw=raw,
+                  description=str(raw.get("description", "")), **sections)
+
+
+def load_recipe(name_or_path: str | dict, overrides: list[str] | None = None) -> Recipe:
+    """Read, merge ``extends``, apply overrides, resolve and validate a recipe (name, path or dict)."""
+    if isinstance(name_or_path, dict):
+        raw, source = copy.deepcopy(name_or_path), "recipe"
+    else:
+        raw, source = read_recipe(name_or_path), str(name_or_path)
+    raw.pop("extends", None)
+    raw = resolve(apply_overrides(raw, list(overrides or [])))
+    raw.setdefault("backbone", {"name": "precomputed"})
+    return validate(raw, source)
+
+
+# ---- documentation from the schema ---------------------------------------------------------------------------
+def describe_dataclass(cls: type, prefix: str) -> list[tuple[str, str, Any, str]]:
+    """(key path, type, default, help) for every option of ``cls``."""
+    hints = type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = default_of(f)
+        rows.append((f"{prefix}.{f.name}", type_name(hints[f.name]),
+                     "(required)" if default is dataclasses.MISSING else default, help_of(f)))
+    return rows
+
+
+def schema_rows() -> list[tuple[str, str, Any, str]]:
+    """Every key plrm knows, for ``plrm recipes keys``."""
+    from plrm import registry
+
+    registry.ensure_builtins()
+    rows = []
+    for name, cls in FIXED_SECTIONS.items():
+        rows += describe_dataclass(cls, name)
+    for reg, prefix in ((registry.datasets, "data"), (registry.backbones, "backbone"), (registry.methods, "methods.<label>")):
+        for name, cls in reg.items():
+            rows.append((f"{prefix}.name", "str", name, f"{reg.kind} '{name}': {(cls.__doc__ or '').strip().splitlines()[0]}"))
+            rows += describe_dataclass(cls.Config, f"{prefix}[{name}]")
+    return rows

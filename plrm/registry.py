@@ -1,0 +1,229 @@
+"""Registries of methods, datasets and backbones, with entry-point plugins.
+
+Built-ins register with a decorator (``@methods.register("lore")``). Third-party packages declare entry
+points in the groups ``plrm.methods``, ``plrm.datasets`` and ``plrm.backbones``; the entry-point name is
+the registry key and its value points at the class. Plugins load lazily, each on its own: one that fails
+to import is recorded (name, distribution, version, error) and shown by ``plrm list``; the rest keep
+working. A plugin may not replace a built-in, nor another plugin, of the same name.
+
+Environment variables: ``PLRM_DISABLE_PLUGIN_AUTOLOAD=1`` loads no plugin; ``PLRM_PLUGINS=a,b`` loads only
+the entry points named there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata as md
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+BUILTIN = "plrm"
+
+
+class RegistryError(LookupError):
+    """An unknown name, a clash, or a plugin that could not be loaded."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a registry entry came from."""
+
+    distribution: str
+    version: str
+    entry_point: str | None = None  # "module:attr" for plugins
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.distribution == BUILTIN
+
+    def __str__(self) -> str:
+        return f"{self.distribution} {self.version}"
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    name: str
+    group: str
+    origin: Origin
+    error: str
+
+
+def _plrm_version() -> str:
+    from plrm import __version__
+
+    return __version__
+
+
+def _entry_points(group: str) -> list[md.EntryPoint]:
+    return list(md.entry_points(group=group))
+
+
+def closest(name: str, candidates: list[str] | tuple[str, ...]) -> str | None:
+    found = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+class Registry(Generic[T]):
+    """Name -> class, with a required base class, lazy plugin discovery and "did you mean"."""
+
+    def __init__(self, kind: str, group: str, base: type | Callable[[], type] | None = None):
+        self.kind = kind  # "method", "dataset", "backbone": used in messages
+        self.group = group
+        self._base = base
+        self._entries: dict[str, T] = {}
+        self._origins: dict[str, Origin] = {}
+        self._broken: dict[str, BrokenPlugin] = {}
+        self._plugins_loaded = False
+        self._entry_points_fn = _entry_points  # tests swap in fake entry points
+
+    # -- registration -------------------------------------------------------------------------------------
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator for built-ins: ``@methods.register("lore")``."""
+
+        def decorator(obj: T) -> T:
+            self._add(name, obj, Origin(BUILTIN, _plrm_version()))
+            return obj
+
+        return decorator
+
+    def _base_class(self) -> type | None:
+        base = self._base
+        if base is not None and not isinstance(base, type):
+            base = base()  # resolved lazily to avoid import cycles
+        return base
+
+    def _check(self, name: str, obj: Any) -> None:
+        base = self._base_class()
+        if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
+            raise RegistryError(
+                f"{self.kind} '{name}' must be a subclass of {base.__module__}.{base.__qualname__}, "
+                f"got {obj!r}"
+            )
+
+    def _add(self, name: str, obj: T, origin: Origin) -> None:
+        self._check(name, obj)
+        if name in self._entries and self._entries[name] is not obj:
+            raise RegistryError(
+                f"{self.kind} '{name}' is already registered by {self._origins[name]}; "
+                f"{origin} cannot register the same name"
+            )
+        self._entries[name] = obj
+        self._origins[name] = origin
+
+    # -- plugins ------------------------------------------------------------------------------------------
+    def load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        if os.environ.get("PLRM_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0"):
+            return
+        allow = {n.strip() for n in os.environ.get("PLRM_PLUGINS", "").split(",") if n.strip()}
+        for ep in self._entry_points_fn(self.group):
+            if allow and ep.name not in allow:
+                continue
+            dist = getattr(ep, "dist", None)
+            origin = Origin(
+                dist.metadata["Name"] if dist is not None else "unknown",
+                dist.version if dist is not None else "?",
+                ep.value,
+            )
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a plugin's import error must never break plrm
+                self._broken[ep.name] = BrokenPlugin(ep.name, self.group, origin, f"{type(exc).__name__}: {exc}")
+                continue
+            if ep.name in self._entries:
+                existing = self._origins[ep.name]
+                what = "a built-in" if existing.is_builtin else f"the one from {existing}"
+                self._broken[ep.name] = BrokenPlugin(
+                    ep.name, self.group, origin,
+                    f"name clash: {self.kind} '{ep.name}' would replace {what}; rename the entry point",
+                )
+                continue
+            try:
+                self._add(ep.name, obj, origin)
+            except RegistryError as exc:
+                self._broken[ep.name] = BrokenPlugin(ep.name, self.group, origin, str(exc))
+
+    # -- lookup -------------------------------------------------------------------------------------------
+    def get(self, name: str) -> T:
+        self.load_plugins()
+        if name in self._entries:
+            return self._entries[name]
+        if name in self._broken:
+            b = self._broken[name]
+            raise RegistryError(f"{self.kind} '{name}' comes from plugin {b.origin}, which failed to load: {b.error}")
+        hint = closest(name, self.names())
+        did_you_mean = f" Did you mean '{hint}'?" if hint else ""
+        raise RegistryError(
+            f"unknown {self.kind} '{name}'.{did_you_mean} Available: {', '.join(self.names()) or '(none)'}"
+        )
+
+    def origin(self, name: str) -> Origin:
+        self.get(name)
+        return self._origins[name]
+
+    def names(self) -> list[str]:
+        self.load_plugins()
+        return sorted(self._entries)
+
+    def broken(self) -> list[BrokenPlugin]:
+        self.load_plugins()
+        return list(self._broken.values())
+
+    def __contains__(self, name: str) -> bool:
+        self.load_plugins()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def items(self) -> list[tuple[str, T]]:
+        return [(n, self._entries[n]) for n in self.names()]
+
+
+def _method_base() -> type:
+    from plrm.methods.base import PersonalizedRewardModel
+
+    return PersonalizedRewardModel
+
+
+def _dataset_base() -> type:
+    from plrm.data.source import DatasetSource
+
+    return DatasetSource
+
+
+def _backbone_base() -> type:
+    from plrm.backbones.base import Backbone
+
+    return Backbone
+
+
+methods: Registry = Registry("method", "plrm.methods", _method_base)
+datasets: Registry = Registry("dataset", "plrm.datasets", _dataset_base)
+backbones: Registry = Registry("backbone", "plrm.backbones", _backbone_base)
+REGISTRIES = {"methods": methods, "datasets": datasets, "backbones": backbones}
+
+
+def ensure_builtins() -> None:
+    """Import the built-in modules so their decorators run."""
+    import plrm.backbones  # noqa: F401
+    import plrm.data  # noqa: F401
+    import plrm.methods  # noqa: F401
+
+
+def plugin_provenance(used: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Which non-built-in entries (and versions) a run used, for results.json."""
+    out = []
+    for reg_name, names in used.items():
+        reg = REGISTRIES[reg_name]
+        for n in names:
+            o = reg.origin(n)
+            if not o.is_builtin:
+                out.append({"registry": reg_name, "name": n, "distribution": o.distribution,
+                            "version": o.version, "entry_point": o.entry_point or ""})
+    return out

@@ -1,0 +1,281 @@
+"""The Python API behind the CLI: ``fit``, ``test`` and ``adapt`` take the same recipes (or a run directory).
+
+Run directory (``<run.output_dir>/<run.name>``)::
+
+    recipe.yaml            the resolved recipe (test/adapt rebuild everything from it)
+    results.json           per-seed and aggregated metrics, package versions, plugins used
+    per_user.parquet       per-user accuracies of every method and oracle, every seed
+    seed-<s>/split.parquet the split of seed s (reused by test and adapt)
+    seed-<s>/<label>.ckpt  each method's trained state (weights-only checkpoint)
+    wandb/ csv/ tensorboard/  the tracker's files
+
+Notebook use::
+
+    import plrm.runner as run
+    result = run.fit("quickstart", ["run.name=demo"])
+    result.summary["lore"]["unseen"]["accuracy"]
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import torch
+import yaml
+
+from plrm import __version__, registry
+from plrm import capabilities as cap
+from plrm.checkpoint import load_checkpoint, save_model
+from plrm.data.datamodule import PreferenceDataModule, PreparedData
+from plrm.data.splits import Split, load_split, make_split
+from plrm.eval import report
+from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, score_rows
+from plrm.eval.metrics import summarize
+from plrm.recipe import Recipe, RecipeError, load_recipe
+from plrm.tracking import PlainProgress, finish, log_results, make_logger
+
+RECIPE_FILE = "recipe.yaml"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    per_seed: dict[int, dict[str, dict]]   # seed -> entry (method label or oracle) -> metrics
+    summary: dict[str, dict]               # entry -> group -> metric -> {mean, std, n}
+    per_user: pd.DataFrame
+
+
+# ---- building blocks ----------------------------------------------------------------------------------------
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def prepare(recipe: Recipe) -> PreparedData:
+    """Load and validate the dataset, check every method's needs, prepare the backbone."""
+    if recipe.trainer.num_threads:
+        torch.set_num_threads(recipe.trainer.num_threads)
+    data = registry.datasets.get(recipe.data.name)(recipe.data.config).load()
+    backbone = registry.backbones.get(recipe.backbone.name)(recipe.backbone.config)
+    provided = data.provides | backbone.provides
+    problems = []
+    for label, comp in recipe.methods.items():
+        reasons = cap.unmet(registry.methods.get(comp.name).needs, provided)
+        if reasons:
+            problems.append(f"methods.{label} ({comp.name}) {', '.join(reasons)}, which dataset "
+                            f"'{recipe.data.name}' with backbone '{recipe.backbone.name}' does not provide")
+    if problems:
+        raise RecipeError("cannot run:\n  " + "\n  ".join(problems))
+    return PreparedData(data, backbone)
+
+
+def _split_for_seed(recipe: Recipe, prepared: PreparedData, seed: int, stored: Path | None) -> Split:
+    s = recipe.split
+    need = max([s.k, *recipe.eval.k_list])
+    args = dict(unseen_fraction=s.unseen_fraction, test_fraction=s.test_fraction, val_fraction=s.val_fraction)
+    table = prepared.data.pairs.data.table
+    source = stored or (Path(s.from_file) if s.from_file else None)
+    if source is not None:
+        return load_split(source, table, seed, args, need, prepared.data.name)
+    return make_split(table, seed, need_support=need, source=prepared.data.name, **args)
+
+
+def build_model(recipe: Recipe, label: str, prepared: PreparedData, n_users: int):
+    comp = recipe.methods[label]
+    cls = registry.methods.get(comp.name)
+    return cls(comp.config, n_users=n_users, feature_dim=prepared.backbone.feature_dim,
+               encoder=prepared.backbone.encoder())
+
+
+def _trainer(recipe: Recipe, model, logger, label: str) -> L.Trainer:
+    t = recipe.trainer
+    cfg = model.config
+    show_bars = {"on": True, "off": False}.get(t.progress_bar, sys.stderr.isatty())
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+        max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, logger=logger if logger is not None else False,
+        callbacks=[] if show_bars else [PlainProgress(label)], enable_progress_bar=show_bars,
+        enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic, num_sanity_val_steps=0,
+        gradient_clip_val=t.gradient_clip_val if model.automatic_optimization else None,
+    )
+
+
+def _flat(label: str, metrics: dict) -> dict[str, float]:
+    out = {}
+    for group in report.GROUPS:
+        for key, value in (metrics.get(group) or {}).items():
+            out[f"eval/{label}/{group}/{key}"] = value
+    for row in metrics.get("fewshot", []):
+        out[f"eval/{label}/fewshot/k={row['k']}/accuracy"] = row["accuracy"]
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import transformers
+
+    return {"plrm": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "lightning": L.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__}
+
+
+def _provenance(recipe: Recipe) -> list[dict]:
+    return registry.plugin_provenance({"methods": sorted({c.name for c in recipe.methods.values()}),
+                                       "datasets": [recipe.data.name], "backbones": [recipe.backbone.name]})
+
+
+def _finish_run(recipe: Recipe, run_dir: Path, per_seed: dict, frames: list[pd.DataFrame], file: str,
+                show: bool) -> RunResult:
+    summary = report.aggregate(per_seed)
+    per_user = pd.concat(frames, ignore_index=True)
+    report.write_json(run_dir / file, {
+        "recipe": recipe.raw, "versions": _versions(), "plugins": _provenance(recipe),
+        "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary})
+    if file == RESULTS_FILE:
+        tmp = run_dir / "per_user.parquet.tmp"
+        per_user.to_parquet(tmp, index=False)
+        tmp.replace(run_dir / "per_user.parquet")
+    if show:
+        report.render(summary, recipe.split.k)
+        print(f"run directory: {run_dir}")
+    return RunResult(run_dir, per_seed, summary, per_user)
+
+
+def _oracles(prepared: PreparedData, dm: PreferenceDataModule, recipe: Recipe, seed: int,
+             results: dict, frames: list) -> None:
+    for name, logits in prepared.data.oracle_logits.items():
+        ev = evaluate_oracle(logits, dm, recipe.eval.worst_fractions)
+        results[name] = ev.metrics
+        frames.append(ev.per_user.assign(method=name, seed=seed))
+
+
+# ---- verbs ------------------------------------------------------------------------------------------------------
+def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: bool = True) -> RunResult:
+    """Train every method of the recipe on seen users, adapt unseen users, evaluate; per split seed."""
+    _quiet_lightning()
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    run_dir = Path(recipe.run.output_dir).expanduser() / recipe.run.name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not recipe.run.overwrite:
+            raise RecipeError(f"run directory {run_dir} already exists; choose another run.name=... "
+                              "or set run.overwrite=true")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
+    prepared = prepare(recipe)
+    per_seed: dict[int, dict] = {}
+    frames: list[pd.DataFrame] = []
+    for seed in recipe.split.seeds:
+        seed_dir = run_dir / f"seed-{seed}"
+        seed_dir.mkdir(exist_ok=True)
+        split = _split_for_seed(recipe, prepared, seed, stored=None)
+        split.save(seed_dir / "split.parquet")
+        results: dict[str, dict] = {}
+        for label, comp in recipe.methods.items():
+            L.seed_everything(recipe.run.seed, verbose=False)
+            model = build_model(recipe, label, prepared, len(split.user_ids))
+            dm = PreferenceDataModule(prepared, split, batch_size=comp.config.batch_size, seed=recipe.run.seed)
+            logger = make_logger(recipe.logger, run_dir, name=f"seed-{seed}/{label}", group=recipe.run.name,
+                                 config={**recipe.raw, "label": label, "split_seed": seed})
+            trainer = _trainer(recipe, model, logger, f"seed {seed} {label}")
+            start = time.perf_counter()
+            trainer.fit(model, datamodule=dm)
+            train_seconds = time.perf_counter() - start
+            save_model(model, seed_dir / f"{label}.ckpt", {"method": comp.name, "label": label})
+            start = time.perf_counter()
+            ev = evaluate(model, dm, recipe.split.k, recipe.eval.k_list, recipe.eval.worst_fractions,
+                          recipe.eval.batch_size)
+            results[label] = {**ev.metrics, "adapts_new_users": model.adapts_new_users,
+                              "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
+            per_user = ev.per_user.assign(method=label, seed=seed)
+            frames.append(per_user)
+            log_results(logger, _flat(label, ev.metrics), {"eval/per_user": per_user})
+            finish(logger)
+        _oracles(prepared, dm, recipe, seed, results, frames)
+        per_seed[seed] = results
+    return _finish_run(recipe, run_dir, per_seed, frames, RESULTS_FILE, show)
+
+
+def _load_run(run_dir: str | Path) -> tuple[Path, Recipe, PreparedData]:
+    _quiet_lightning()
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a plrm run directory (no {RECIPE_FILE}); "
+                                "pass the directory that `plrm fit` printed")
+    recipe = load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
+    return run_dir, recipe, prepare(recipe)
+
+
+def _load_model(recipe: Recipe, label: str, prepared: PreparedData, split: Split, seed_dir: Path):
+    model = build_model(recipe, label, prepared, len(split.user_ids))
+    model.load_state_dict(load_checkpoint(seed_dir / f"{label}.ckpt")["state_dict"])
+    return model
+
+
+def test(run_dir: str | Path, show: bool = True) -> RunResult:
+    """Re-evaluate a finished run from its checkpoints and stored splits (writes test_results.json)."""
+    run_dir, recipe, prepared = _load_run(run_dir)
+    per_seed, frames = {}, []
+    for seed in recipe.split.seeds:
+        seed_dir = run_dir / f"seed-{seed}"
+        split = _split_for_seed(recipe, prepared, seed, stored=seed_dir / "split.parquet")
+        results = {}
+        for label in recipe.methods:
+            model = _load_model(recipe, label, prepared, split, seed_dir)
+            dm = PreferenceDataModule(prepared, split, seed=recipe.run.seed)
+            ev = evaluate(model, dm, recipe.split.k, recipe.eval.k_list, recipe.eval.worst_fractions,
+                          recipe.eval.batch_size)
+            results[label] = {**ev.metrics, "adapts_new_users": model.adapts_new_users}
+            frames.append(ev.per_user.assign(method=label, seed=seed))
+        _oracles(prepared, dm, recipe, seed, results, frames)
+        per_seed[seed] = results
+    return _finish_run(recipe, run_dir, per_seed, frames, "test_results.json", show)
+
+
+def adapt(run_dir: str | Path, k: int | None = None, show: bool = True) -> RunResult:
+    """Fit the unseen users of a finished run from their first k support pairs with the trained checkpoints;
+    saves ``seed-<s>/<label>.adapted-k<k>.ckpt`` and reports unseen accuracy (adapt_results.json)."""
+    run_dir, recipe, prepared = _load_run(run_dir)
+    k = k or recipe.split.k
+    per_seed, frames = {}, []
+    for seed in recipe.split.seeds:
+        seed_dir = run_dir / f"seed-{seed}"
+        split = _split_for_seed(recipe, prepared, seed, stored=seed_dir / "split.parquet")
+        if (split.support_rank >= 0).sum() and k > int(split.support_rank.max()) + 1:
+            raise RecipeError(f"k={k}: the unseen users of {seed_dir} have at most "
+                              f"{int(split.support_rank.max()) + 1} support pairs")
+        results = {}
+        for label in recipe.methods:
+            model = _load_model(recipe, label, prepared, split, seed_dir)
+            if model.adapts_new_users == "no":
+                results[label] = {"seen": None, "unseen": None, "overall": None, "fewshot": []}
+                continue
+            dm = PreferenceDataModule(prepared, split, seed=recipe.run.seed)
+            model.eval()
+            start = time.perf_counter()
+            adapt_unseen(model, dm, k)
+            seconds = time.perf_counter() - start
+            save_model(model, seed_dir / f"{label}.adapted-k{k}.ckpt", {"method": recipe.methods[label].name,
+                                                                         "label": label, "k": k})
+            rows = dm.test_rows(unseen=True)
+            logits = score_rows(model, dm, rows, recipe.eval.batch_size)
+            unseen, acc, cnt = summarize(logits, dm.row_user[torch.from_numpy(rows)], split.unseen_users,
+                                         dm.n_users, recipe.eval.worst_fractions)
+            results[label] = {"seen": None, "unseen": unseen, "overall": None, "fewshot": [{"k": k, **unseen}],
+                              "adapt_seconds": seconds}
+            frames.append(pd.DataFrame({
+                "user_id": split.user_ids[split.unseen_users].astype(str), "group": "unseen", "k": k,
+                "n_test": cnt[split.unseen_users].numpy(), "accuracy": acc[split.unseen_users].numpy(),
+                "method": label, "seed": seed}))
+        per_seed[seed] = results
+    return _finish_run(recipe, run_dir, per_seed, frames, "adapt_results.json", show)

@@ -1,0 +1,106 @@
+"""Experiment tracking: W&B by default (offline when there are no credentials), CSV or TensorBoard.
+
+W&B with no API key and a closed stdin does not prompt, it fails (``UsageError: No API key configured``), so
+plrm decides the mode itself before wandb is touched: the recipe's ``logger.mode`` if not 'auto', else
+``WANDB_MODE``, else 'online' when an API key is configured (``WANDB_API_KEY`` or a ~/.netrc entry for the
+W&B host, where ``wandb login`` stores it), else 'offline', said once on stderr.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+_said_offline = False
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(configured: str) -> str:
+    global _said_offline
+    if configured != "auto":
+        return configured
+    env = os.environ.get("WANDB_MODE", "").strip()
+    if env:
+        return "offline" if env == "dryrun" else env
+    if has_wandb_credentials():
+        return "online"
+    if not _said_offline:
+        print("plrm: no W&B credentials found (WANDB_API_KEY or `wandb login`); logging offline. "
+              "Upload later with `wandb sync <run dir>/wandb/offline-run-*`.", file=sys.stderr)
+        _said_offline = True
+    return "offline"
+
+
+def make_logger(cfg, run_dir: Path, name: str, group: str, config: dict) -> Logger | None:
+    """The Lightning logger of one (seed, method) training run; None when logging is off."""
+    if cfg.kind == "none":
+        return None
+    if cfg.kind == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="csv", version=name)
+    if cfg.kind == "tensorboard":
+        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=name)
+    mode = wandb_mode(cfg.mode)
+    if mode == "disabled":
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-staging"))
+    logger = WandbLogger(project=cfg.project, entity=cfg.entity, name=f"{group}/{name}", group=group,
+                         tags=list(cfg.tags), save_dir=str(run_dir), mode=mode, config=config,
+                         settings=_wandb_settings())
+    return logger
+
+
+def _wandb_settings() -> Any:
+    import wandb
+
+    # never ask anything on a terminal, and do not start the system monitor of a short job
+    return wandb.Settings(silent=True, x_disable_stats=True)
+
+
+def log_results(logger: Logger | None, metrics: dict[str, float], tables: dict[str, Any]) -> None:
+    """Final metrics (flat keys) and tables (pandas DataFrames) of one run."""
+    if logger is None:
+        return
+    logger.log_metrics({k: v for k, v in metrics.items() if v is not None})
+    if hasattr(logger, "log_table"):  # WandbLogger: one W&B table per evaluation
+        for key, frame in tables.items():
+            logger.log_table(key=key, dataframe=frame)
+
+
+def finish(logger: Logger | None) -> None:
+    if logger is None:
+        return
+    logger.finalize("success")
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()
+
+
+class PlainProgress(L.Callback):
+    """One log line per epoch in batch jobs (no terminal), instead of progress bars."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        text = " ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items()))
+        print(f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {text}", flush=True)
