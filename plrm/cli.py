@@ -1,0 +1,204 @@
+"""The ``plrm`` command: a thin layer over plrm.runner, plrm.recipe and plrm.registry.
+
+The library raises exceptions; only this module turns them into messages and exit codes (2: bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  plrm fit --recipe quickstart                       train and evaluate (built-in recipe by name)
+  plrm fit --recipe my.yaml methods.lore.rank=5      a recipe file, with overrides (OmegaConf dotlist)
+  plrm test --run runs/quickstart                    re-evaluate a finished run from its checkpoints and split
+  plrm adapt --run runs/quickstart --k 3             re-fit unseen users from k support pairs
+  plrm list                                          methods, datasets, backbones, plugins (and broken ones)
+  plrm recipes list | show NAME | copy NAME DEST | keys
+"""
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides in OmegaConf dotlist syntax (e.g. methods.lore.rank=5 "
+                        "split.seeds=[0,1,2]); ~key deletes a key")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plrm", description="Personalized reward modeling on PyTorch Lightning.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("fit", help="train on seen users, adapt unseen users, evaluate (per split seed)",
+                       description="Train every method of the recipe on the seen users' train pairs, adapt the "
+                       "unseen users from k support pairs, evaluate seen / unseen / overall accuracy, the "
+                       "few-shot curve and the oracles; writes the run directory (see plrm.runner).")
+    p.add_argument("--recipe", required=True, help="built-in recipe name (see `plrm recipes list`) or YAML path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    _add_overrides(p)
+
+    p = sub.add_parser("test", help="re-evaluate a finished run with its stored split and checkpoints",
+                       description="Rebuild the data from the run's recipe.yaml, reuse seed-*/split.parquet and "
+                       "the checkpoints, evaluate again and write test_results.json.")
+    p.add_argument("--run", required=True, help="run directory printed by `plrm fit`")
+
+    p = sub.add_parser("adapt", help="fit unseen users' state from their support pairs with trained checkpoints",
+                       description="Load each method's checkpoint, fit the stored split's unseen users from their "
+                       "first k support pairs, save seed-*/<label>.adapted-k<k>.ckpt and report their accuracy "
+                       "(adapt_results.json).")
+    p.add_argument("--run", required=True, help="run directory printed by `plrm fit`")
+    p.add_argument("--k", type=int, default=None, help="support pairs per user (default: the recipe's split.k)")
+
+    p = sub.add_parser("list", help="registered methods, datasets, backbones and plugins",
+                       description="Every registry entry with the package and version it came from, what it "
+                       "needs or provides, and plugins that failed to load with their error.")
+    p.add_argument("what", nargs="?", choices=["methods", "datasets", "backbones", "plugins"], default=None)
+
+    p = sub.add_parser("recipes", help="list, show (resolved), copy built-in recipes; list every recipe key",
+                       description="list: built-in recipes. show NAME [key=value ...]: the resolved recipe. "
+                       "copy NAME DEST: a copy to edit. keys: every key with its default and help.")
+    rs = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    rs.add_parser("list", help="built-in recipes with their descriptions")
+    q = rs.add_parser("show", help="print a recipe resolved (extends merged, overrides applied, defaults filled)")
+    q.add_argument("name")
+    _add_overrides(q)
+    q = rs.add_parser("copy", help="copy a built-in recipe (with its extends chain merged) to edit")
+    q.add_argument("name")
+    q.add_argument("dest")
+    q = rs.add_parser("keys", help="every recipe key with its type, default and help")
+    q.add_argument("--filter", default="", help="only keys containing this text")
+    return parser
+
+
+def _resolved_with_defaults(recipe) -> dict:
+    import dataclasses
+
+    out = {"description": recipe.description}
+    for name in ("run", "data", "backbone", "split", "eval", "trainer", "logger"):
+        section = getattr(recipe, name)
+        if hasattr(section, "config"):
+            out[name] = {"name": section.name, **dataclasses.asdict(section.config)}
+        else:
+            out[name] = dataclasses.asdict(section)
+    out["methods"] = {label: {"name": c.name, **dataclasses.asdict(c.config)} for label, c in recipe.methods.items()}
+    return out
+
+
+def cmd_list(what: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from plrm import registry
+
+    registry.ensure_builtins()
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    for reg_name, reg in registry.REGISTRIES.items():
+        if what not in (None, reg_name, "plugins"):
+            continue
+        table = Table(title=reg_name)
+        for col in ("name", "from", "needs / provides", "description"):
+            table.add_column(col)
+        for name, cls in reg.items():
+            origin = reg.origin(name)
+            if what == "plugins" and origin.is_builtin:
+                continue
+            caps = getattr(cls, "needs", None)
+            caps_text = ("needs " + ", ".join(sorted(caps))) if caps is not None else \
+                ("provides " + ", ".join(sorted(getattr(cls, "provides", ()))))
+            if reg_name == "methods":
+                caps_text += f"; new users: {cls.adapts_new_users}"
+            table.add_row(name, str(origin), caps_text, (cls.__doc__ or "").strip().splitlines()[0])
+        console.print(table)
+    broken = [b for reg in registry.REGISTRIES.values() for b in reg.broken()]
+    if broken:
+        table = Table(title="broken plugins (not loaded)")
+        for col in ("group", "name", "from", "error"):
+            table.add_column(col)
+        for b in broken:
+            table.add_row(b.group, b.name, str(b.origin), b.error)
+        console.print(table)
+
+
+def cmd_recipes(args) -> None:
+    import yaml
+
+    from plrm.recipe import builtin_recipes, load_recipe, read_recipe, schema_rows
+
+    if args.action == "list":
+        for name, path in builtin_recipes().items():
+            desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+            print(f"{name:40s} {desc}")
+    elif args.action == "show":
+        recipe = load_recipe(args.name, args.overrides)
+        print(yaml.safe_dump(_resolved_with_defaults(recipe), sort_keys=False), end="")
+    elif args.action == "copy":
+        dest = Path(args.dest)
+        if dest.is_dir():
+            dest = dest / f"{Path(args.name).name}.yaml"
+        if dest.exists():
+            raise FileExistsError(f"{dest} exists; not overwriting it")
+        dest.write_text(f"# copied from plrm recipe '{args.name}' (extends merged); run with:\n"
+                        f"#   plrm fit --recipe {dest}\n" + yaml.safe_dump(read_recipe(args.name), sort_keys=False))
+        print(f"wrote {dest}")
+    elif args.action == "keys":
+        for key, tp, default, help_text in schema_rows():
+            line = f"{key}  ({tp}, default {default!r})\n    {help_text}"
+            if args.filter in line:
+                print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from plrm import __version__
+
+        print(f"plrm {__version__}")
+        return 0
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data only: no telemetry request
+    from plrm.data.schema import DataValidationError
+    from plrm.data.splits import SplitError
+    from plrm.recipe import RecipeError
+    from plrm.registry import RegistryError
+
+    try:
+        if args.verb == "fit":
+            from plrm import runner
+            from plrm.recipe import load_recipe
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            if args.print_config:
+                import yaml
+
+                print(yaml.safe_dump(_resolved_with_defaults(recipe), sort_keys=False), end="")
+                return 0
+            runner.fit(recipe)
+        elif args.verb == "test":
+            from plrm import runner
+
+            runner.test(args.run)
+        elif args.verb == "adapt":
+            from plrm import runner
+
+            runner.adapt(args.run, args.k)
+        elif args.verb == "list":
+            cmd_list(args.what)
+        elif args.verb == "recipes":
+            cmd_recipes(args)
+    except (RecipeError, DataValidationError, SplitError, RegistryError, FileNotFoundError, FileExistsError) as exc:
+        print(f"plrm {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
