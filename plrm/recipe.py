@@ -65,8 +65,8 @@ class TrainerSection:
     gradient_clip_val: float | None = opt(None, "Clip gradient norm to this value (null: no clipping).")
     deterministic: bool = opt(False, "torch deterministic algorithms.")
     log_every_n_steps: int = opt(10, "Logging interval in training steps.")
-    progress_bar: Literal["auto", "on", "off"] = opt(
-        "auto", "Progress bars: 'auto' shows them on a terminal and prints plain log lines in batch jobs.")
+    progress_bar: bool | Literal["auto"] = opt(
+        "auto", "Progress bars: true, false, or 'auto' (bars on a terminal, plain log lines in batch jobs).")
     num_threads: int | None = opt(None, "torch intra-op threads on CPU (null: torch's default).")
 
 
@@ -315,6 +315,9 @@ def load_recipe(name_or_path: str | dict, overrides: list[str] | None = None) ->
     """Read, merge ``extends``, apply overrides, resolve and validate a recipe (name, path or dict)."""
     if isinstance(name_or_path, dict):
         raw, source = copy.deepcopy(name_or_path), "recipe"
+        parent = raw.pop("extends", None)
+        if parent is not None:
+            raw = _deep_merge(read_recipe(parent), raw)
     else:
         raw, source = read_recipe(name_or_path), str(name_or_path)
     raw.pop("extends", None)

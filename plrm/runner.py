@@ -100,7 +100,7 @@ def build_model(recipe: Recipe, label: str, prepared: PreparedData, n_users: int
 def _trainer(recipe: Recipe, model, logger, label: str) -> L.Trainer:
     t = recipe.trainer
     cfg = model.config
-    show_bars = {"on": True, "off": False}.get(t.progress_bar, sys.stderr.isatty())
+    show_bars = sys.stderr.isatty() if t.progress_bar == "auto" else t.progress_bar
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
         max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, logger=logger if logger is not None else False,

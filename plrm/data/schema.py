@@ -29,7 +29,7 @@ REQUIRED = ("user_id", "prompt", "chosen", "rejected")
 OPTIONAL_TEXT = ("pair_id", "reference", "split")
 EMBEDDING = ("chosen_emb", "rejected_emb")
 SPLIT_VALUES = ("train", "test")
-MAX_LISTED = 10
+MAX_LISTED = 10  # rows listed per kind of problem; the count covers all of them
 
 
 class DataValidationError(ValueError):
@@ -44,11 +44,9 @@ def _rows_where(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.flatnonzero(pc.fill_null(mask, True).to_numpy(zero_copy_only=False))
 
 
-def _fail(source: str, problems: list[str]) -> None:
-    shown = problems[:MAX_LISTED]
-    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    raise DataValidationError(f"{source}: {len(problems)} problem(s) in the preference data:\n  "
-                              + "\n  ".join(shown) + more)
+def _fail(source: str, problems: list[str], n_bad: int) -> None:
+    """``problems`` are the lines to show (already capped per kind); ``n_bad`` counts every bad cell."""
+    raise DataValidationError(f"{source}: {n_bad} problem(s) in the preference data:\n  " + "\n  ".join(problems))
 
 
 def validate_pairs(data, source: str = "dataset") -> None:
@@ -67,16 +65,19 @@ def validate_pairs(data, source: str = "dataset") -> None:
                 and not pa.types.is_large_string(table[col].type):
             problems.append(f"column '{col}': expected strings, got {table[col].type}")
     if problems:
-        _fail(source, problems)
+        _fail(source, problems, len(problems))
 
     users = table["user_id"]
+    n_bad = 0
 
     def where(rows: np.ndarray, what: str) -> None:
+        nonlocal n_bad
+        n_bad += len(rows)
         for r in rows[:MAX_LISTED]:
             u = users[int(r)].as_py()
             problems.append(f"row {int(r)} (user {u!r}): {what}")
         if len(rows) > MAX_LISTED:
-            problems.append(f"... {len(rows) - MAX_LISTED} more rows: {what}")
+            problems.append(f"... and {len(rows) - MAX_LISTED} more rows where {what}")
 
     for col in REQUIRED:
         empty = pc.or_(pc.is_null(table[col]), pc.equal(pc.utf8_trim_whitespace(table[col]), ""))
@@ -89,20 +90,17 @@ def validate_pairs(data, source: str = "dataset") -> None:
     for col in EMBEDDING:
         if col not in table.column_names:
             continue
-        lengths = pc.list_value_length(table[col]).to_numpy(zero_copy_only=False)
-        null_rows = np.flatnonzero(pc.is_null(table[col]).to_numpy(zero_copy_only=False))
-        where(null_rows, f"column '{col}' is missing")
-        valid = lengths[~np.isnan(lengths.astype(float))] if lengths.dtype == object else lengths
-        if len(valid):
-            dim = int(np.bincount(valid.astype(np.int64)).argmax())
-            where(np.flatnonzero((lengths != dim) & ~pc.is_null(table[col]).to_numpy(zero_copy_only=False)),
-                  f"column '{col}' has a length other than {dim}")
+        is_null = pc.is_null(table[col]).to_numpy(zero_copy_only=False)
+        lengths = pc.fill_null(pc.list_value_length(table[col]), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        where(np.flatnonzero(is_null), f"column '{col}' is missing")
+        if (~is_null).any():
+            dim = int(np.bincount(lengths[~is_null]).argmax())
+            where(np.flatnonzero(~is_null & (lengths != dim)), f"column '{col}' has a length other than {dim}")
             flat = pc.list_flatten(table[col]).to_numpy(zero_copy_only=False).astype(np.float64)
-            if not np.isfinite(flat).all():
-                row_of = np.repeat(np.arange(table.num_rows), np.nan_to_num(lengths.astype(float)).astype(np.int64))
-                bad_rows = np.unique(row_of[~np.isfinite(flat)])
-                where(bad_rows, f"column '{col}' contains NaN or inf")
+            row_of = np.repeat(np.arange(table.num_rows), np.maximum(lengths, 0))
+            where(np.unique(row_of[~np.isfinite(flat)]), f"column '{col}' contains NaN or inf")
     if "chosen_emb" in table.column_names and "rejected_emb" not in table.column_names:
         problems.append("column 'chosen_emb' is present but 'rejected_emb' is not")
+        n_bad += 1
     if problems:
-        _fail(source, problems)
+        _fail(source, problems, n_bad)

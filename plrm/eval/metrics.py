@@ -19,7 +19,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 def per_user_accuracy(logits: torch.Tensor, user_idx: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(accuracy (U,), n_pairs (U,)); accuracy is NaN for users without pairs."""
-    correct = torch.bincount(user_idx, weights=(logits > 0).double(), minlength=n_users)
+    # .double(): bincount of an empty input returns int64 even with float weights (torch 2.13)
+    correct = torch.bincount(user_idx, weights=(logits > 0).double(), minlength=n_users).double()
     count = torch.bincount(user_idx, minlength=n_users)
     acc = torch.where(count > 0, correct / count.clamp_min(1), torch.full_like(correct, float("nan")))
     return acc, count

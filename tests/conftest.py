@@ -1,0 +1,25 @@
+"""Test environment: no network, no W&B account, one torch thread (fastest for tiny models on 2 cores)."""
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_UPDATE_DOWNLOAD_COUNTS"] = "0"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY_WORLD = ["data.n_users=80", "data.pairs_per_user=20", "data.n_train_prompts=300", "data.n_test_prompts=40",
+              "data.test_prompts_per_user=10", "data.feature_dim=16", "data.n_functions=3", "data.alpha=0.05"]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Overrides that turn the quickstart recipe into a run of a few seconds, written under tmp_path."""
+    return TINY_WORLD + ["methods.bt.max_epochs=3", "methods.lore.max_epochs=3", "methods.lore.rank=3",
+                         "eval.k_list=[1,3]", "split.k=3", "logger.kind=none", f"run.output_dir={tmp_path}",
+                         "trainer.progress_bar=false"]

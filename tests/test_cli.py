@@ -1,0 +1,77 @@
+"""The `plrm` command: help for every verb, exit codes and messages, W&B without credentials."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from plrm.cli import main
+
+PLRM = [sys.executable, "-m", "plrm.cli"]
+
+
+@pytest.mark.parametrize("verb", ["fit", "test", "adapt", "list", "recipes"])
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([verb, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: plrm {verb}" in out and len(out.splitlines()) > 3
+
+
+def test_top_level_help_lists_verbs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for verb in ("fit", "test", "adapt", "list", "recipes"):
+        assert verb in out
+
+
+def test_mistyped_key_exits_2_with_path_and_suggestion(capsys):
+    assert main(["fit", "--recipe", "quickstart", "methods.lore.rnak=4", "data.n_user=5"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err
+    assert "methods.lore.rnak: unknown key; did you mean 'rank'?" in err
+    assert "data.n_user: unknown key; did you mean 'n_users'?" in err
+
+
+def test_unknown_recipe_suggests_builtin(capsys):
+    assert main(["fit", "--recipe", "quickstrat"]) == 2
+    assert "Did you mean 'quickstart'?" in capsys.readouterr().err
+
+
+def test_print_config_shows_defaults(capsys):
+    assert main(["fit", "--recipe", "quickstart", "--print-config", "methods.lore.rank=7"]) == 0
+    out = capsys.readouterr().out
+    assert "rank: 7" in out and "adapt_steps: 300" in out
+
+
+def test_recipes_list_show_copy_keys(tmp_path, capsys):
+    assert main(["recipes", "list"]) == 0
+    assert "quickstart" in capsys.readouterr().out
+    assert main(["recipes", "copy", "quickstart", str(tmp_path)]) == 0
+    copied = tmp_path / "quickstart.yaml"
+    assert copied.is_file() and "plrm fit --recipe" in copied.read_text()
+    assert main(["recipes", "copy", "quickstart", str(tmp_path)]) == 2  # never overwrites
+    assert main(["recipes", "keys", "--filter", "basis_l2"]) == 0
+    assert "methods.<label>[lore].basis_l2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fit_without_wandb_credentials_runs_offline_without_prompt(tmp_path, tiny_overrides):
+    """No API key, no WANDB_MODE, stdin closed, a fresh HOME: fit completes offline, says so once, and the
+    offline W&B run holds the metrics and the per-user table."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    overrides = [o for o in tiny_overrides if not o.startswith("logger.")] + ["logger.kind=wandb", "~methods.bt"]
+    proc = subprocess.run([*PLRM, "fit", "--recipe", "quickstart", *overrides], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("no W&B credentials found") == 1
+    runs = list((tmp_path / "quickstart" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"eval/lore/unseen/accuracy" in log and b"eval/lore/seen/accuracy" in log
+    tables = list(runs[0].glob("files/media/table/eval/per_user_*.table.json"))
+    assert len(tables) == 1 and b"user_id" in tables[0].read_bytes()

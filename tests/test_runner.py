@@ -1,0 +1,86 @@
+"""fit / test / adapt through the Python API: the run directory, exact reproduction, errors."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from plrm import runner
+from plrm.recipe import RecipeError, load_recipe
+
+
+@pytest.fixture
+def finished_run(tmp_path, tiny_overrides):
+    return runner.fit("quickstart", tiny_overrides, show=False)
+
+
+def test_fit_writes_the_run_directory(finished_run):
+    run_dir = finished_run.run_dir
+    for name in ("recipe.yaml", "results.json", "per_user.parquet", "seed-0/split.parquet",
+                 "seed-0/bt.ckpt", "seed-0/lore.ckpt"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["per_seed"]["0"]) == {"bt", "lore", "oracle/personal", "oracle/non-personalized"}
+    assert results["versions"]["plrm"] and results["plugins"] == []
+    lore = results["per_seed"]["0"]["lore"]
+    assert [row["k"] for row in lore["fewshot"]] == [1, 3]
+    assert lore["unseen"]["accuracy"] == lore["fewshot"][1]["accuracy"]  # headline k = split.k = 3
+    per_user = pd.read_parquet(run_dir / "per_user.parquet")
+    assert set(per_user["group"]) == {"seen", "unseen"}
+    # one row per user and entry: 80 users x (2 methods + 2 oracles)
+    assert len(per_user) == 80 * 4
+    # overall = mean over all users of per-user accuracy (each user counts once)
+    lore_users = per_user[per_user.method == "lore"]
+    assert lore["overall"]["accuracy"] == pytest.approx(lore_users["accuracy"].mean())
+
+
+def test_test_and_adapt_reproduce_fit_exactly(finished_run):
+    fitted = finished_run.per_seed[0]
+    tested = runner.test(finished_run.run_dir, show=False).per_seed[0]
+    for entry in fitted:
+        for group in ("seen", "unseen", "overall"):
+            assert tested[entry][group] == fitted[entry][group], (entry, group)
+    adapted = runner.adapt(finished_run.run_dir, show=False).per_seed[0]
+    assert adapted["lore"]["unseen"] == fitted["lore"]["unseen"]
+    assert (finished_run.run_dir / "seed-0" / "lore.adapted-k3.ckpt").is_file()
+    k1 = runner.adapt(finished_run.run_dir, k=1, show=False).per_seed[0]
+    assert k1["lore"]["unseen"]["accuracy"] == fitted["lore"]["fewshot"][0]["accuracy"]
+
+
+def test_adapt_rejects_k_beyond_the_support_pool(finished_run):
+    with pytest.raises(RecipeError, match=r"k=99: the unseen users of .* have at most 20 support pairs"):
+        runner.adapt(finished_run.run_dir, k=99, show=False)
+
+
+def test_existing_run_directory_is_not_overwritten(finished_run, tiny_overrides):
+    with pytest.raises(RecipeError, match="already exists; choose another run.name"):
+        runner.fit("quickstart", tiny_overrides, show=False)
+    again = runner.fit("quickstart", tiny_overrides + ["run.overwrite=true"], show=False)
+    assert again.per_seed[0]["lore"]["seen"] == finished_run.per_seed[0]["lore"]["seen"]  # seeded
+
+
+def test_several_split_seeds_give_mean_and_std(tmp_path, tiny_overrides):
+    result = runner.fit("quickstart", tiny_overrides + ["split.seeds=[0,1]", "~methods.lore"], show=False)
+    stat = result.summary["bt"]["seen"]["accuracy"]
+    values = [result.per_seed[s]["bt"]["seen"]["accuracy"] for s in (0, 1)]
+    assert stat["n"] == 2 and stat["mean"] == pytest.approx(sum(values) / 2)
+    assert stat["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)  # ddof=1 for two values
+    assert (result.run_dir / "seed-1" / "split.parquet").is_file()
+
+
+def test_split_from_file_reproduces_the_split(finished_run, tiny_overrides, tmp_path):
+    stored = finished_run.run_dir / "seed-0" / "split.parquet"
+    again = runner.fit("quickstart", tiny_overrides + ["run.name=reuse", f"split.from_file={stored}",
+                                                       "split.seeds=[7]"], show=False)
+    a = pd.read_parquet(stored)
+    b = pd.read_parquet(again.run_dir / "seed-7" / "split.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_unmet_needs_name_method_and_dataset(tmp_path, tiny_overrides, monkeypatch):
+    from plrm.methods.bt import GlobalBT
+
+    monkeypatch.setattr(GlobalBT, "needs", frozenset({"lm"}))
+    recipe = load_recipe("quickstart", tiny_overrides)
+    with pytest.raises(RecipeError, match=r"methods.bt \(bt\) needs a causal language model backbone .*\('lm'\), which dataset 'lowrank_world'"):
+        runner.fit(recipe, show=False)
