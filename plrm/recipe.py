@@ -183,9 +183,10 @@ def read_recipe(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """OmegaConf dotlist overrides (``methods.lore.rank=5``); ``~key`` deletes a key."""
+    """OmegaConf dotlist overrides (``methods.lore.rank=5``); ``~key`` deletes a key; ``+key=value`` (Hydra's
+    spelling for adding a key) is accepted the same as ``key=value``, since the schema decides what is valid."""
     deletes = [o[1:] for o in overrides if o.startswith("~")]
-    sets = [o for o in overrides if not o.startswith("~")]
+    sets = [o.removeprefix("+") for o in overrides if not o.startswith("~")]
     for o in sets:
         if "=" not in o:
             raise RecipeError(f"override '{o}' is not of the form key=value")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as md
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -57,6 +58,16 @@ def _plrm_version() -> str:
     return __version__
 
 
+def _origin_of_module(module: str) -> Origin:
+    top = module.split(".")[0]
+    if top in ("plrm", "", "__main__"):
+        return Origin(BUILTIN, _plrm_version())
+    dists = md.packages_distributions().get(top, [])
+    if not dists:
+        return Origin(top, "?")
+    return Origin(dists[0], md.version(dists[0]))
+
+
 def _entry_points(group: str) -> list[md.EntryPoint]:
     return list(md.entry_points(group=group))
 
@@ -81,10 +92,11 @@ class Registry(Generic[T]):
 
     # -- registration -------------------------------------------------------------------------------------
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator for built-ins: ``@methods.register("lore")``."""
+        """Decorator for built-ins: ``@methods.register("lore")``. (Plugins use entry points; if a plugin module
+        uses the decorator anyway, the entry is attributed to the plugin's distribution, not to plrm.)"""
 
         def decorator(obj: T) -> T:
-            self._add(name, obj, Origin(BUILTIN, _plrm_version()))
+            self._add(name, obj, _origin_of_module(getattr(obj, "__module__", "")))
             return obj
 
         return decorator
@@ -120,8 +132,13 @@ class Registry(Generic[T]):
         self._plugins_loaded = True
         if os.environ.get("PLRM_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0"):
             return
+        ensure_builtins()  # built-ins first, so a plugin can never take a built-in's name
         allow = {n.strip() for n in os.environ.get("PLRM_PLUGINS", "").split(",") if n.strip()}
-        for ep in self._entry_points_fn(self.group):
+        entry_points = self._entry_points_fn(self.group)
+        for name in sorted(allow - {ep.name for ep in entry_points}):
+            print(f"plrm: PLRM_PLUGINS names '{name}', but no installed {self.kind} plugin has that name",
+                  file=sys.stderr)
+        for ep in entry_points:
             if allow and ep.name not in allow:
                 continue
             dist = getattr(ep, "dist", None)
@@ -130,23 +147,33 @@ class Registry(Generic[T]):
                 dist.version if dist is not None else "?",
                 ep.value,
             )
-            try:
-                obj = ep.load()
-            except Exception as exc:  # a plugin's import error must never break plrm
-                self._broken[ep.name] = BrokenPlugin(ep.name, self.group, origin, f"{type(exc).__name__}: {exc}")
-                continue
-            if ep.name in self._entries:
+            if ep.name in self._entries and not self._entries_from(ep.name, origin):
                 existing = self._origins[ep.name]
                 what = "a built-in" if existing.is_builtin else f"the one from {existing}"
                 self._broken[ep.name] = BrokenPlugin(
                     ep.name, self.group, origin,
                     f"name clash: {self.kind} '{ep.name}' would replace {what}; rename the entry point",
                 )
+                continue  # checked before import: a clashing plugin's code never runs
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a plugin's import error must never break plrm
+                self._broken[ep.name] = BrokenPlugin(
+                    ep.name, self.group, origin,
+                    f"{type(exc).__name__}: {exc} (fix or reinstall {origin.distribution}, or leave it out "
+                    "with PLRM_PLUGINS=<names to load>)")
+                continue
+            if self._entries.get(ep.name) is obj:  # the plugin also used the decorator: same object
+                self._origins[ep.name] = origin
                 continue
             try:
                 self._add(ep.name, obj, origin)
             except RegistryError as exc:
                 self._broken[ep.name] = BrokenPlugin(ep.name, self.group, origin, str(exc))
+
+    def _entries_from(self, name: str, origin: Origin) -> bool:
+        """Whether the entry ``name`` was registered (by decorator) from ``origin``'s own distribution."""
+        return self._origins[name].distribution == origin.distribution
 
     # -- lookup -------------------------------------------------------------------------------------------
     def get(self, name: str) -> T:

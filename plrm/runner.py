@@ -35,7 +35,7 @@ from plrm import __version__, registry
 from plrm import capabilities as cap
 from plrm.checkpoint import load_checkpoint, save_model
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
-from plrm.data.splits import Split, load_split, make_split
+from plrm.data.splits import VAL, Split, load_split, make_split
 from plrm.eval import report
 from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, score_rows
 from plrm.eval.metrics import summarize
@@ -97,7 +97,7 @@ def build_model(recipe: Recipe, label: str, prepared: PreparedData, n_users: int
                encoder=prepared.backbone.encoder())
 
 
-def _trainer(recipe: Recipe, model, logger, label: str) -> L.Trainer:
+def _trainer(recipe: Recipe, model, logger, label: str, validate: bool) -> L.Trainer:
     t = recipe.trainer
     cfg = model.config
     show_bars = sys.stderr.isatty() if t.progress_bar == "auto" else t.progress_bar
@@ -106,7 +106,7 @@ def _trainer(recipe: Recipe, model, logger, label: str) -> L.Trainer:
         max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, logger=logger if logger is not None else False,
         callbacks=[] if show_bars else [PlainProgress(label)], enable_progress_bar=show_bars,
         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
-        deterministic=t.deterministic, num_sanity_val_steps=0,
+        deterministic=t.deterministic, num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0,
         gradient_clip_val=t.gradient_clip_val if model.automatic_optimization else None,
     )
 
@@ -187,7 +187,7 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
             dm = PreferenceDataModule(prepared, split, batch_size=comp.config.batch_size, seed=recipe.run.seed)
             logger = make_logger(recipe.logger, run_dir, name=f"seed-{seed}/{label}", group=recipe.run.name,
                                  config={**recipe.raw, "label": label, "split_seed": seed})
-            trainer = _trainer(recipe, model, logger, f"seed {seed} {label}")
+            trainer = _trainer(recipe, model, logger, f"seed {seed} {label}", validate=bool((split.role == VAL).any()))
             start = time.perf_counter()
             trainer.fit(model, datamodule=dm)
             train_seconds = time.perf_counter() - start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,10 @@ def _fmt(stat: dict | None, pct: bool = True) -> str:
 
 
 def render(summary: dict[str, dict], k: int, worst: str = "accuracy_worst_10pct", console: Console | None = None) -> None:
-    console = console or Console(soft_wrap=True)
+    console = console or Console(width=max(120, shutil.get_terminal_size().columns))
     table = Table(title=f"accuracy (%), mean over users; unseen users adapted on k={k} pairs")
     for col in ("method", "seen", "unseen", "overall", "worst 10% (overall)", "AUROC (overall)"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for entry, agg in summary.items():
         def g(group, key="accuracy"):
             return (agg.get(group) or {}).get(key) if agg.get(group) else None
