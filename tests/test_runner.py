@@ -84,3 +84,23 @@ def test_unmet_needs_name_method_and_dataset(tmp_path, tiny_overrides, monkeypat
     recipe = load_recipe("quickstart", tiny_overrides)
     with pytest.raises(RecipeError, match=r"methods.bt \(bt\) needs a causal language model backbone .*\('lm'\), which dataset 'lowrank_world'"):
         runner.fit(recipe, show=False)
+
+
+@pytest.mark.parametrize("kind, pattern", [("csv", "csv/seed-0/bt/metrics.csv"),
+                                           ("tensorboard", "tensorboard/seed-0/bt/events.out.tfevents.*")])
+def test_local_loggers_write_training_curves(tmp_path, tiny_overrides, kind, pattern):
+    overrides = [o for o in tiny_overrides if not o.startswith("logger.")] + [f"logger.kind={kind}", "~methods.lore", "trainer.log_every_n_steps=1"]
+    result = runner.fit("quickstart", overrides, show=False)
+    files = list(result.run_dir.glob(pattern))
+    assert files, sorted(str(p.relative_to(result.run_dir)) for p in result.run_dir.rglob("*"))
+    if kind == "csv":
+        metrics = pd.read_csv(files[0])
+        assert "train/loss" in metrics.columns and "eval/bt/unseen/accuracy" in metrics.columns
+
+
+def test_validation_split_is_evaluated_during_training(tmp_path, tiny_overrides):
+    overrides = [o for o in tiny_overrides if not o.startswith("logger.")] + [
+        "logger.kind=csv", "split.val_fraction=0.2", "~methods.bt"]
+    result = runner.fit("quickstart", overrides, show=False)
+    metrics = pd.read_csv(next(result.run_dir.glob("csv/seed-0/lore/metrics.csv")))
+    assert metrics["val/accuracy"].notna().sum() == 3  # one validation pass per epoch (max_epochs=3)
