@@ -80,8 +80,8 @@ class PersonalizedRewardModel(L.LightningModule):
         """Scalar reward (N,) of item embeddings z (N, Z) for users user_idx (N,)."""
         raise NotImplementedError
 
-    def regularization(self) -> Tensor | float:
-        """Penalty added to the training loss."""
+    def regularization(self, batch: dict) -> Tensor | float:
+        """Penalty added to the training loss (logged apart from the NLL); ``batch`` for per-user penalties."""
         return 0.0
 
     def adapt(self, support: dict, users: Tensor) -> None:
@@ -129,7 +129,7 @@ class PersonalizedRewardModel(L.LightningModule):
     # ---- Lightning ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         nll = self.loss(batch)
-        loss = nll + self.regularization()
+        loss = nll + self.regularization(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["user_idx"]))
         self.log("train/nll", nll, batch_size=len(batch["user_idx"]))
         return loss

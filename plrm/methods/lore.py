@@ -50,7 +50,7 @@ class LoRe(PersonalizedRewardModel):
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return (z * self.user_weights(user_idx)).sum(-1)  # w_u^T R_phi: (N,)
 
-    def regularization(self) -> Tensor | float:
+    def regularization(self, batch: dict) -> Tensor | float:
         return self.config.basis_l2 * self.basis.weight.pow(2).sum() if self.config.basis_l2 else 0.0
 
     def parameter_groups(self) -> list[dict]:

@@ -79,7 +79,7 @@ class LoReAlt(LoRe):
         z_chosen, z_rejected = self.embed_pairs(batch)
         weights = self.user_weights(users).detach()
         nll = self.nll(((z_chosen - z_rejected) * weights).sum(-1), batch)
-        basis_loss = nll + self.regularization() + self.reference_penalty(batch, z_chosen, z_rejected)
+        basis_loss = nll + self.regularization(batch) + self.reference_penalty(batch, z_chosen, z_rejected)
         basis_opt.zero_grad()
         self.manual_backward(basis_loss)
         if self.config.gradient_clip_val is not None:

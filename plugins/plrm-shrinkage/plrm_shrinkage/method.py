@@ -51,11 +51,10 @@ class ShrunkIndividualRM(PersonalizedRewardModel):
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return self.shared(z)[:, 0] + (z * self.delta[user_idx]).sum(-1)  # (N,)
 
-    def loss(self, batch: dict) -> Tensor:
-        # The penalty needs the batch's users (regularization() sees no batch): only their rows move.
+    def regularization(self, batch: dict) -> Tensor:
+        # Only the batch's users: the others' rows do not move this step.
         users = batch["user_idx"].unique()                                # (U_b,)
-        shrinkage = self.delta[users].pow(2).sum(-1).mean()
-        return super().loss(batch) + self.config.user_l2 * shrinkage
+        return self.config.user_l2 * self.delta[users].pow(2).sum(-1).mean()
 
     def parameter_groups(self) -> list[dict]:
         # user_l2 is the deviations' prior; weight decay would shrink them a second time.
