@@ -9,6 +9,7 @@ import argparse
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 EPILOG = """\
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data only: no telemetry request
+    # torch 2.13 deprecates an API that lightning 2.6 still calls on every batch; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     from plrm.data.schema import DataValidationError
     from plrm.data.splits import SplitError
     from plrm.recipe import RecipeError

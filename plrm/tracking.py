@@ -57,14 +57,15 @@ def make_logger(cfg, run_dir: Path, name: str, group: str, config: dict) -> Logg
     mode = wandb_mode(cfg.mode)
     if mode == "disabled":
         return None
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-staging"))
-    logger = WandbLogger(project=cfg.project, entity=cfg.entity, name=f"{group}/{name}", group=group,
-                         tags=list(cfg.tags), save_dir=str(run_dir), mode=mode, config=config,
-                         settings=_wandb_settings())
-    return logger
+    # Start the run here rather than through WandbLogger's kwargs, which pass wandb's deprecated `anonymous`.
+    run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{group}/{name}", group=group,
+                     tags=list(cfg.tags), dir=str(run_dir), mode=mode, config=config, settings=_wandb_settings(),
+                     reinit="finish_previous")
+    return WandbLogger(experiment=run)
 
 
 def _wandb_settings() -> Any:
