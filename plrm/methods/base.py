@@ -61,6 +61,10 @@ class PersonalizedRewardModel(L.LightningModule):
     # 'yes': adapt() fits new users; 'generic': one model for everyone, adapt() is a no-op;
     # 'no': unseen users cannot be served and the protocol reports n/a for them.
     adapts_new_users: ClassVar[Literal["yes", "generic", "no"]] = "yes"
+    # True when user_reward(item_embedding(h), u) is linear in h (LoRe: w_u^T A h; BT: v^T h). Then, over a
+    # frozen encoder, a pair is scored from the feature difference h+ - h-: one (B, D) GEMM instead of a
+    # (2B, D) concatenation and GEMM (benchmarks/results/lore_cpu.md measures the difference).
+    linear_in_features: ClassVar[bool] = False
 
     def __init__(self, config: Any, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__()
@@ -111,7 +115,19 @@ class PersonalizedRewardModel(L.LightningModule):
         z = self.item_embedding(self.encode(items))  # (2B, Z)
         return z[:n], z[n:]
 
+    def _scores_differences(self) -> bool:
+        return self.linear_in_features and isinstance(self.encoder, nn.Identity)
+
+    def embedding_difference(self, batch: dict) -> Tensor:
+        """z+ - z- of each pair (B, Z), for methods whose reward is linear in z."""
+        if self._scores_differences():
+            return self.item_embedding(batch["chosen"] - batch["rejected"])
+        z_chosen, z_rejected = self.embed_pairs(batch)
+        return z_chosen - z_rejected
+
     def preference_logit(self, batch: dict) -> Tensor:
+        if self._scores_differences():
+            return self.user_reward(self.embedding_difference(batch), batch["user_idx"])
         z_chosen, z_rejected = self.embed_pairs(batch)
         return self.pair_logit(z_chosen, z_rejected, batch["user_idx"])
 

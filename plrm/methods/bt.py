@@ -1,6 +1,8 @@
 """Global RM: one Bradley-Terry reward model for everyone (papers/004 §5 "BT"; papers/000 "Vanilla RM").
 
-    r(x, y) = v^T e(x, y) + b        trained with -log sigmoid(r(x, y+) - r(x, y-))
+    r(x, y) = v^T e(x, y)        trained with -log sigmoid(r(x, y+) - r(x, y-))
+
+(No bias: it cancels in every pairwise difference, so the data cannot determine it.)
 
 Nothing is learned per user, so it ignores user ids and a new user is served by the same model
 (``adapts_new_users = 'generic'``). Its accuracy should sit near the non-personalized oracle.
@@ -22,6 +24,7 @@ class GlobalBT(PersonalizedRewardModel):
     """Global reward model: linear scalar head, Bradley-Terry loss."""
 
     adapts_new_users = "generic"
+    linear_in_features = True
 
     @dataclass
     class Config(MethodConfig):
@@ -30,7 +33,7 @@ class GlobalBT(PersonalizedRewardModel):
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
-        self.head_linear = nn.Linear(feature_dim, 1)  # v, b
+        self.head_linear = nn.Linear(feature_dim, 1, bias=False)  # v: (1, D)
 
     def item_embedding(self, h: Tensor) -> Tensor:
         return self.head_linear(h)  # (N, 1)

@@ -46,8 +46,8 @@ class LoReAlt(LoRe):
             if "head_linear.weight" not in state or state["head_linear.weight"].shape[1] != feature_dim:
                 raise ValueError(f"reference_checkpoint {config.reference_checkpoint}: not a `bt` checkpoint "
                                  f"over {feature_dim}-d features")
-            self.reference = nn.Linear(feature_dim, 1)
-            self.reference.load_state_dict({"weight": state["head_linear.weight"], "bias": state["head_linear.bias"]})
+            self.reference = nn.Linear(feature_dim, 1, bias=False)
+            self.reference.load_state_dict({"weight": state["head_linear.weight"]})
             self.reference.requires_grad_(False)
 
     def configure_optimizers(self):
@@ -57,10 +57,11 @@ class LoReAlt(LoRe):
         basis_opt = torch.optim.AdamW(basis_params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         return [user_opt, basis_opt]
 
-    def reference_penalty(self, batch: dict, z_chosen: Tensor, z_rejected: Tensor) -> Tensor | float:
+    def reference_penalty(self, batch: dict) -> Tensor | float:
         if self.reference is None or not self.config.reference_weight:
             return 0.0
         users = batch["user_idx"]
+        z_chosen, z_rejected = self.embed_pairs(batch)
         gap_c = self.user_reward(z_chosen, users) - self.reference(self.encode(batch["chosen"]))[:, 0]
         gap_r = self.user_reward(z_rejected, users) - self.reference(self.encode(batch["rejected"]))[:, 0]
         return self.config.reference_weight * 0.5 * (gap_c.pow(2).mean() + gap_r.pow(2).mean())
@@ -70,16 +71,15 @@ class LoReAlt(LoRe):
         users = batch["user_idx"]
         # 1) user weights, basis frozen
         with torch.no_grad():
-            z_chosen, z_rejected = self.embed_pairs(batch)
-        user_loss = self.nll(self.pair_logit(z_chosen, z_rejected, users), batch)
+            basis_diff = self.embedding_difference(batch)                 # R(x, y+) - R(x, y-): (B, K)
+        user_loss = self.nll(self.user_reward(basis_diff, users), batch)
         user_opt.zero_grad()
         self.manual_backward(user_loss)
         user_opt.step()
         # 2) basis, user weights frozen
-        z_chosen, z_rejected = self.embed_pairs(batch)
         weights = self.user_weights(users).detach()
-        nll = self.nll(((z_chosen - z_rejected) * weights).sum(-1), batch)
-        basis_loss = nll + self.regularization(batch) + self.reference_penalty(batch, z_chosen, z_rejected)
+        nll = self.nll((self.embedding_difference(batch) * weights).sum(-1), batch)
+        basis_loss = nll + self.regularization(batch) + self.reference_penalty(batch)
         basis_opt.zero_grad()
         self.manual_backward(basis_loss)
         if self.config.gradient_clip_val is not None:
