@@ -347,8 +347,10 @@ def schema_rows() -> list[tuple[str, str, Any, str]]:
     rows = []
     for name, cls in FIXED_SECTIONS.items():
         rows += describe_dataclass(cls, name)
-    for reg, prefix in ((registry.datasets, "data"), (registry.backbones, "backbone"), (registry.methods, "methods.<label>")):
+    sections = ((registry.datasets, "data"), (registry.backbones, "backbone"), (registry.methods, "methods.<label>"))
+    for reg, prefix in sections:
         for name, cls in reg.items():
-            rows.append((f"{prefix}.name", "str", name, f"{reg.kind} '{name}': {(cls.__doc__ or '').strip().splitlines()[0]}"))
+            summary = (cls.__doc__ or "").strip().splitlines()[0]
+            rows.append((f"{prefix}.name", "str", name, f"{reg.kind} '{name}': {summary}"))
             rows += describe_dataclass(cls.Config, f"{prefix}[{name}]")
     return rows

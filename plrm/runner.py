@@ -37,8 +37,8 @@ from plrm.checkpoint import load_checkpoint, save_model
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
 from plrm.data.splits import VAL, Split, load_split, make_split
 from plrm.eval import report
-from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, score_rows
 from plrm.eval.metrics import summarize
+from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, score_rows
 from plrm.recipe import Recipe, RecipeError, load_recipe
 from plrm.tracking import PlainProgress, finish, log_results, make_logger
 

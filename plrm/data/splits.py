@@ -160,7 +160,8 @@ def load_split(path: Path, pairs_table: pa.Table, seed: int, split_args: dict, n
         if "seen_users" in spec:
             unlisted = sorted(known - listed)
             if unlisted:
-                raise SplitError(f"{path}: {len(unlisted)} user(s) of the data are in neither list, e.g. {unlisted[:5]}")
+                raise SplitError(f"{path}: {len(unlisted)} user(s) of the data are in neither list, "
+                                 f"e.g. {unlisted[:5]}")
         return make_split(pairs_table, seed, need_support=need_support, source=source,
                           unseen_user_ids=set(map(str, spec["unseen_users"])), **split_args)
     table = pq.read_table(path)

@@ -58,7 +58,8 @@ def _fmt(stat: dict | None, pct: bool = True) -> str:
     return f"{stat['mean'] * scale:.1f}"
 
 
-def render(summary: dict[str, dict], k: int, worst: str = "accuracy_worst_10pct", console: Console | None = None) -> None:
+def render(summary: dict[str, dict], k: int, worst: str = "accuracy_worst_10pct",
+           console: Console | None = None) -> None:
     console = console or Console(width=max(120, shutil.get_terminal_size().columns))
     table = Table(title=f"accuracy (%), mean over users; unseen users adapted on k={k} pairs")
     for col in ("method", "seen", "unseen", "overall", "worst 10% (overall)", "AUROC (overall)"):
