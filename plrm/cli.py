@@ -115,7 +115,8 @@ def cmd_list(what: str | None) -> None:
             if reg_name == "methods":
                 caps_text += f"; new users: {cls.adapts_new_users}"
             table.add_row(name, str(origin), caps_text, (cls.__doc__ or "").strip().splitlines()[0])
-        console.print(table)
+        if table.row_count or what != "plugins":
+            console.print(table)
     broken = [b for reg in registry.REGISTRIES.values() for b in reg.broken()]
     if broken:
         table = Table(title="broken plugins (not loaded)")
