@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import MISSING, field
-from typing import Any, Literal, Union, get_args, get_origin
+from dataclasses import MISSING, dataclass, field
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 
 def opt(default: Any = MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002 - "help" is the natural name
@@ -96,3 +96,16 @@ def check_value(value: Any, tp: Any) -> tuple[bool, Any]:
 
 def as_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+class Configured:
+    """Base of registry entries built from their typed options: ``cls(cls.Config(...))`` (datasets, backbones)."""
+
+    provides: ClassVar[frozenset[str]] = frozenset()  # capability strings, plrm.capabilities
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config: Any) -> None:
+        self.config = config

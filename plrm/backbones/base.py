@@ -10,11 +10,13 @@ calls.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from plrm.config import Configured
 
 
 @dataclass
@@ -31,17 +33,8 @@ class ItemIndex:
         return len(self.keys)
 
 
-class Backbone:
+class Backbone(Configured):
     """Base class of registered backbones."""
-
-    provides: ClassVar[frozenset[str]] = frozenset()
-
-    @dataclass
-    class Config:
-        pass
-
-    def __init__(self, config) -> None:
-        self.config = config
 
     @property
     def feature_dim(self) -> int:

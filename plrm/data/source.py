@@ -7,7 +7,6 @@ A dataset source is a registered class with a ``Config`` dataclass and a ``load(
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import datasets
 import numpy as np
@@ -15,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from plrm import capabilities as cap
+from plrm.config import Configured
 from plrm.data.schema import DataValidationError, validate_pairs
 
 ITEM_SEP = "\x1f"  # joins prompt and response into an item key; a control char that never occurs in text
@@ -96,17 +96,8 @@ class PreferenceData:
         return len(self.pairs)
 
 
-class DatasetSource:
+class DatasetSource(Configured):
     """Base class of registered datasets. Subclasses set ``Config`` and implement ``load``."""
-
-    provides: ClassVar[frozenset[str]] = frozenset()
-
-    @dataclass
-    class Config:
-        pass
-
-    def __init__(self, config) -> None:
-        self.config = config
 
     def load(self) -> PreferenceData:
         raise NotImplementedError
