@@ -7,6 +7,7 @@ import re
 import pytest
 import yaml
 
+from plrm.methods.lore import LoRe
 from plrm.recipe import (
     RecipeError,
     builtin_recipes,
@@ -212,7 +213,7 @@ def test_override_adds_a_method():
 def test_delete_override():
     recipe = load_recipe("quickstart", ["~methods.bt", "~methods.lore.lr"])
     assert list(recipe.methods) == ["lore"]
-    assert recipe.methods["lore"].config.lr == 0.5  # back to the declared default
+    assert recipe.methods["lore"].config.lr == LoRe.Config().lr != 0.05  # back to the declared default, not 0.05
 
 
 def test_override_without_equals():
