@@ -23,5 +23,5 @@ def test_lint_is_clean():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff is not installed: install the test extra (pip install -e '.[test]')")
-    proc = subprocess.run([ruff, "check", "plrm", "tests", "plugins"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([ruff, "check", "plrm", "tests", "plugins", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
