@@ -49,12 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "the checkpoints, evaluate again and write test_results.json.")
     p.add_argument("--run", required=True, help="run directory printed by `plrm fit`")
 
-    p = sub.add_parser("adapt", help="fit unseen users' state from their support pairs with trained checkpoints",
-                       description="Load each method's checkpoint, fit the stored split's unseen users from their "
-                       "first k support pairs, save seed-*/<label>.adapted-k<k>.ckpt and report their accuracy "
-                       "(adapt_results.json).")
+    p = sub.add_parser("adapt", help="fit new users' state from their pairs with trained checkpoints",
+                       description="Without --pairs: load each method's checkpoint, fit the stored split's unseen "
+                       "users from their first k support pairs, save seed-*/<label>.adapted-k<k>.ckpt and report "
+                       "their test accuracy (adapt_results.json). With --pairs FILE: fit users who are not in the "
+                       "run from all their pairs in FILE (canonical schema: user_id, prompt, chosen, rejected; "
+                       "features from chosen_emb/rejected_emb or the run's dataset) and save their state to "
+                       "seed-*/<label>.users-<file stem>.ckpt.")
     p.add_argument("--run", required=True, help="run directory printed by `plrm fit`")
     p.add_argument("--k", type=int, default=None, help="support pairs per user (default: the recipe's split.k)")
+    p.add_argument("--pairs", default=None, help="parquet/jsonl/csv of new users' pairs (canonical schema)")
 
     p = sub.add_parser("list", help="registered methods, datasets, backbones and plugins",
                        description="Every registry entry with the package and version it came from, what it "
@@ -193,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "adapt":
             from plrm import runner
 
-            runner.adapt(args.run, args.k)
+            if args.pairs and args.k is not None:
+                raise RecipeError("--k selects support pairs of the run's unseen users; with --pairs every pair "
+                                  "in the file is used")
+            if args.pairs:
+                runner.adapt_new_users(args.run, args.pairs)
+            else:
+                runner.adapt(args.run, args.k)
         elif args.verb == "list":
             cmd_list(args.what)
         elif args.verb == "recipes":

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -37,7 +38,7 @@ from plrm.checkpoint import load_checkpoint, save_model
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
 from plrm.data.splits import VAL, Split, load_split, make_split
 from plrm.eval import report
-from plrm.eval.metrics import summarize
+from plrm.eval.metrics import per_user_accuracy, summarize
 from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, score_rows
 from plrm.recipe import Recipe, RecipeError, load_recipe
 from plrm.tracking import PlainProgress, finish, log_results, make_logger
@@ -279,3 +280,65 @@ def adapt(run_dir: str | Path, k: int | None = None, show: bool = True) -> RunRe
                 "method": label, "seed": seed}))
         per_seed[seed] = results
     return _finish_run(recipe, run_dir, per_seed, frames, "adapt_results.json", show)
+
+
+def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -> dict:
+    """Fit the state of users who are not in the run from their own pairs (a canonical-schema file), with each
+    method's trained shared parameters. Writes ``seed-<s>/<label>.users-<file stem>.ckpt`` (the new users'
+    per-user tensors plus their ids) and ``adapt_<file stem>.json`` with how well each user's state orders
+    their own pairs (a fit, not a test accuracy: there are no held-out pairs)."""
+    from plrm.data.files import PreferenceFiles
+    from plrm.data.splits import SUPPORT, _rank_within_user, _user_codes
+
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a plrm run directory (no {RECIPE_FILE})")
+    _quiet_lightning()
+    recipe = load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
+    new = PreferenceFiles(PreferenceFiles.Config(path=str(pairs))).load()
+    backbone = registry.backbones.get(recipe.backbone.name)(recipe.backbone.config)
+    if new.features is None and cap.FEATURES in backbone.provides:
+        new.features = prepare(recipe).data.features  # the run's own items (e.g. a synthetic world's)
+    prepared = PreparedData(new, backbone)
+    table = new.pairs.data.table
+    row_user, user_ids = _user_codes(table["user_id"].to_numpy(zero_copy_only=False))
+    rank = _rank_within_user(row_user, np.arange(len(row_user), dtype=np.float64))  # file order
+    split = Split(0, user_ids, row_user, np.ones(len(user_ids), dtype=bool),
+                  np.full(len(row_user), SUPPORT, dtype=np.int8), rank.astype(np.int32))
+    dm = PreferenceDataModule(prepared, split, seed=recipe.run.seed)
+    rows = torch.arange(len(row_user))
+    users = torch.arange(len(user_ids))
+    stem = Path(pairs).stem
+    out: dict = {"pairs": str(pairs), "n_users": len(user_ids), "n_pairs": len(row_user), "per_seed": {}}
+    for seed in recipe.split.seeds:
+        seed_dir = run_dir / f"seed-{seed}"
+        results = {}
+        for label, comp in recipe.methods.items():
+            model = build_model(recipe, label, prepared, len(user_ids))
+            if model.adapts_new_users == "no":
+                results[label] = None
+                continue
+            model.load_shared_state(load_checkpoint(seed_dir / f"{label}.ckpt")["state_dict"])
+            model.eval()
+            support = dm.batch(rows)
+            model.adapt(support, users)
+            with torch.no_grad():
+                fit, _ = per_user_accuracy(model.preference_logit(support), support["user_idx"], len(user_ids))
+            path = None
+            if model.user_state:  # a generic method (bt) has no per-user state to save
+                state = {k: v for k, v in model.state_dict().items() if k in model.user_state}
+                path = seed_dir / f"{label}.users-{stem}.ckpt"
+                tmp = path.with_name(path.name + ".tmp")
+                torch.save({"state_dict": state, "user_ids": [str(u) for u in user_ids], "method": comp.name}, tmp)
+                tmp.replace(path)
+            results[label] = {"support_accuracy": float(fit.mean()), "checkpoint": str(path) if path else None}
+        out["per_seed"][str(seed)] = results
+    report.write_json(run_dir / f"adapt_{stem}.json", out)
+    if show:
+        for seed, results in out["per_seed"].items():
+            for label, r in results.items():
+                text = "n/a (method cannot adapt new users)" if r is None else \
+                    f"{r['support_accuracy']:.3f} of their own pairs ordered correctly" + \
+                    (f" -> {r['checkpoint']}" if r["checkpoint"] else " (one model for all users: nothing to save)")
+                print(f"seed {seed} {label}: {len(user_ids)} new users, {text}")
+    return out

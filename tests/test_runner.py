@@ -4,6 +4,8 @@ import json
 
 import pandas as pd
 import pytest
+import torch
+import yaml
 
 from plrm import runner
 from plrm.recipe import RecipeError, load_recipe
@@ -104,3 +106,44 @@ def test_validation_split_is_evaluated_during_training(tmp_path, tiny_overrides)
     result = runner.fit("quickstart", overrides, show=False)
     metrics = pd.read_csv(next(result.run_dir.glob("csv/seed-0/lore/metrics.csv")))
     assert metrics["val/accuracy"].notna().sum() == 3  # one validation pass per epoch (max_epochs=3)
+
+
+def _export_support(run_dir, k, path, rename=lambda u: u):
+    """The unseen users' first k support pairs of a finished run, as a canonical jsonl file (row order kept)."""
+    recipe = load_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    pairs = runner.prepare(recipe).data.pairs.to_pandas()
+    split = pd.read_parquet(run_dir / "seed-0" / "split.parquet")
+    rows = split[(split.role == "support") & (split.support_rank < k)].row.to_numpy()
+    frame = pairs.iloc[rows][["user_id", "prompt", "chosen", "rejected"]]
+    frame.assign(user_id=frame.user_id.map(rename)).to_json(path, orient="records", lines=True)
+    return sorted(frame.user_id.unique())
+
+
+def test_adapt_new_users_from_a_pairs_file_equals_adapting_them_in_the_run(finished_run, tmp_path):
+    """Users fitted from a file they are alone in get the same state as the same users fitted from the same
+    pairs inside the run (adapt touches only their rows and reads only shared weights)."""
+    path = tmp_path / "newcomers.jsonl"
+    unseen = _export_support(finished_run.run_dir, 3, path, rename=lambda u: f"new-{u}")
+    out = runner.adapt_new_users(finished_run.run_dir, path, show=False)
+    assert out["n_users"] == len(unseen) == 40
+    saved = torch.load(finished_run.run_dir / "seed-0" / "lore.users-newcomers.ckpt", weights_only=True)
+    assert saved["user_ids"] == [f"new-{u}" for u in unseen]
+    assert saved["state_dict"]["user_logits"].shape == (40, 3)
+    assert out["per_seed"]["0"]["bt"]["checkpoint"] is None  # one model for everyone: no per-user state
+    runner.adapt(finished_run.run_dir, k=3, show=False)
+    in_run = torch.load(finished_run.run_dir / "seed-0" / "lore.adapted-k3.ckpt", weights_only=True)
+    user_ids = pd.read_parquet(finished_run.run_dir / "seed-0" / "split.parquet").user_id.unique()
+    index = [sorted(user_ids).index(u) for u in unseen]
+    torch.testing.assert_close(saved["state_dict"]["user_logits"], in_run["state_dict"]["user_logits"][index],
+                               rtol=1e-5, atol=1e-6)
+    # each new user's weights order most of their own 3 pairs (bt, one reward for all, orders fewer)
+    assert out["per_seed"]["0"]["lore"]["support_accuracy"] > out["per_seed"]["0"]["bt"]["support_accuracy"]
+
+
+def test_cli_adapt_pairs_rejects_k(finished_run, tmp_path, capsys):
+    from plrm.cli import main
+
+    path = tmp_path / "p.jsonl"
+    _export_support(finished_run.run_dir, 1, path)
+    assert main(["adapt", "--run", str(finished_run.run_dir), "--pairs", str(path), "--k", "2"]) == 2
+    assert "with --pairs every pair in the file is used" in capsys.readouterr().err

@@ -65,6 +65,9 @@ class PersonalizedRewardModel(L.LightningModule):
     # frozen encoder, a pair is scored from the feature difference h+ - h-: one (B, D) GEMM instead of a
     # (2B, D) concatenation and GEMM (benchmarks/results/lore_cpu.md measures the difference).
     linear_in_features: ClassVar[bool] = False
+    # Names of the per-user tensors (first dim n_users) in the state dict: what adapt() writes, what
+    # `plrm adapt --pairs` builds afresh for new users while loading everything else from a checkpoint.
+    user_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__()
@@ -92,6 +95,14 @@ class PersonalizedRewardModel(L.LightningModule):
         """Fit the per-user state of ``users`` from ``support`` pairs (a batch dict of all their pairs)."""
         if self.adapts_new_users == "yes":
             raise NotImplementedError(f"{type(self).__name__} declares adapts_new_users='yes' but has no adapt()")
+
+    def load_shared_state(self, state_dict: dict) -> None:
+        """Load a checkpoint's shared tensors, leaving this model's per-user tensors (``user_state``) as built."""
+        shared = {k: v for k, v in state_dict.items() if k not in self.user_state}
+        missing, unexpected = self.load_state_dict(shared, strict=False)
+        wrong = sorted(set(missing) - set(self.user_state)) + sorted(unexpected)
+        if wrong:
+            raise ValueError(f"checkpoint does not match {type(self).__name__}: {wrong}")
 
     # ---- derived ----------------------------------------------------------------------------------------
     def encode(self, items: Any) -> Tensor:

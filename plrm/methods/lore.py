@@ -30,6 +30,7 @@ class LoRe(PersonalizedRewardModel):
     """LoRe: shared linear reward basis, per-user simplex weights; new users by eq. 11."""
 
     linear_in_features = True
+    user_state = ("user_logits",)
 
     @dataclass
     class Config(MethodConfig, AdaptConfig):

@@ -34,6 +34,7 @@ class ShrunkIndividualRM(PersonalizedRewardModel):
     """Individual RM with shrinkage: r_u = (v + delta_u)^T e, deviations delta_u shrunk toward 0."""
 
     adapts_new_users = "yes"
+    user_state = ("delta",)
 
     @dataclass
     class Config(MethodConfig, AdaptConfig):
