@@ -35,5 +35,11 @@ class PreferenceFiles(DatasetSource):
         if None in formats or len(formats) != 1:
             raise DataValidationError(f"data.path: {path}: files must all be one of {sorted(BUILDERS)}, "
                                       f"got {[p.name for p in files]}")
-        pairs = datasets.load_dataset(formats.pop(), data_files=[str(p) for p in files], split="train")
+        empty = [p.name for p in files if p.stat().st_size == 0]
+        if empty:
+            raise DataValidationError(f"data.path: {path}: empty file(s) {empty}; no preference pairs to read")
+        try:
+            pairs = datasets.load_dataset(formats.pop(), data_files=[str(p) for p in files], split="train")
+        except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as exc:
+            raise DataValidationError(f"data.path: cannot read {path} as preference pairs: {exc}") from exc
         return PreferenceData(name=str(path), pairs=pairs, provides=self.provides)

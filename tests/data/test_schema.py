@@ -241,3 +241,17 @@ def test_preference_files_mixed_formats(tmp_path):
     (tmp_path / "b.parquet").write_text("")
     with pytest.raises(DataValidationError, match=r"files must all be one of .*got \['a.jsonl', 'b.parquet'\]"):
         PreferenceFiles(PreferenceFiles.Config(path=str(tmp_path))).load()
+
+
+def test_preference_files_empty_file_is_named(tmp_path, hf_cache):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataValidationError, match=r"empty\.jsonl: empty file\(s\) \['empty.jsonl'\]"):
+        PreferenceFiles(PreferenceFiles.Config(path=str(path))).load()
+
+
+def test_preference_files_unreadable_file_is_named(tmp_path, hf_cache):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"user_id": "u0", "prompt": \n')
+    with pytest.raises(DataValidationError, match=r"cannot read .*broken\.jsonl as preference pairs"):
+        PreferenceFiles(PreferenceFiles.Config(path=str(path))).load()
