@@ -39,7 +39,7 @@ from plrm.data.datamodule import PreferenceDataModule, PreparedData
 from plrm.data.splits import VAL, Split, load_split, make_split
 from plrm.eval import report
 from plrm.eval.metrics import per_user_accuracy, summarize
-from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, score_rows
+from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, per_user_frame, score_rows
 from plrm.recipe import Recipe, RecipeError, load_recipe
 from plrm.tracking import PlainProgress, finish, log_results, make_logger
 
@@ -207,13 +207,17 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
     return _finish_run(recipe, run_dir, per_seed, frames, RESULTS_FILE, show)
 
 
-def _load_run(run_dir: str | Path) -> tuple[Path, Recipe, PreparedData]:
+def _read_run(run_dir: str | Path) -> tuple[Path, Recipe]:
     _quiet_lightning()
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / RECIPE_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a plrm run directory (no {RECIPE_FILE}); "
                                 "pass the directory that `plrm fit` printed")
-    recipe = load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
+    return run_dir, load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
+
+
+def _load_run(run_dir: str | Path) -> tuple[Path, Recipe, PreparedData]:
+    run_dir, recipe = _read_run(run_dir)
     return run_dir, recipe, prepare(recipe)
 
 
@@ -274,10 +278,7 @@ def adapt(run_dir: str | Path, k: int | None = None, show: bool = True) -> RunRe
                                          dm.n_users, recipe.eval.worst_fractions)
             results[label] = {"seen": None, "unseen": unseen, "overall": None, "fewshot": [{"k": k, **unseen}],
                               "adapt_seconds": seconds}
-            frames.append(pd.DataFrame({
-                "user_id": split.user_ids[split.unseen_users].astype(str), "group": "unseen", "k": k,
-                "n_test": cnt[split.unseen_users].numpy(), "accuracy": acc[split.unseen_users].numpy(),
-                "method": label, "seed": seed}))
+            frames.append(per_user_frame(dm, split.unseen_users, acc, cnt, "unseen", k).assign(method=label, seed=seed))
         per_seed[seed] = results
     return _finish_run(recipe, run_dir, per_seed, frames, "adapt_results.json", show)
 
@@ -290,11 +291,7 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
     from plrm.data.files import PreferenceFiles
     from plrm.data.splits import SUPPORT, _rank_within_user, _user_codes
 
-    run_dir = Path(run_dir).expanduser()
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a plrm run directory (no {RECIPE_FILE})")
-    _quiet_lightning()
-    recipe = load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
+    run_dir, recipe = _read_run(run_dir)
     new = PreferenceFiles(PreferenceFiles.Config(path=str(pairs))).load()
     backbone = registry.backbones.get(recipe.backbone.name)(recipe.backbone.config)
     if new.features is None and cap.FEATURES in backbone.provides:

@@ -64,7 +64,7 @@ def adapt_unseen(model: PersonalizedRewardModel, dm: PreferenceDataModule, k: in
     model.adapt(support, users)
 
 
-def _per_user_frame(dm, users: np.ndarray, acc: torch.Tensor, count: torch.Tensor, group: str, k) -> pd.DataFrame:
+def per_user_frame(dm, users: np.ndarray, acc: torch.Tensor, count: torch.Tensor, group: str, k) -> pd.DataFrame:
     idx = torch.as_tensor(users, dtype=torch.long)
     return pd.DataFrame({"user_id": dm.split.user_ids[users].astype(str), "group": group,
                          "k": k, "n_test": count[idx].numpy(), "accuracy": acc[idx].numpy()})
@@ -79,7 +79,7 @@ def evaluate(model: PersonalizedRewardModel, dm: PreferenceDataModule, k: int, k
     seen_logits = score_rows(model, dm, seen_rows, max_pairs)
     seen_user_idx = dm.row_user[torch.from_numpy(seen_rows)]
     seen, acc_s, cnt_s = summarize(seen_logits, seen_user_idx, seen_users, n_users, worst_fractions)
-    frames = [_per_user_frame(dm, seen_users, acc_s, cnt_s, "seen", None)]
+    frames = [per_user_frame(dm, seen_users, acc_s, cnt_s, "seen", None)]
     metrics: dict = {"seen": seen, "unseen": None, "overall": None, "fewshot": []}
     if model.adapts_new_users == "no" or len(unseen_users) == 0:
         metrics["overall"] = seen if len(unseen_users) == 0 else None
@@ -93,7 +93,7 @@ def evaluate(model: PersonalizedRewardModel, dm: PreferenceDataModule, k: int, k
         metrics["fewshot"].append({"k": k_i, **unseen})
     metrics["fewshot"].sort(key=lambda r: r["k"])
     metrics["unseen"] = unseen
-    frames.append(_per_user_frame(dm, unseen_users, acc_u, cnt_u, "unseen", k))
+    frames.append(per_user_frame(dm, unseen_users, acc_u, cnt_u, "unseen", k))
     all_logits = torch.cat([seen_logits, logits])
     all_users = torch.cat([seen_user_idx, unseen_user_idx])
     metrics["overall"], _, _ = summarize(all_logits, all_users, np.arange(n_users), n_users, worst_fractions)
@@ -109,7 +109,7 @@ def evaluate_oracle(logits_all_rows: np.ndarray, dm: PreferenceDataModule, worst
         rows = dm.test_rows(unseen=unseen)
         out[group], acc, cnt = summarize(logits[rows], dm.row_user[torch.from_numpy(rows)], users, n_users,
                                          worst_fractions)
-        frames.append(_per_user_frame(dm, users, acc, cnt, group, None))
+        frames.append(per_user_frame(dm, users, acc, cnt, group, None))
     rows = dm.all_test_rows()
     out["overall"], _, _ = summarize(logits[rows], dm.row_user[torch.from_numpy(rows)], np.arange(n_users),
                                      n_users, worst_fractions)
