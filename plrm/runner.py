@@ -166,14 +166,15 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
     _quiet_lightning()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     run_dir = Path(recipe.run.output_dir).expanduser() / recipe.run.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not recipe.run.overwrite:
-            raise RecipeError(f"run directory {run_dir} already exists; choose another run.name=... "
-                              "or set run.overwrite=true")
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not recipe.run.overwrite:
+        raise RecipeError(f"run directory {run_dir} already exists; choose another run.name=... "
+                          "or set run.overwrite=true")
+    prepared = prepare(recipe)  # bad data fails here, before an old run is replaced or a new one started
+    if exists:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
-    prepared = prepare(recipe)
     per_seed: dict[int, dict] = {}
     frames: list[pd.DataFrame] = []
     for seed in recipe.split.seeds:

@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from plrm import runner
-from plrm.recipe import RecipeError, load_recipe
+from plrm.data.schema import DataValidationError
+from plrm.recipe import RecipeError, load_recipe, read_recipe
 
 
 @pytest.fixture
@@ -147,3 +148,15 @@ def test_cli_adapt_pairs_rejects_k(finished_run, tmp_path, capsys):
     _export_support(finished_run.run_dir, 1, path)
     assert main(["adapt", "--run", str(finished_run.run_dir), "--pairs", str(path), "--k", "2"]) == 2
     assert "with --pairs every pair in the file is used" in capsys.readouterr().err
+
+
+def test_bad_data_leaves_an_existing_run_untouched(finished_run, tiny_overrides, tmp_path):
+    """overwrite=true with a dataset that fails validation: the old run stays whole, nothing new is written."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user_id": "u0", "prompt": "p", "chosen": "same", "rejected": "same"}\n')
+    before = sorted(p.name for p in finished_run.run_dir.rglob("*"))
+    raw = read_recipe("quickstart") | {"data": {"name": "preference_files", "path": str(bad)}}
+    overrides = [o for o in tiny_overrides if not o.startswith("data.")] + ["run.overwrite=true"]
+    with pytest.raises(DataValidationError, match="columns 'chosen' and 'rejected' are identical"):
+        runner.fit(load_recipe(raw, overrides), show=False)
+    assert sorted(p.name for p in finished_run.run_dir.rglob("*")) == before
