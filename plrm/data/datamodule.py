@@ -10,8 +10,11 @@ batch size. A batch is a dict:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
@@ -30,6 +33,26 @@ def build_item_index(data: PreferenceData) -> ItemIndex:
     n = table.num_rows
     return ItemIndex(keys=uniq, chosen_item=inverse[:n].astype(np.int64), rejected_item=inverse[n:].astype(np.int64),
                      first_row=first % n)
+
+
+@dataclass
+class PairMatrix:
+    """The users x item-pairs matrix of observed preferences (papers/002 Algorithm 1), as sparse entries.
+
+    An item pair is a ``pair_id``: one prompt with two responses y1, y2 in a fixed (canonical) order, so that
+    +1 means the user preferred y1 and -1 that they preferred y2, whichever came first in their row.
+    """
+
+    user_idx: np.ndarray   # (N,) one entry per observed (user, pair)
+    pair_idx: np.ndarray   # (N,) in [0, n_pairs)
+    sign: np.ndarray       # (N,) float32, +1 / -1
+    y1_item: np.ndarray    # (n_pairs,) item index of each pair's first response
+    y2_item: np.ndarray    # (n_pairs,) item index of its second response
+    n_users: int
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.y1_item)
 
 
 class PreparedData:
@@ -109,6 +132,21 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def test_rows(self, unseen: bool) -> np.ndarray:
         return self.split.test_rows(unseen)
+
+    def pair_matrix(self, rows: np.ndarray) -> PairMatrix:
+        """The sign matrix of these rows (e.g. the seen users' train rows); needs the ``pair_id`` column."""
+        table = self.prepared.data.pairs.data.table
+        if "pair_id" not in table.column_names:
+            raise ValueError(f"{self.prepared.data.name}: a users x pairs matrix needs the 'pair_id' column")
+        pair_ids = table["pair_id"].take(rows).to_numpy(zero_copy_only=False)
+        pair_idx, _ = pd.factorize(pd.Series(pair_ids, dtype=object))
+        chosen = self.prepared.items.chosen_item[rows]
+        rejected = self.prepared.items.rejected_item[rows]
+        y1, y2 = np.minimum(chosen, rejected), np.maximum(chosen, rejected)  # canonical order: by item index
+        first = np.unique(pair_idx, return_index=True)[1]
+        return PairMatrix(user_idx=self.split.row_user[rows], pair_idx=pair_idx.astype(np.int64),
+                          sign=np.where(chosen == y1, 1.0, -1.0).astype(np.float32),
+                          y1_item=y1[first], y2_item=y2[first], n_users=self.n_users)
 
     def support_pool_rows(self) -> np.ndarray:
         return self.split.rows(SUPPORT)
