@@ -8,12 +8,16 @@ from pathlib import Path
 import torch
 
 
-def save_model(model: torch.nn.Module, path: Path, meta: dict) -> None:
+def save_state(state_dict: dict, path: Path, meta: dict) -> None:
     """Write ``{'state_dict', **meta}`` to ``path`` via a temporary file and an atomic rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": model.state_dict(), **meta}, tmp)
+    torch.save({"state_dict": state_dict, **meta}, tmp)
     os.replace(tmp, path)
+
+
+def save_model(model: torch.nn.Module, path: Path, meta: dict) -> None:
+    save_state(model.state_dict(), path, meta)
 
 
 def load_checkpoint(path: str | Path) -> dict:

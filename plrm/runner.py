@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pandas as pd
 import torch
 import yaml
 
 from plrm import __version__, registry
 from plrm import capabilities as cap
-from plrm.checkpoint import load_checkpoint, save_model
+from plrm.checkpoint import load_checkpoint, save_model, save_state
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
 from plrm.data.splits import VAL, Split, load_split, make_split
 from plrm.eval import report
@@ -290,7 +289,7 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
     per-user tensors plus their ids) and ``adapt_<file stem>.json`` with how well each user's state orders
     their own pairs (a fit, not a test accuracy: there are no held-out pairs)."""
     from plrm.data.files import PreferenceFiles
-    from plrm.data.splits import SUPPORT, _rank_within_user, _user_codes
+    from plrm.data.splits import support_only_split
 
     run_dir, recipe = _read_run(run_dir)
     new = PreferenceFiles(PreferenceFiles.Config(path=str(pairs))).load()
@@ -298,16 +297,12 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
     if new.features is None and cap.FEATURES in backbone.provides:
         new.features = prepare(recipe).data.features  # the run's own items (e.g. a synthetic world's)
     prepared = PreparedData(new, backbone)
-    table = new.pairs.data.table
-    row_user, user_ids = _user_codes(table["user_id"].to_numpy(zero_copy_only=False))
-    rank = _rank_within_user(row_user, np.arange(len(row_user), dtype=np.float64))  # file order
-    split = Split(0, user_ids, row_user, np.ones(len(user_ids), dtype=bool),
-                  np.full(len(row_user), SUPPORT, dtype=np.int8), rank.astype(np.int32))
-    dm = PreferenceDataModule(prepared, split, seed=recipe.run.seed)
-    rows = torch.arange(len(row_user))
+    split = support_only_split(new.pairs.data.table)
+    user_ids = split.user_ids
+    support = PreferenceDataModule(prepared, split).batch(torch.arange(len(split.row_user)))  # gathered once
     users = torch.arange(len(user_ids))
     stem = Path(pairs).stem
-    out: dict = {"pairs": str(pairs), "n_users": len(user_ids), "n_pairs": len(row_user), "per_seed": {}}
+    out: dict = {"pairs": str(pairs), "n_users": len(user_ids), "n_pairs": len(split.row_user), "per_seed": {}}
     for seed in recipe.split.seeds:
         seed_dir = run_dir / f"seed-{seed}"
         results = {}
@@ -318,17 +313,14 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
                 continue
             model.load_shared_state(load_checkpoint(seed_dir / f"{label}.ckpt")["state_dict"])
             model.eval()
-            support = dm.batch(rows)
             model.adapt(support, users)
             with torch.no_grad():
                 fit, _ = per_user_accuracy(model.preference_logit(support), support["user_idx"], len(user_ids))
             path = None
             if model.user_state:  # a generic method (bt) has no per-user state to save
-                state = {k: v for k, v in model.state_dict().items() if k in model.user_state}
                 path = seed_dir / f"{label}.users-{stem}.ckpt"
-                tmp = path.with_name(path.name + ".tmp")
-                torch.save({"state_dict": state, "user_ids": [str(u) for u in user_ids], "method": comp.name}, tmp)
-                tmp.replace(path)
+                save_state({k: v for k, v in model.state_dict().items() if k in model.user_state}, path,
+                           {"user_ids": [str(u) for u in user_ids], "method": comp.name})
             results[label] = {"support_accuracy": float(fit.mean()), "checkpoint": str(path) if path else None}
         out["per_seed"][str(seed)] = results
     report.write_json(run_dir / f"adapt_{stem}.json", out)

@@ -141,6 +141,14 @@ def make_split(pairs_table: pa.Table, seed: int, unseen_fraction: float, test_fr
     return split
 
 
+def support_only_split(pairs_table: pa.Table) -> Split:
+    """Every row a support pair of an unseen user, in file order: new users to adapt, nothing to test."""
+    row_user, user_ids = _user_codes(pairs_table["user_id"].to_numpy(zero_copy_only=False))
+    rank = _rank_within_user(row_user, np.arange(len(row_user), dtype=np.float64))
+    return Split(0, user_ids, row_user, np.ones(len(user_ids), dtype=bool),
+                 np.full(len(row_user), SUPPORT, dtype=np.int8), rank.astype(np.int32))
+
+
 def load_split(path: Path, pairs_table: pa.Table, seed: int, split_args: dict, need_support: int,
                source: str = "dataset") -> Split:
     """A split from ``split.parquet`` (exact reuse) or a JSON of user lists (seen/unseen users)."""
