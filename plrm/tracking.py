@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 _said_offline = False
+_USER_WANDB_DATA_DIR = os.environ.get("WANDB_DATA_DIR")
 
 
 def has_wandb_credentials() -> bool:
@@ -60,7 +61,9 @@ def make_logger(cfg, run_dir: Path, name: str, group: str, config: dict) -> Logg
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-staging"))
+    # W&B stages table/artifact files under WANDB_DATA_DIR: keep them in this run's directory (every run,
+    # not only the first of a process), unless the user chose a place.
+    os.environ["WANDB_DATA_DIR"] = _USER_WANDB_DATA_DIR or str(run_dir / "wandb-staging")
     # Start the run here rather than through WandbLogger's kwargs, which pass wandb's deprecated `anonymous`.
     run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{group}/{name}", group=group,
                      tags=list(cfg.tags), dir=str(run_dir), mode=mode, config=config, settings=_wandb_settings(),

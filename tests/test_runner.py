@@ -160,3 +160,20 @@ def test_bad_data_leaves_an_existing_run_untouched(finished_run, tiny_overrides,
     with pytest.raises(DataValidationError, match="columns 'chosen' and 'rejected' are identical"):
         runner.fit(load_recipe(raw, overrides), show=False)
     assert sorted(p.name for p in finished_run.run_dir.rglob("*")) == before
+
+
+def test_wandb_staging_follows_each_run(tmp_path, monkeypatch):
+    """Two runs in one process stage W&B files in their own directories."""
+    from types import SimpleNamespace
+
+    import plrm.tracking as tracking
+
+    monkeypatch.setattr(tracking, "_USER_WANDB_DATA_DIR", None)
+    monkeypatch.setenv("WANDB_DATA_DIR", "restored-after-the-test")
+    cfg = SimpleNamespace(kind="wandb", mode="disabled", project="p", entity=None, tags=[])
+    assert tracking.make_logger(cfg, tmp_path / "a", "x", "g", {}) is None  # disabled: nothing started
+    cfg.mode = "offline"
+    for name in ("a", "b"):
+        logger = tracking.make_logger(cfg, tmp_path / name, "x", "g", {})
+        assert tracking.os.environ["WANDB_DATA_DIR"] == str(tmp_path / name / "wandb-staging")
+        tracking.finish(logger)
