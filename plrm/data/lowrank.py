@@ -9,7 +9,16 @@ that pair labelled by a Bradley-Terry draw.
 
 Seen and unseen users are generated alike: ``pairs_per_user`` pairs on distinct train prompts (the split's
 few-shot support of an unseen user is the first k of them) and pairs on the test prompts (a 'split' column
-marks which). Two oracles are scored on every row: the personal oracle (the user's own true reward) and the
+marks which).
+
+Overlap. By default each user judges their own best-vs-worst pair of each of their prompts, so an item pair
+is labeled by few users (sparse, PRISM-like). With ``users_per_pair`` set, the world is PReF's dense setting
+(papers/002 B.2: "we sample 50 users for each response pair"): a shared pool of item pairs -- one random
+response pair on each of M train prompts, M = n_users * pairs_per_user / users_per_pair -- from which every
+user labels ``pairs_per_user`` distinct pairs, and one random pair per test prompt that every user labels.
+The label is the user's truly preferred response of the pair (or a Bradley-Terry draw).
+
+Two oracles are scored on every row: the personal oracle (the user's own true reward) and the
 non-personalized oracle (the population-mean weights); the gap between them is the room for
 personalization (papers/000 §4.2).
 """
@@ -63,8 +72,13 @@ class LowRankWorld(DatasetSource):
         feature_dim: int = opt(4096, "D, the feature dimension (papers/004 embeddings: 4096).")
         n_functions: int = opt(10, "K, the number of true reward functions (PersonalLLM: 10 reward models).")
         alpha: float = opt(0.01, "Dirichlet concentration of user weights: 0.001 very diverse, 0.1 near uniform.")
-        labels: str = opt("extremes", "'extremes': highest vs lowest scored response; 'bradley_terry': that "
-                          "pair's order drawn with P = sigmoid(delta / bt_temperature).")
+        users_per_pair: int | None = opt(
+            None, "Dense overlap (PReF's setting, papers/002 B.2: 50): users label a shared pool of random "
+            "response pairs, each pair by about this many users; null: every user labels their own best-vs-worst "
+            "pair of each of their prompts (sparse overlap).")
+        labels: str = opt("extremes", "'extremes': the user's truly preferred response of the pair (the "
+                          "highest vs lowest scored response unless users_per_pair is set); 'bradley_terry': "
+                          "that pair's order drawn with P = sigmoid(delta / bt_temperature).")
         bt_temperature: float = opt(1.0, "Temperature of Bradley-Terry labels (true reward units).")
         seed: int = opt(0, "Seed of the world (features, true functions, users, pairs).")
 
@@ -78,6 +92,53 @@ class LowRankWorld(DatasetSource):
                                  f"n_test_prompts={self.n_test_prompts}")
             if self.n_responses < 2:
                 raise ValueError("n_responses must be >= 2")
+            if self.users_per_pair is not None:
+                if self.users_per_pair < 1:
+                    raise ValueError(f"users_per_pair must be >= 1, got {self.users_per_pair}")
+                if self.pool_size > self.n_train_prompts:
+                    raise ValueError(
+                        f"users_per_pair={self.users_per_pair} needs a pool of n_users * pairs_per_user / "
+                        f"users_per_pair = {self.pool_size} item pairs, one per train prompt, but n_train_prompts="
+                        f"{self.n_train_prompts}; raise n_train_prompts or users_per_pair")
+
+        @property
+        def pool_size(self) -> int:
+            """M, the number of shared train item pairs in the dense setting."""
+            return max(self.pairs_per_user, round(self.n_users * self.pairs_per_user / self.users_per_pair))
+
+    def _test_prompts(self, rng: np.random.Generator) -> np.ndarray:
+        c = self.config
+        if c.test_prompts_per_user is None:
+            test_prompts = np.broadcast_to(np.arange(c.n_test_prompts), (c.n_users, c.n_test_prompts))
+        else:
+            test_prompts = rng.random((c.n_users, c.n_test_prompts)).argpartition(
+                c.test_prompts_per_user - 1, axis=1)[:, :c.test_prompts_per_user]
+        return test_prompts + c.n_train_prompts
+
+    def _sparse_prompts(self, rng: np.random.Generator) -> np.ndarray:
+        """(U, n) prompts of each user: distinct train prompts, then test prompts."""
+        c = self.config
+        train_prompts = rng.random((c.n_users, c.n_train_prompts)).argpartition(
+            c.pairs_per_user - 1, axis=1)[:, :c.pairs_per_user]
+        return np.concatenate([train_prompts, self._test_prompts(rng)], axis=1)
+
+    def _dense_pairs(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prompt, first response, second response), each (U, n): pool pairs, then the test prompts' pairs."""
+        c = self.config
+        m = c.pool_size
+        pool_prompt = rng.choice(c.n_train_prompts, size=m, replace=False)
+        n_prompts = c.n_train_prompts + c.n_test_prompts
+        # one random response pair (first < second) per prompt; only the pool's and the test prompts' are used
+        first = rng.integers(0, c.n_responses, size=n_prompts)
+        second = (first + rng.integers(1, c.n_responses, size=n_prompts)) % c.n_responses
+        first, second = np.minimum(first, second), np.maximum(first, second)
+        picks = np.empty((c.n_users, c.pairs_per_user), dtype=np.int64)
+        for start in range(0, c.n_users, 1024):  # users' distinct picks from the pool, in bounded memory
+            stop = min(c.n_users, start + 1024)
+            picks[start:stop] = rng.random((stop - start, m)).argpartition(
+                c.pairs_per_user - 1, axis=1)[:, :c.pairs_per_user]
+        prompt = np.concatenate([pool_prompt[picks], self._test_prompts(rng)], axis=1)
+        return prompt, first[prompt], second[prompt]
 
     def load(self) -> PreferenceData:
         c = self.config
@@ -89,31 +150,25 @@ class LowRankWorld(DatasetSource):
         user_weights = dirichlet(rng, c.alpha, c.n_users, c.n_functions)                           # (U, K)
         mean_weights = user_weights.mean(axis=0)                                                   # (K,)
 
-        # Which prompts each user judges: distinct train prompts, and test prompts.
-        train_prompts = rng.random((c.n_users, c.n_train_prompts)).argpartition(
-            c.pairs_per_user - 1, axis=1)[:, :c.pairs_per_user]                                    # (U, n_tr)
-        if c.test_prompts_per_user is None:
-            test_prompts = np.broadcast_to(np.arange(c.n_test_prompts), (c.n_users, c.n_test_prompts))
+        if c.users_per_pair is None:
+            prompt = self._sparse_prompts(rng)
+            # Each user's scores of the responses of each of their prompts: (U, n, R); their best vs worst.
+            scores = np.einsum("unrk,uk->unr", true_rewards[prompt], user_weights, optimize=True)
+            chosen, rejected = scores.argmax(axis=2), scores.argmin(axis=2)
         else:
-            test_prompts = rng.random((c.n_users, c.n_test_prompts)).argpartition(
-                c.test_prompts_per_user - 1, axis=1)[:, :c.test_prompts_per_user]
-        test_prompts = test_prompts + c.n_train_prompts
-        prompt = np.concatenate([train_prompts, test_prompts], axis=1)                             # (U, n)
-        is_test = np.zeros(prompt.shape, dtype=bool)
-        is_test[:, train_prompts.shape[1]:] = True
+            prompt, first, second = self._dense_pairs(rng)
+            pair_rewards = true_rewards[prompt[..., None], np.stack([first, second], -1)]            # (U, n, 2, K)
+            scores = np.einsum("unrk,uk->unr", pair_rewards, user_weights, optimize=True)
+            prefers_first = scores[..., 0] >= scores[..., 1]
+            chosen, rejected = np.where(prefers_first, first, second), np.where(prefers_first, second, first)
+        is_test = prompt >= c.n_train_prompts
         user = np.broadcast_to(np.arange(c.n_users)[:, None], prompt.shape)
-
-        # Each user's scores of the responses of each of their prompts: (U, n, R).
-        scores = np.einsum("unrk,uk->unr", true_rewards[prompt], user_weights, optimize=True)
-        chosen = scores.argmax(axis=2)
-        rejected = scores.argmin(axis=2)
-        delta = np.take_along_axis(scores, chosen[..., None], 2) - np.take_along_axis(scores, rejected[..., None], 2)
-        delta = delta[..., 0]
+        diff_k = true_rewards[prompt, chosen] - true_rewards[prompt, rejected]                    # (U, n, K)
         if c.labels == "bradley_terry":
+            delta = np.einsum("unk,uk->un", diff_k, user_weights)
             flip = rng.random(delta.shape) >= 1.0 / (1.0 + np.exp(-delta / c.bt_temperature))
             chosen, rejected = np.where(flip, rejected, chosen), np.where(flip, chosen, rejected)
-        diff_k = (np.take_along_axis(true_rewards[prompt], chosen[..., None, None], 2)
-                  - np.take_along_axis(true_rewards[prompt], rejected[..., None, None], 2))[:, :, 0]  # (U, n, K)
+            diff_k = np.where(flip[..., None], -diff_k, diff_k)
         personal = np.einsum("unk,uk->un", diff_k, user_weights)
         population = diff_k @ mean_weights
 

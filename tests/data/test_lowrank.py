@@ -149,7 +149,48 @@ def test_bradley_terry_labels_flip_some_extremes_reproducibly(extremes):
     ({"pairs_per_user": 101}, "pairs_per_user=101 exceeds n_train_prompts=100"),
     ({"test_prompts_per_user": 21}, "test_prompts_per_user=21 exceeds n_test_prompts=20"),
     ({"n_responses": 1}, "n_responses must be >= 2"),
+    ({"users_per_pair": 0}, "users_per_pair must be >= 1, got 0"),
+    ({"users_per_pair": 2}, r"needs a pool of n_users \* pairs_per_user / users_per_pair = 200 item pairs, one per "
+                            r"train prompt, but n_train_prompts=100"),
 ])
 def test_config_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(TINY, **changes)
+
+
+# ---- dense overlap (PReF's setting) -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dense():
+    return world(users_per_pair=8)  # a pool of 40 * 10 / 8 = 50 item pairs
+
+
+def test_dense_pool_pairs_are_shared_by_about_users_per_pair_users(dense):
+    df = dense.pairs.to_pandas()
+    train = df[df["split"] == "train"]
+    per_pair = train.groupby("pair_id")["user_id"].nunique()
+    assert len(per_pair) == 50                                  # M = n_users * pairs_per_user / users_per_pair
+    assert per_pair.mean() == pytest.approx(8.0)                 # 400 labels over 50 pairs
+    assert (train.groupby("user_id")["pair_id"].nunique() == 10).all()  # distinct pairs per user
+    assert train.groupby("pair_id")["prompt"].nunique().eq(1).all()     # one prompt per pair
+    assert train["prompt"].nunique() == 50                       # one pool pair per prompt
+
+
+def test_dense_test_pairs_are_one_shared_pair_per_test_prompt(dense):
+    test = dense.pairs.to_pandas().query("split == 'test'")
+    assert (test.groupby("prompt")["pair_id"].nunique() == 1).all()
+    assert (test.groupby("user_id").size() == 5).all()
+
+
+def test_dense_label_is_the_users_truly_preferred_response(dense):
+    personal = true_logit(dense, user_reward_weights(dense))
+    assert (personal >= 0).all()
+    np.testing.assert_allclose(personal, dense.oracle_logits["oracle/personal"], rtol=1e-4, atol=1e-4)
+    # users disagree about shared pairs: the same pair_id is chosen in both orders by different users
+    train = dense.pairs.to_pandas().query("split == 'train'")
+    orders = train.groupby("pair_id")["chosen"].nunique()
+    assert (orders == 2).any()
+
+
+def test_sparse_default_pairs_are_rarely_shared(extremes):
+    train = extremes.pairs.to_pandas().query("split == 'train'")
+    assert train.groupby("pair_id")["user_id"].nunique().mean() < 3
