@@ -18,6 +18,7 @@ examples:
   plrm fit --recipe my.yaml methods.lore.rank=5      a recipe file, with overrides (OmegaConf dotlist)
   plrm test --run runs/quickstart                    re-evaluate a finished run from its checkpoints and split
   plrm adapt --run runs/quickstart --k 3             re-fit unseen users from k support pairs
+  plrm adapt --run runs/pref_dense --active          interactive sessions: uncertainty vs random questions
   plrm list                                          methods, datasets, backbones, plugins (and broken ones)
   plrm recipes list | show NAME | copy NAME DEST | keys
 """
@@ -55,10 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "their test accuracy (adapt_results.json). With --pairs FILE: fit users who are not in the "
                        "run from all their pairs in FILE (canonical schema: user_id, prompt, chosen, rejected; "
                        "features from chosen_emb/rejected_emb or the run's dataset) and save their state to "
-                       "seed-*/<label>.users-<file stem>.ckpt.")
+                       "seed-*/<label>.users-<file stem>.ckpt. With --active: simulated interactive sessions "
+                       "(papers/002 Algorithm 2): every unseen user is asked --budget questions from their support "
+                       "pool, chosen by the method's uncertainty score (PReF: ||phi||_{H^-1}) or at random, is "
+                       "re-fit after each answer and scored on their test pairs; writes active_results.json, "
+                       "active_curve.png and the pairs asked (seed-*/<label>.active-<strategy>.parquet).")
     p.add_argument("--run", required=True, help="run directory printed by `plrm fit`")
     p.add_argument("--k", type=int, default=None, help="support pairs per user (default: the recipe's split.k)")
     p.add_argument("--pairs", default=None, help="parquet/jsonl/csv of new users' pairs (canonical schema)")
+    g = p.add_argument_group("interactive sessions (--active)")
+    g.add_argument("--active", action="store_true", help="run simulated interactive sessions")
+    g.add_argument("--budget", type=int, default=40, help="questions per user, T (default 40, papers/002 Fig. 3C)")
+    g.add_argument("--strategy", nargs="+", choices=["uncertainty", "random"], default=["uncertainty", "random"],
+                   help="question selection strategies to compare (default: both)")
+    g.add_argument("--answers", choices=["labels", "oracle"], default="labels",
+                   help="labels: the held-out labels of the user's pool; oracle: the synthetic world's personal "
+                        "oracle (the user's noise-free preference)")
+    g.add_argument("--eval-at", type=int, nargs="+", default=None,
+                   help="numbers of answers at which unseen users are scored (default: every t in 1..budget)")
 
     p = sub.add_parser("list", help="registered methods, datasets, backbones and plugins",
                        description="Every registry entry with the package and version it came from, what it "
@@ -175,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     from plrm.data.schema import DataValidationError
     from plrm.data.splits import SplitError
+    from plrm.eval.active import SessionError
     from plrm.recipe import RecipeError
     from plrm.registry import RegistryError
 
@@ -200,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.pairs and args.k is not None:
                 raise RecipeError("--k selects support pairs of the run's unseen users; with --pairs every pair "
                                   "in the file is used")
-            if args.pairs:
+            if args.active and (args.pairs or args.k is not None):
+                raise RecipeError("--active asks the run's unseen users up to --budget questions; it does not "
+                                  "combine with --k or --pairs")
+            if args.active:
+                runner.active(args.run, args.budget, tuple(args.strategy), args.answers, args.eval_at)
+            elif args.pairs:
                 runner.adapt_new_users(args.run, args.pairs)
             else:
                 runner.adapt(args.run, args.k)
@@ -208,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_list(args.what)
         elif args.verb == "recipes":
             cmd_recipes(args)
-    except (RecipeError, DataValidationError, SplitError, RegistryError, FileNotFoundError, FileExistsError) as exc:
+    except (RecipeError, DataValidationError, SplitError, SessionError, RegistryError, FileNotFoundError,
+            FileExistsError) as exc:
         print(f"plrm {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -33,6 +33,8 @@ class RunSection:
     name: str = opt("run", "Run name: the run directory is <output_dir>/<name>.")
     output_dir: str = opt("runs", "Where run directories are written.")
     seed: int = opt(0, "Seed of model initialisation and data order (split seeds are split.seeds).")
+    seed_per_split: bool = opt(False, "Seed model initialisation and data order with run.seed + the split seed, "
+                               "so the spread over split.seeds includes training randomness, not only the split's.")
     overwrite: bool = opt(False, "Replace an existing run directory of the same name instead of failing.")
 
 

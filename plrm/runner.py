@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -182,10 +183,11 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
         split = _split_for_seed(recipe, prepared, seed, stored=None)
         split.save(seed_dir / "split.parquet")
         results: dict[str, dict] = {}
+        train_seed = recipe.run.seed + (seed if recipe.run.seed_per_split else 0)
         for label, comp in recipe.methods.items():
-            L.seed_everything(recipe.run.seed, verbose=False)
+            L.seed_everything(train_seed, verbose=False)
             model = build_model(recipe, label, prepared, len(split.user_ids))
-            dm = PreferenceDataModule(prepared, split, batch_size=comp.config.batch_size, seed=recipe.run.seed)
+            dm = PreferenceDataModule(prepared, split, batch_size=comp.config.batch_size, seed=train_seed)
             logger = make_logger(recipe.logger, run_dir, name=f"seed-{seed}/{label}", group=recipe.run.name,
                                  config={**recipe.raw, "label": label, "split_seed": seed})
             trainer = _trainer(recipe, model, logger, f"seed {seed} {label}", validate=bool((split.role == VAL).any()))
@@ -198,6 +200,8 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
                           recipe.eval.batch_size)
             results[label] = {**ev.metrics, "adapts_new_users": model.adapts_new_users,
                               "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
+            if model.diagnostics():
+                results[label]["diagnostics"] = model.diagnostics()
             per_user = ev.per_user.assign(method=label, seed=seed)
             frames.append(per_user)
             log_results(logger, _flat(label, ev.metrics), {"eval/per_user": per_user})
@@ -331,4 +335,73 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
                     f"{r['support_accuracy']:.3f} of their own pairs ordered correctly" + \
                     (f" -> {r['checkpoint']}" if r["checkpoint"] else " (one model for all users: nothing to save)")
                 print(f"seed {seed} {label}: {len(user_ids)} new users, {text}")
+    return out
+
+
+def active(run_dir: str | Path, budget: int = 40, strategies: tuple[str, ...] = ("uncertainty", "random"),
+           answers: str = "labels", eval_at: list[int] | None = None, show: bool = True) -> dict:
+    """Simulated interactive sessions (papers/002 Algorithm 2) with the unseen users of a finished run: each
+    method with each strategy asks every unseen user ``budget`` questions from their support pool, re-fits
+    them after every answer and scores their test pairs. Writes ``active_results.json`` (curves per seed,
+    mean +- std, the answers uncertainty needs to match random at ``budget``), ``active_curve.png`` and
+    ``seed-<s>/<label>.active-<strategy>.parquet`` (which pair each user was asked at each t)."""
+    from plrm.eval.active import SessionError, answers_to_match, run_session
+    from plrm.eval.plots import active_curves
+
+    run_dir, recipe, prepared = _load_run(run_dir)
+    eval_at = sorted(set(eval_at)) if eval_at else list(range(1, budget + 1))
+    per_seed: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for seed in recipe.split.seeds:
+        seed_dir = run_dir / f"seed-{seed}"
+        split = _split_for_seed(recipe, prepared, seed, stored=seed_dir / "split.parquet")
+        dm = PreferenceDataModule(prepared, split, seed=recipe.run.seed)
+        results: dict[str, dict] = {}
+        for label in recipe.methods:
+            model = _load_model(recipe, label, prepared, split, seed_dir)
+            if model.adapts_new_users == "no":
+                skipped[label] = "the method cannot adapt new users"
+                continue
+            results[label] = {}
+            for strategy in strategies:
+                if strategy == "uncertainty" and not model.has_uncertainty:
+                    skipped[f"{label} ({strategy})"] = f"{type(model).__name__} has no uncertainty score"
+                    continue
+                start = time.perf_counter()
+                session = run_session(model, dm, budget, strategy, eval_at, recipe.eval.worst_fractions, answers,
+                                      recipe.eval.batch_size)
+                results[label][strategy] = {"curve": session.curve, "seconds": time.perf_counter() - start}
+                asked = pd.DataFrame({"user_id": np.repeat(session.user_ids.astype(str), budget),
+                                      "t": np.tile(np.arange(1, budget + 1), len(session.user_ids)),
+                                      "row": session.asked.ravel()})
+                tmp = seed_dir / f"{label}.active-{strategy}.parquet.tmp"
+                asked.to_parquet(tmp, index=False)
+                tmp.replace(seed_dir / f"{label}.active-{strategy}.parquet")
+        per_seed[str(seed)] = results
+    summary, matches = {}, {}
+    for label in recipe.methods:
+        runs = [r[label] for r in per_seed.values() if label in r]
+        if not runs:
+            continue
+        summary[label] = {}
+        for strategy in runs[0]:
+            curves = [r[strategy]["curve"] for r in runs]
+            summary[label][strategy] = [
+                {"t": rows[0]["t"], **{m: report._mean_std([row[m] for row in rows]) for m in ("accuracy", "auroc")}}
+                for rows in zip(*curves)]
+        means = {s: [{"t": r["t"], "accuracy": r["accuracy"]["mean"]} for r in rows]
+                 for s, rows in summary[label].items()}
+        matches[label] = answers_to_match(means)
+    if not summary:
+        raise SessionError("no method of the run can adapt new users: nothing to run a session with")
+    out = {"budget": budget, "answers": answers, "strategies": list(strategies), "eval_at": eval_at,
+           "per_seed": per_seed, "summary": summary, "answers_to_match": matches, "skipped": skipped,
+           "versions": _versions()}
+    report.write_json(run_dir / "active_results.json", out)
+    active_curves(summary, run_dir / "active_curve.png",
+                  f"{recipe.run.name}: interactive sessions, answers from {answers}, "
+                  f"{len(recipe.split.seeds)} seed(s)")
+    if show:
+        report.render_active(summary, matches, skipped)
+        print(f"wrote {run_dir / 'active_results.json'} and {run_dir / 'active_curve.png'}")
     return out

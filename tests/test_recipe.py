@@ -79,7 +79,7 @@ def test_unknown_section():
 
 def test_unknown_key_without_close_match_lists_the_valid_keys():
     message = problems_of(small(run={"zzzzzz": 1}))
-    assert "run.zzzzzz: unknown key; valid keys: name, output_dir, seed, overwrite" in message
+    assert "run.zzzzzz: unknown key; valid keys: name, output_dir, seed, seed_per_split, overwrite" in message
 
 
 def test_wrong_type():

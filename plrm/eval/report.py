@@ -82,6 +82,33 @@ def render(summary: dict[str, dict], k: int, worst: str = "accuracy_worst_10pct"
         console.print(curve)
 
 
+def render_active(summary: dict, matches: dict, skipped: dict, console: Console | None = None,
+                  max_columns: int = 8) -> None:
+    """Table of interactive-session curves: unseen accuracy (%) vs answers, per method and strategy."""
+    console = console or Console(width=max(120, shutil.get_terminal_size().columns))
+    ts = sorted({row["t"] for by in summary.values() for rows in by.values() for row in rows})
+    if len(ts) > max_columns:  # a readable subset; results.json has every t
+        picks = np.unique(np.round(np.linspace(0, len(ts) - 1, max_columns)).astype(int))
+        ts = [ts[i] for i in picks]
+    table = Table(title="interactive sessions: unseen accuracy (%) vs answers")
+    table.add_column("method (strategy)")
+    for t in ts:
+        table.add_column(f"t={t}", justify="right")
+    for label, by in summary.items():
+        for strategy, rows in by.items():
+            at = {row["t"]: row["accuracy"] for row in rows}
+            table.add_row(f"{label} ({strategy})", *[_fmt(at.get(t)) for t in ts])
+    console.print(table)
+    for label, m in matches.items():
+        if m is None:
+            continue
+        reached = f"after {m['answers']} answers" if m["answers"] else "not within the budget"
+        console.print(f"{label}: {m['target']} reaches {m['reference']}'s accuracy at t={m['reference_t']} "
+                      f"({100 * m['reference_value']:.1f}%) {reached}")
+    for what, why in skipped.items():
+        console.print(f"{what}: skipped ({why})")
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Atomic JSON write (a crash never leaves half a results file)."""
     tmp = path.with_name(path.name + ".tmp")

@@ -96,6 +96,21 @@ class PersonalizedRewardModel(L.LightningModule):
         if self.adapts_new_users == "yes":
             raise NotImplementedError(f"{type(self).__name__} declares adapts_new_users='yes' but has no adapt()")
 
+    def uncertainty(self, answered: dict, users: Tensor, candidates: dict) -> Tensor:
+        """Active-learning score (C,) of each candidate pair for its user (``candidates['user_idx']``): larger
+        means ask it sooner. ``answered`` holds the pairs each user of ``users`` has answered so far and the
+        model holds their state adapted to them. Methods without one leave this unimplemented; the interactive
+        session (plrm.eval.active) then offers them random selection only."""
+        raise NotImplementedError
+
+    @property
+    def has_uncertainty(self) -> bool:
+        return type(self).uncertainty is not PersonalizedRewardModel.uncertainty
+
+    def diagnostics(self) -> dict:
+        """JSON-able facts about the fitted model that results.json reports next to the metrics."""
+        return {}
+
     def load_shared_state(self, state_dict: dict) -> None:
         """Load a checkpoint's shared tensors, leaving this model's per-user tensors (``user_state``) as built."""
         shared = {k: v for k, v in state_dict.items() if k not in self.user_state}

@@ -13,7 +13,13 @@ New users: L2-regularized logistic regression for lambda with phi frozen (concav
 once by Newton's method on the stacked (U, J) problem -- batched J x J solves, no loop over users.
 
 Shared: ``phi`` (W). Per user: ``user_vectors`` (U, J). ``init: random`` is the paper's "No SVD" ablation and
-``beta: 0`` its "No Reg." one (Figure 3A).
+``beta: 0`` its "No Reg." one (Figure 3A). ``rank: elbow`` picks J at the elbow of the training matrix's
+singular-value spectrum (§5.4: the best J "aligns with the elbow point" of Figure 9); the spectrum is computed
+in every run and reported in results.json (``diagnostics``).
+
+Active learning (Algorithm 2, Lemma 4.3): :meth:`PReF.uncertainty` scores a new user's candidate pairs by
+||phi(x, y1) - phi(x, y2)||_{H^-1} with H = sum sigma'(lambda^T d) d d^T + beta I over the pairs they have
+answered, at the current estimate lambda; plrm.eval.active runs the interactive session.
 """
 
 from __future__ import annotations
@@ -47,6 +53,18 @@ def svd_factors(user_idx: np.ndarray, pair_idx: np.ndarray, sign: np.ndarray, n_
     return (u * root).astype(np.float32), (root[:, None] * vt).astype(np.float32), s.astype(np.float32)
 
 
+def elbow(values: np.ndarray) -> int:
+    """Components before the elbow of a descending spectrum: the point farthest below the chord joining the
+    first and last values, on axes scaled to [0, 1] (the "kneedle" rule, Satopaa et al. 2011), so a spectrum
+    [10, 9, 8, 7, 1, 1, 1] keeps 4. Hand-written: ten lines do not justify a dependency on ``kneed``."""
+    s = np.asarray(values, dtype=np.float64)
+    if len(s) < 3 or s[0] <= s[-1]:
+        return len(s)
+    x = np.linspace(0.0, 1.0, len(s))
+    y = (s - s[-1]) / (s[0] - s[-1])
+    return max(1, int(np.argmax((1.0 - x) - y)))
+
+
 def ridge_head(pair_features: Tensor, targets: Tensor, ridge: float) -> Tensor:
     """W (J, D) minimizing ||pair_features W^T - targets||^2 + ridge ||W||^2; pair_features (P, D), targets (P, J).
 
@@ -61,23 +79,30 @@ def ridge_head(pair_features: Tensor, targets: Tensor, ridge: float) -> Tensor:
     return (x.T @ torch.linalg.solve(gram, targets.double())).T.float()
 
 
+def logistic_hessian(diffs: Tensor, owner: Tensor, lam: Tensor, beta: float) -> Tensor:
+    """H_u = sum_{i of u} sigma'(lambda_u^T d_i) d_i d_i^T + beta I for every user at once: (U, J, J), float64
+    (papers/002 eq. 7)."""
+    d = diffs.double()
+    s = torch.sigmoid((lam.double()[owner] * d).sum(-1))
+    weighted = (s * (1.0 - s))[:, None] * d                                   # (P, J)
+    outer = weighted[:, :, None] * d[:, None, :]                             # (P, J, J)
+    j = diffs.shape[1]
+    return torch.zeros(len(lam), j, j, dtype=torch.float64).index_add_(0, owner, outer) \
+        + beta * torch.eye(j, dtype=torch.float64)
+
+
 def newton_logistic(diffs: Tensor, owner: Tensor, n_users: int, beta: float, steps: int) -> Tensor:
     """argmin over lambda_u of sum_i -log sigmoid(lambda_u^T d_i) + beta/2 ||lambda_u||^2, for all users at once.
 
     diffs (P, J): phi(x, y+) - phi(x, y-) of each pair; owner (P,) its user in [0, n_users). Newton steps with
     the per-user Hessian sum_i s_i (1 - s_i) d_i d_i^T + beta I, stacked as (U, J, J) and solved together.
     """
-    j = diffs.shape[1]
-    lam = torch.zeros(n_users, j, dtype=torch.float64)
+    lam = torch.zeros(n_users, diffs.shape[1], dtype=torch.float64)
     d = diffs.double()
-    outer = d[:, :, None] * d[:, None, :]                                   # (P, J, J)
-    eye = torch.eye(j, dtype=torch.float64)
     for _ in range(steps):
         s = torch.sigmoid((lam[owner] * d).sum(-1))                         # (P,)
         grad = torch.zeros_like(lam).index_add_(0, owner, (s - 1.0)[:, None] * d) + beta * lam
-        hess = torch.zeros(n_users, j, j, dtype=torch.float64).index_add_(
-            0, owner, (s * (1.0 - s))[:, None, None] * outer) + beta * eye   # (U, J, J)
-        lam = lam - torch.linalg.solve(hess, grad)
+        lam = lam - torch.linalg.solve(logistic_hessian(d, owner, lam, beta), grad)
     return lam.float()
 
 
@@ -91,12 +116,20 @@ class PReF(PersonalizedRewardModel):
 
     @dataclass
     class Config(MethodConfig):
-        rank: int = opt(8, "J, the number of base reward functions (papers/001 app. F: 8 on PRISM).")
+        rank: int | Literal["elbow"] = opt(
+            8, "J, the number of base reward functions (papers/001 app. F: 8 on PRISM), or 'elbow': the elbow "
+            "of the training matrix's singular-value spectrum (papers/002 §5.4, Figure 9).")
+        spectrum_size: int = opt(20, "Leading singular values of the training sign matrix computed and "
+                                 "reported (results.json diagnostics); rank: elbow searches among them.")
         init: Literal["svd", "random"] = opt("svd", "Algorithm 1's SVD initialization, or 'random' (the "
                                              "paper's 'No SVD' ablation).")
         beta: float = opt(0.02, "L2 weight beta/2 ||lambda||^2 on user vectors (papers/002 Table 3: 0.02); "
                           "0 is the 'No Reg.' ablation.")
         lr: float = opt(1e-3, "Adam learning rate of the MLE refinement (papers/002 Table 3).")
+        batch_size: int = opt(32, "Training pairs per step (papers/002 Table 3: 32; 64 on PRISM).")
+        max_steps: int = opt(500, "Optimizer steps of the MLE refinement (papers/002 Table 3: 500; 1000 on "
+                             "PRISM); -1: max_epochs decides.")
+        max_epochs: int = opt(-1, "Epochs over the seen users' train pairs (-1: max_steps decides).")
         head_ridge: float = opt(1e-3, "Ridge of the least-squares fit of the head W to the SVD pair factors.")
         adapt_beta: float = opt(0.02, "L2 weight of new users' logistic regression (eq. 5); > 0 keeps the "
                                 "solution finite when a user's few pairs are separable.")
@@ -105,12 +138,28 @@ class PReF(PersonalizedRewardModel):
         def __post_init__(self) -> None:
             if self.adapt_beta <= 0:
                 raise ValueError(f"adapt_beta must be > 0, got {self.adapt_beta}")
+            if self.rank != "elbow" and self.rank < 1:
+                raise ValueError(f"rank must be >= 1 or 'elbow', got {self.rank}")
+            if self.max_steps < 0 and self.max_epochs < 0:
+                raise ValueError("max_steps and max_epochs are both -1: training would never stop")
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
-        self.phi = nn.Linear(feature_dim, config.rank, bias=False)                   # W: (J, D)
-        self.user_vectors = nn.Parameter(0.1 * torch.randn(n_users, config.rank))   # Lambda: (U, J)
-        self.register_buffer("singular_values", torch.zeros(config.rank))          # the SVD spectrum
+        self.spectrum: list[float] = []  # leading singular values of the training matrix (set by setup)
+        self._set_rank(1 if config.rank == "elbow" else config.rank)  # elbow: resized in setup()
+
+    def _set_rank(self, rank: int) -> None:
+        self.n_basis = rank
+        self.phi = nn.Linear(self.feature_dim, rank, bias=False)                        # W: (J, D)
+        self.user_vectors = nn.Parameter(0.1 * torch.randn(self.n_users, rank))         # Lambda: (U, J)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A checkpoint of ``rank: elbow`` has the J its run chose: take that size before loading."""
+        if self.config.rank == "elbow" and "phi.weight" in state_dict:
+            rank = state_dict["phi.weight"].shape[0]
+            if rank != self.n_basis:
+                self._set_rank(rank)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def item_embedding(self, h: Tensor) -> Tensor:
         return self.phi(h)  # phi(x, y): (N, J)
@@ -121,25 +170,57 @@ class PReF(PersonalizedRewardModel):
     def regularization(self, batch: dict) -> Tensor:
         return 0.5 * self.config.beta * self.user_vectors[batch["user_idx"]].pow(2).sum(-1).mean()
 
-    def on_fit_start(self) -> None:
-        if self.config.init == "svd":
+    def diagnostics(self) -> dict:
+        return {"rank": self.n_basis, "rank_rule": "elbow" if self.config.rank == "elbow" else "fixed",
+                "init": self.config.init, "singular_values": self.spectrum}
+
+    def setup(self, stage: str) -> None:
+        # setup() runs before Lightning builds the optimizer, so rank: elbow can still size the parameters.
+        if stage == "fit":
             self.initialize_from_svd(self.trainer.datamodule)
 
     @torch.no_grad()
     def initialize_from_svd(self, dm) -> None:
-        """Algorithm 1, steps 2-5, on the seen users' train pairs."""
+        """Algorithm 1, steps 2-5, on the seen users' train pairs; with init: random only the spectrum (and
+        the elbow) is taken from the SVD."""
         from plrm.data.splits import TRAIN
 
         pm = dm.pair_matrix(dm.split.rows(TRAIN))
+        c = self.config
+        size = min(c.spectrum_size, min(pm.n_users, pm.n_pairs) - 1)
+        if c.rank != "elbow":
+            size = max(size, c.rank)  # svd_factors says so when J itself does not fit the matrix
         user_vectors, pair_factors, singular = svd_factors(pm.user_idx, pm.pair_idx, pm.sign, pm.n_users,
-                                                           pm.n_pairs, self.config.rank)
+                                                           pm.n_pairs, size)
+        self.spectrum = [float(v) for v in singular]
+        rank = elbow(singular) if c.rank == "elbow" else c.rank
+        if rank != self.n_basis:
+            self._set_rank(rank)
+        if c.init != "svd":
+            return
         backbone = dm.prepared.backbone
         y1 = self.encode(backbone.inputs(torch.from_numpy(pm.y1_item)).to(self.device))
         y2 = self.encode(backbone.inputs(torch.from_numpy(pm.y2_item)).to(self.device))
-        head = ridge_head((y1 - y2).cpu(), torch.from_numpy(pair_factors).T, self.config.head_ridge)  # (J, D)
+        head = ridge_head((y1 - y2).cpu(), torch.from_numpy(pair_factors[:rank]).T, c.head_ridge)  # (J, D)
         self.phi.weight.copy_(head)
-        self.user_vectors.copy_(torch.from_numpy(user_vectors))
-        self.singular_values.copy_(torch.from_numpy(singular))
+        self.user_vectors.copy_(torch.from_numpy(user_vectors[:, :rank]))
+
+    @torch.no_grad()
+    def uncertainty(self, answered: dict, users: Tensor, candidates: dict) -> Tensor:
+        """||d||_{H_u^-1} of each candidate pair (papers/002 eq. 8, Lemma 4.3), for its user (candidates'
+        ``user_idx``), with H_u the regularized Hessian (eq. 7) at the user's current lambda over the pairs in
+        ``answered``; ``users`` (sorted) are the users in the session."""
+        lam = self.user_vectors[users].detach().cpu()
+        d_answered = self.embedding_difference(answered).cpu() if len(answered["user_idx"]) else \
+            torch.zeros(0, self.n_basis)
+        owner = torch.searchsorted(users, answered["user_idx"]).cpu()
+        hess = logistic_hessian(d_answered, owner, lam, self.config.adapt_beta)              # (U, J, J)
+        chol = torch.linalg.cholesky(hess)
+        d = self.embedding_difference(candidates).cpu().double()                               # (C, J)
+        who = torch.searchsorted(users, candidates["user_idx"]).cpu()
+        # ||d||^2_{H^-1} = ||L^-1 d||^2 with H = L L^T: one triangular solve per candidate, batched
+        solved = torch.linalg.solve_triangular(chol[who], d[:, :, None], upper=False)[..., 0]
+        return solved.pow(2).sum(-1).sqrt().float()
 
     @torch.no_grad()
     def adapt(self, support: dict, users: Tensor) -> None:

@@ -12,7 +12,7 @@ from plrm.backbones.precomputed import PrecomputedFeatures
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
 from plrm.data.source import PreferenceData
 from plrm.data.splits import make_split
-from plrm.methods.pref import PReF, newton_logistic, ridge_head, svd_factors
+from plrm.methods.pref import PReF, elbow, newton_logistic, ridge_head, svd_factors
 
 
 def test_svd_recovers_a_planted_low_rank_sign_matrix():
@@ -82,25 +82,90 @@ def test_pair_matrix_orients_every_users_answer_to_one_canonical_pair():
 
 
 @pytest.mark.slow
-def test_pref_learns_personal_rewards_and_svd_sets_the_spectrum(tmp_path, tiny_overrides):
+def test_pref_learns_personal_rewards_and_reports_the_spectrum(tmp_path, tiny_overrides):
     result = runner.fit("quickstart", tiny_overrides + [
         "methods.bt.max_epochs=10", "~methods.lore", "+methods.pref={}", "methods.pref.rank=3",
-        "methods.pref.lr=0.01", "methods.pref.max_epochs=20"], show=False)
+        "methods.pref.lr=0.01", "methods.pref.max_epochs=20", "methods.pref.max_steps=-1",
+        "methods.pref.batch_size=256"], show=False)
     res = result.per_seed[0]
     assert res["pref"]["unseen"]["accuracy"] > res["bt"]["unseen"]["accuracy"] + 0.03
-    state = torch.load(result.run_dir / "seed-0" / "pref.ckpt", weights_only=True)["state_dict"]
-    s = state["singular_values"]
-    assert (s[:-1] >= s[1:]).all() and s[-1] > 0
+    diag = res["pref"]["diagnostics"]
+    s = np.asarray(diag["singular_values"])
+    assert len(s) == 20 and (s[:-1] >= s[1:]).all() and s[-1] > 0
+    assert diag["rank"] == 3 and diag["rank_rule"] == "fixed"
 
 
-def test_random_init_ablation_skips_the_svd(tmp_path, tiny_overrides):
+def tiny_dm(tiny_overrides):
+    from plrm.recipe import load_recipe
+
+    recipe = load_recipe("quickstart", tiny_overrides)
+    prepared = runner.prepare(recipe)
+    return PreferenceDataModule(prepared, runner._split_for_seed(recipe, prepared, 0, None))
+
+
+def test_random_init_ablation_keeps_the_random_parameters_but_reports_the_spectrum(tiny_overrides):
+    dm = tiny_dm(tiny_overrides)
+    torch.manual_seed(0)
+    model = PReF(PReF.Config(rank=3, init="random"), n_users=dm.n_users, feature_dim=dm.feature_dim)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.initialize_from_svd(dm)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    assert len(model.diagnostics()["singular_values"]) == 20
+    svd = PReF(PReF.Config(rank=3), n_users=dm.n_users, feature_dim=dm.feature_dim)
+    svd.initialize_from_svd(dm)
+    assert not torch.allclose(svd.user_vectors, before["user_vectors"])
+
+
+def test_elbow_keeps_the_components_before_the_bend():
+    assert elbow(np.array([10, 9, 8, 7, 1, 1, 1, 1.0])) == 4
+    assert elbow(np.array([10, 1, 1, 1, 1.0])) == 1
+    assert elbow(np.array([5.0, 4.0])) == 2            # too short to bend: keep all
+    assert elbow(np.array([3.0, 3.0, 3.0])) == 3       # flat: no elbow, keep all
+
+
+def test_rank_elbow_finds_the_worlds_number_of_true_functions_and_reloads(tmp_path, tiny_overrides):
+    """The tiny world has K=3 true reward functions; J from the elbow is 3, and `plrm test` rebuilds the
+    J-sized model from the checkpoint although the recipe says 'elbow'."""
     result = runner.fit("quickstart", tiny_overrides + [
-        "~methods.bt", "~methods.lore", "+methods.pref={}", "methods.pref.rank=3", "methods.pref.init=random",
-        "methods.pref.max_epochs=2"], show=False)
-    state = torch.load(result.run_dir / "seed-0" / "pref.ckpt", weights_only=True)["state_dict"]
-    assert (state["singular_values"] == 0).all()
+        "data.users_per_pair=10", "~methods.bt", "~methods.lore", "+methods.pref={}", "methods.pref.rank=elbow",
+        "methods.pref.max_steps=50"], show=False)
+    diag = result.per_seed[0]["pref"]["diagnostics"]
+    assert diag["rank"] == 3 and diag["rank_rule"] == "elbow"
+    again = runner.test(result.run_dir, show=False)
+    assert again.per_seed[0]["pref"]["unseen"] == result.per_seed[0]["pref"]["unseen"]
+
+
+def test_uncertainty_is_the_hessian_norm_of_a_hand_computed_2d_example():
+    """J=2, phi = identity, lambda = (1, 0), beta = 1. One answered pair d = (2, 0): sigma'(2) = s (1 - s) with
+    s = sigmoid(2), so H = diag(1 + 4 s (1 - s), 1). Candidates (1, 0) and (0, 1): ||d||_{H^-1} is
+    1 / sqrt(1 + 4 s (1 - s)) and 1 -- the direction already asked about is the less uncertain one."""
+    model = PReF(PReF.Config(rank=2, adapt_beta=1.0), n_users=1, feature_dim=2)
+    with torch.no_grad():
+        model.phi.weight.copy_(torch.eye(2))
+        model.user_vectors.copy_(torch.tensor([[1.0, 0.0]]))
+    users = torch.tensor([0])
+    answered = {"user_idx": torch.tensor([0]), "chosen": torch.tensor([[2.0, 0.0]]),
+                "rejected": torch.tensor([[0.0, 0.0]])}
+    candidates = {"user_idx": torch.tensor([0, 0]), "chosen": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+                  "rejected": torch.zeros(2, 2)}
+    s = 1.0 / (1.0 + np.exp(-2.0))
+    expected = [1.0 / np.sqrt(1.0 + 4.0 * s * (1.0 - s)), 1.0]
+    np.testing.assert_allclose(model.uncertainty(answered, users, candidates).numpy(), expected, rtol=1e-6)
+    # with nothing answered H = beta I: the score is ||d|| / sqrt(beta)
+    none = {"user_idx": torch.tensor([], dtype=torch.long), "chosen": torch.zeros(0, 2), "rejected": torch.zeros(0, 2)}
+    np.testing.assert_allclose(model.uncertainty(none, users, candidates).numpy(), [1.0, 1.0], rtol=1e-6)
 
 
 def test_adapt_beta_must_be_positive():
     with pytest.raises(ValueError, match="adapt_beta must be > 0"):
         PReF.Config(adapt_beta=0.0)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"rank": 0}, "rank must be >= 1 or 'elbow', got 0"),
+    ({"max_steps": -1, "max_epochs": -1}, "max_steps and max_epochs are both -1"),
+])
+def test_config_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        PReF.Config(**changes)
