@@ -107,4 +107,7 @@ class PlainProgress(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         text = " ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items()))
-        print(f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {text}", flush=True)
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        steps = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+        print(f"[{self.label}] epoch {trainer.current_epoch + 1}{epochs} step {trainer.global_step}{steps} {text}",
+              flush=True)

@@ -11,8 +11,9 @@ Seen and unseen users are generated alike: ``pairs_per_user`` pairs on distinct 
 few-shot support of an unseen user is the first k of them) and pairs on the test prompts (a 'split' column
 marks which).
 
-Overlap. By default each user judges their own best-vs-worst pair of each of their prompts, so an item pair
-is labeled by few users (sparse, PRISM-like). With ``users_per_pair`` set, the world is PReF's dense setting
+Overlap. By default each user judges their own best-vs-worst pair of each of their prompts (or, with
+``pair_choice: random``, a random pair of their own), so an item pair is labeled by few users (sparse,
+PRISM-like). With ``users_per_pair`` set, the world is PReF's dense setting
 (papers/002 B.2: "we sample 50 users for each response pair"): a shared pool of item pairs -- one random
 response pair on each of M train prompts, M = n_users * pairs_per_user / users_per_pair -- from which every
 user labels ``pairs_per_user`` distinct pairs, and one random pair per test prompt that every user labels.
@@ -76,6 +77,9 @@ class LowRankWorld(DatasetSource):
             None, "Dense overlap (PReF's setting, papers/002 B.2: 50): users label a shared pool of random "
             "response pairs, each pair by about this many users; null: every user labels their own best-vs-worst "
             "pair of each of their prompts (sparse overlap).")
+        pair_choice: str = opt("extremes", "Without users_per_pair: which pair of a prompt a user labels. "
+                               "'extremes': their best vs worst response (papers/004 §5); 'random': a random "
+                               "pair of their own (PRISM-like: hardly any pair is labeled twice).")
         labels: str = opt("extremes", "'extremes': the user's truly preferred response of the pair (the "
                           "highest vs lowest scored response unless users_per_pair is set); 'bradley_terry': "
                           "that pair's order drawn with P = sigmoid(delta / bt_temperature).")
@@ -83,6 +87,8 @@ class LowRankWorld(DatasetSource):
         seed: int = opt(0, "Seed of the world (features, true functions, users, pairs).")
 
         def __post_init__(self) -> None:
+            if self.pair_choice not in ("extremes", "random"):
+                raise ValueError(f"pair_choice must be 'extremes' or 'random', got {self.pair_choice!r}")
             if self.labels not in ("extremes", "bradley_terry"):
                 raise ValueError(f"labels must be 'extremes' or 'bradley_terry', got {self.labels!r}")
             if self.pairs_per_user > self.n_train_prompts:
@@ -122,6 +128,13 @@ class LowRankWorld(DatasetSource):
             c.pairs_per_user - 1, axis=1)[:, :c.pairs_per_user]
         return np.concatenate([train_prompts, self._test_prompts(rng)], axis=1)
 
+    def _random_pairs(self, rng: np.random.Generator, shape) -> tuple[np.ndarray, np.ndarray]:
+        """Two distinct random responses (first < second) for each entry of ``shape``."""
+        r = self.config.n_responses
+        first = rng.integers(0, r, size=shape)
+        second = (first + rng.integers(1, r, size=shape)) % r
+        return np.minimum(first, second), np.maximum(first, second)
+
     def _dense_pairs(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(prompt, first response, second response), each (U, n): pool pairs, then the test prompts' pairs."""
         c = self.config
@@ -129,9 +142,7 @@ class LowRankWorld(DatasetSource):
         pool_prompt = rng.choice(c.n_train_prompts, size=m, replace=False)
         n_prompts = c.n_train_prompts + c.n_test_prompts
         # one random response pair (first < second) per prompt; only the pool's and the test prompts' are used
-        first = rng.integers(0, c.n_responses, size=n_prompts)
-        second = (first + rng.integers(1, c.n_responses, size=n_prompts)) % c.n_responses
-        first, second = np.minimum(first, second), np.maximum(first, second)
+        first, second = self._random_pairs(rng, n_prompts)
         picks = np.empty((c.n_users, c.pairs_per_user), dtype=np.int64)
         for start in range(0, c.n_users, 1024):  # users' distinct picks from the pool, in bounded memory
             stop = min(c.n_users, start + 1024)
@@ -150,13 +161,17 @@ class LowRankWorld(DatasetSource):
         user_weights = dirichlet(rng, c.alpha, c.n_users, c.n_functions)                           # (U, K)
         mean_weights = user_weights.mean(axis=0)                                                   # (K,)
 
-        if c.users_per_pair is None:
+        if c.users_per_pair is None and c.pair_choice == "extremes":
             prompt = self._sparse_prompts(rng)
             # Each user's scores of the responses of each of their prompts: (U, n, R); their best vs worst.
             scores = np.einsum("unrk,uk->unr", true_rewards[prompt], user_weights, optimize=True)
             chosen, rejected = scores.argmax(axis=2), scores.argmin(axis=2)
         else:
-            prompt, first, second = self._dense_pairs(rng)
+            if c.users_per_pair is None:  # a random pair of each of the user's own prompts
+                prompt = self._sparse_prompts(rng)
+                first, second = self._random_pairs(rng, prompt.shape)
+            else:
+                prompt, first, second = self._dense_pairs(rng)
             pair_rewards = true_rewards[prompt[..., None], np.stack([first, second], -1)]            # (U, n, 2, K)
             scores = np.einsum("unrk,uk->unr", pair_rewards, user_weights, optimize=True)
             prefers_first = scores[..., 0] >= scores[..., 1]

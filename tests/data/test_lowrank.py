@@ -150,6 +150,7 @@ def test_bradley_terry_labels_flip_some_extremes_reproducibly(extremes):
     ({"test_prompts_per_user": 21}, "test_prompts_per_user=21 exceeds n_test_prompts=20"),
     ({"n_responses": 1}, "n_responses must be >= 2"),
     ({"users_per_pair": 0}, "users_per_pair must be >= 1, got 0"),
+    ({"pair_choice": "best"}, "pair_choice must be .extremes. or .random., got .best."),
     ({"users_per_pair": 2}, r"needs a pool of n_users \* pairs_per_user / users_per_pair = 200 item pairs, one per "
                             r"train prompt, but n_train_prompts=100"),
 ])
@@ -194,3 +195,16 @@ def test_dense_label_is_the_users_truly_preferred_response(dense):
 def test_sparse_default_pairs_are_rarely_shared(extremes):
     train = extremes.pairs.to_pandas().query("split == 'train'")
     assert train.groupby("pair_id")["user_id"].nunique().mean() < 3
+
+
+def test_sparse_random_pairs_are_the_users_own_and_labeled_by_the_truth():
+    data = world(pair_choice="random")
+    personal = true_logit(data, user_reward_weights(data))
+    assert (personal >= 0).all()
+    np.testing.assert_allclose(personal, data.oracle_logits["oracle/personal"], rtol=1e-4, atol=1e-4)
+    df = data.pairs.to_pandas()
+    train = df[df["split"] == "train"]
+    assert train.groupby("pair_id")["user_id"].nunique().mean() < 1.5
+    # not the extremes: some pair is neither the user's best nor worst response
+    extremes = world()
+    assert (np.asarray(data.pairs["chosen"]) != np.asarray(extremes.pairs["chosen"])).mean() > 0.5

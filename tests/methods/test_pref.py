@@ -140,7 +140,7 @@ def test_uncertainty_is_the_hessian_norm_of_a_hand_computed_2d_example():
     """J=2, phi = identity, lambda = (1, 0), beta = 1. One answered pair d = (2, 0): sigma'(2) = s (1 - s) with
     s = sigmoid(2), so H = diag(1 + 4 s (1 - s), 1). Candidates (1, 0) and (0, 1): ||d||_{H^-1} is
     1 / sqrt(1 + 4 s (1 - s)) and 1 -- the direction already asked about is the less uncertain one."""
-    model = PReF(PReF.Config(rank=2, adapt_beta=1.0), n_users=1, feature_dim=2)
+    model = PReF(PReF.Config(rank=2, adapt_beta=1.0, acquisition="hessian_norm"), n_users=1, feature_dim=2)
     with torch.no_grad():
         model.phi.weight.copy_(torch.eye(2))
         model.user_vectors.copy_(torch.tensor([[1.0, 0.0]]))
@@ -155,6 +155,11 @@ def test_uncertainty_is_the_hessian_norm_of_a_hand_computed_2d_example():
     # with nothing answered H = beta I: the score is ||d|| / sqrt(beta)
     none = {"user_idx": torch.tensor([], dtype=torch.long), "chosen": torch.zeros(0, 2), "rejected": torch.zeros(0, 2)}
     np.testing.assert_allclose(model.uncertainty(none, users, candidates).numpy(), [1.0, 1.0], rtol=1e-6)
+    # the information gain weighs ||d||^2_{H^-1} by the candidate's own sigma'(lambda . d): sigma'(1) and sigma'(0)
+    model.config.acquisition = "information"
+    s1 = 1.0 / (1.0 + np.exp(-1.0))
+    gain = [np.log1p(s1 * (1 - s1) * expected[0] ** 2), np.log1p(0.25)]
+    np.testing.assert_allclose(model.uncertainty(answered, users, candidates).numpy(), gain, rtol=1e-6)
 
 
 def test_adapt_beta_must_be_positive():
