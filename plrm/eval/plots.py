@@ -32,7 +32,7 @@ def active_curves(summary: dict, path: Path, title: str) -> None:
         ax.set_xlabel("answers from the new user")
         ax.set_ylabel(f"unseen users' test {name}")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
