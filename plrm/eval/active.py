@@ -85,6 +85,13 @@ def _where(flip: torch.Tensor, a, b):
     return torch.where(flip.view(-1, *([1] * (a.dim() - 1))), b, a)
 
 
+def _take(batch, index: torch.Tensor):
+    """Rows ``index`` of a batch dict (tensors, or dicts of them for token batches)."""
+    if isinstance(batch, dict):
+        return {k: _take(v, index) for k, v in batch.items()}
+    return batch[index]
+
+
 def _batch(dm: PreferenceDataModule, rows: np.ndarray, flip: np.ndarray | None, device) -> dict:
     batch = dm.batch(torch.from_numpy(rows))
     if flip is not None and flip[rows].any():
@@ -118,6 +125,10 @@ def run_session(model: PersonalizedRewardModel, dm: PreferenceDataModule, budget
     asked = np.full((n_users, budget), -1, dtype=np.int64)
     is_asked = np.zeros(pool.shape, dtype=bool)
     order_pos = np.zeros(n_users, dtype=np.int64)  # random: next position in the seeded order
+    if strategy == "uncertainty":  # every candidate's inputs gathered once; each round takes the unasked ones
+        candidates = _batch(dm, pool[pool >= 0], flip, model.device)
+        cell = np.full(pool.shape, -1, dtype=np.int64)
+        cell[pool >= 0] = np.arange(int((pool >= 0).sum()))
     curve = []
     arange = np.arange(n_users)
     for t in range(1, budget + 1):
@@ -127,10 +138,10 @@ def run_session(model: PersonalizedRewardModel, dm: PreferenceDataModule, budget
             order_pos = order_pos + 1
         else:
             valid = (pool >= 0) & ~is_asked
-            cand_rows = pool[valid]
             answered = asked[:, :t - 1].ravel()
+            remaining = _take(candidates, torch.from_numpy(cell[valid]).to(model.device))
             scores = model.uncertainty(_batch(dm, np.sort(answered), flip, model.device), users,
-                                       _batch(dm, cand_rows, flip, model.device)).cpu().numpy()
+                                       remaining).cpu().numpy()
             grid = np.full(pool.shape, -np.inf)
             grid[valid] = scores
             pick = grid.argmax(axis=1)
