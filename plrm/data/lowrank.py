@@ -99,6 +99,9 @@ class LowRankWorld(DatasetSource):
             if self.n_responses < 2:
                 raise ValueError("n_responses must be >= 2")
             if self.users_per_pair is not None:
+                if self.pair_choice != "extremes":
+                    raise ValueError(f"pair_choice={self.pair_choice!r} applies without users_per_pair only: with "
+                                     f"users_per_pair={self.users_per_pair} every pair is a random pool pair")
                 if self.users_per_pair < 1:
                     raise ValueError(f"users_per_pair must be >= 1, got {self.users_per_pair}")
                 if self.pool_size > self.n_train_prompts:

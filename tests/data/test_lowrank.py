@@ -150,6 +150,7 @@ def test_bradley_terry_labels_flip_some_extremes_reproducibly(extremes):
     ({"test_prompts_per_user": 21}, "test_prompts_per_user=21 exceeds n_test_prompts=20"),
     ({"n_responses": 1}, "n_responses must be >= 2"),
     ({"users_per_pair": 0}, "users_per_pair must be >= 1, got 0"),
+    ({"users_per_pair": 8, "pair_choice": "random"}, "pair_choice='random' applies without users_per_pair only"),
     ({"pair_choice": "best"}, "pair_choice must be .extremes. or .random., got .best."),
     ({"users_per_pair": 2}, r"needs a pool of n_users \* pairs_per_user / users_per_pair = 200 item pairs, one per "
                             r"train prompt, but n_train_prompts=100"),
