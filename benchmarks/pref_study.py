@@ -56,10 +56,6 @@ def fewshot_table(summary: dict) -> list[str]:
     return lines
 
 
-def per_seed_values(results: dict, label: str, group: str, metric: str) -> list[float]:
-    return [seed[label][group][metric] for seed in results["per_seed"].values()]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 seeds and budget 20: a smoke run")

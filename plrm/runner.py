@@ -200,8 +200,9 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
                           recipe.eval.batch_size)
             results[label] = {**ev.metrics, "adapts_new_users": model.adapts_new_users,
                               "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
-            if model.diagnostics():
-                results[label]["diagnostics"] = model.diagnostics()
+            diagnostics = model.diagnostics()
+            if diagnostics:
+                results[label]["diagnostics"] = diagnostics
             per_user = ev.per_user.assign(method=label, seed=seed)
             frames.append(per_user)
             log_results(logger, _flat(label, ev.metrics), {"eval/per_user": per_user})

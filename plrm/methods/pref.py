@@ -140,7 +140,7 @@ class PReF(PersonalizedRewardModel):
             "log det H if d were answered -- eq. 7's Hessian with the candidate's own sigma' weight. Eq. 8 omits "
             "that weight, so once a user's answers are separable it prefers the largest-||d|| pairs, whose answers "
             "are already predictable; on the dense low-rank world it never reaches random selection's 40-answer "
-            "accuracy within 40 answers, 'information' does in 15 (benchmarks/results/pref_dense.md).")
+            "accuracy within 40 answers, 'information' does in 12 (benchmarks/results/pref_dense.md).")
         adapt_steps: int = opt(20, "Newton steps of new-user adaptation (the problem is concave).")
 
         def __post_init__(self) -> None:
