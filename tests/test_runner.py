@@ -177,3 +177,15 @@ def test_wandb_staging_follows_each_run(tmp_path, monkeypatch):
         logger = tracking.make_logger(cfg, tmp_path / name, "x", "g", {})
         assert tracking.os.environ["WANDB_DATA_DIR"] == str(tmp_path / name / "wandb-staging")
         tracking.finish(logger)
+
+
+@pytest.mark.parametrize(("per_split", "expected"), [(False, [7, 7, 7, 7]), (True, [7, 7, 8, 8])])
+def test_training_seed_follows_the_split_seed_only_when_asked(tmp_path, tiny_overrides, monkeypatch, per_split,
+                                                              expected):
+    """run.seed_per_split: model init and data order are seeded with run.seed + split seed (two methods,
+    split seeds 0 and 1); otherwise every split trains from run.seed."""
+    seeds = []
+    monkeypatch.setattr(runner.L, "seed_everything", lambda s, verbose=True: seeds.append(s))
+    runner.fit("quickstart", tiny_overrides + ["split.seeds=[0,1]", "run.seed=7", f"run.seed_per_split={per_split}",
+                                               "methods.bt.max_epochs=1", "methods.lore.max_epochs=1"], show=False)
+    assert seeds == expected

@@ -10,7 +10,7 @@ import torch
 from plrm import runner
 from plrm.cli import main
 from plrm.data.datamodule import PreferenceDataModule
-from plrm.data.splits import SUPPORT
+from plrm.data.splits import SUPPORT, make_split
 from plrm.eval.active import SessionError, _answers, _batch, answers_to_match, run_session
 
 
@@ -99,6 +99,11 @@ def test_session_errors_name_the_problem(dense_run):
         run_session(lore, dm, 5, "uncertainty", [5], [0.1])
     with pytest.raises(SessionError, match="strategy must be one of"):
         run_session(model, dm, 5, "greedy", [5], [0.1])
+    with pytest.raises(SessionError, match="budget must be >= 1, got 0"):
+        run_session(model, dm, 0, "random", [], [0.1])
+    all_seen = make_split(dm.prepared.data.pairs.data.table, 0, 0.0, 0.0, 0.0, need_support=0)
+    with pytest.raises(SessionError, match="the split has no unseen users to run a session with"):
+        run_session(model, PreferenceDataModule(dm.prepared, all_seen), 5, "random", [5], [0.1])
     dm.prepared.data.oracle_logits = {}  # this dm was built for this test alone (session_parts)
     with pytest.raises(SessionError, match="answers=oracle needs a dataset with a personal oracle"):
         run_session(model, dm, 5, "random", [5], [0.1], answers="oracle")
