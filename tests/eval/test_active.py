@@ -135,3 +135,13 @@ def test_cli_active_writes_curves_plot_and_asked_pairs(dense_run, capsys):
 def test_cli_active_rejects_k_and_pairs(dense_run, capsys):
     assert main(["adapt", "--run", str(dense_run.run_dir), "--active", "--k", "3"]) == 2
     assert "--active asks the run's unseen users up to --budget questions" in capsys.readouterr().err
+
+
+def test_a_run_without_any_method_that_adapts_has_nothing_to_ask(tmp_path, tiny_overrides, monkeypatch):
+    from plrm.methods.bt import GlobalBT
+
+    run = runner.fit("quickstart", tiny_overrides + ["~methods.lore", "methods.bt.max_epochs=1"], show=False)
+    monkeypatch.setattr(GlobalBT, "adapts_new_users", "no")
+    with pytest.raises(SessionError, match="no method of the run can adapt new users"):
+        runner.active(run.run_dir, budget=3, show=False)
+    assert not (run.run_dir / "active_results.json").exists()
