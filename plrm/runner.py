@@ -187,7 +187,8 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
         for label, comp in recipe.methods.items():
             L.seed_everything(train_seed, verbose=False)
             model = build_model(recipe, label, prepared, len(split.user_ids))
-            dm = PreferenceDataModule(prepared, split, batch_size=comp.config.batch_size, seed=train_seed)
+            dm = PreferenceDataModule(prepared, split, batch_size=comp.config.batch_size, seed=train_seed,
+                                      users_per_batch=model.users_per_batch)
             logger = make_logger(recipe.logger, run_dir, name=f"seed-{seed}/{label}", group=recipe.run.name,
                                  config={**recipe.raw, "label": label, "split_seed": seed})
             trainer = _trainer(recipe, model, logger, f"seed {seed} {label}", validate=bool((split.role == VAL).any()))

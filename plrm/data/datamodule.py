@@ -6,6 +6,10 @@ batch size. A batch is a dict:
 
 ``user_idx`` (B,) int64, ``chosen`` / ``rejected`` backbone inputs of the two responses, ``row`` (B,) int64
 (the canonical row), ``pair_weight`` (B,) float32: the 1/|D_u| weight of papers/004 eq. 10, scaled to mean 1.
+
+Training batches are random pairs by default. A method that learns *per user task* (MRM's meta-batches of
+users, papers/003 Algorithm 2) sets ``users_per_batch``: each training batch is then every train pair of that
+many randomly drawn seen users (grouped by user; an epoch visits every seen user with train pairs once).
 """
 
 from __future__ import annotations
@@ -80,10 +84,34 @@ class _PairRows(torch.utils.data.Dataset):
         return self.dm.batch(self.rows[torch.as_tensor(positions)])
 
 
+class _UserRows(torch.utils.data.Dataset):
+    """Indexed by a list of *users* (positions in ``users``): the batch of all their rows, grouped by user."""
+
+    def __init__(self, dm: PreferenceDataModule, rows: np.ndarray):
+        owner = dm.split.row_user[rows]
+        order = np.argsort(owner, kind="stable")
+        self.dm, self.rows = dm, torch.from_numpy(rows[order])
+        users, counts = np.unique(owner, return_counts=True)
+        self.users, self.counts = torch.from_numpy(users), torch.from_numpy(counts)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, positions) -> dict:
+        pos = torch.as_tensor(positions)
+        counts, starts = self.counts[pos], self.starts[pos]
+        # every row of every chosen user in one gather: start of its user + offset inside it
+        offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return self.dm.batch(self.rows[torch.repeat_interleave(starts, counts) + offset])
+
+
 class PreferenceDataModule(L.LightningDataModule):
-    def __init__(self, prepared: PreparedData, split: Split, batch_size: int = 1024, seed: int = 0):
+    def __init__(self, prepared: PreparedData, split: Split, batch_size: int = 1024, seed: int = 0,
+                 users_per_batch: int | None = None):
         super().__init__()
         self.prepared, self.split, self.batch_size, self.seed = prepared, split, batch_size, seed
+        self.users_per_batch = users_per_batch
         self.row_user = torch.from_numpy(split.row_user)
         train = split.role == TRAIN
         n_train = np.bincount(split.row_user[train], minlength=len(split.user_ids)).astype(np.float64)
@@ -117,6 +145,11 @@ class PreferenceDataModule(L.LightningDataModule):
         return DataLoader(ds, sampler=BatchSampler(base, self.batch_size, drop_last=False), batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
+        if self.users_per_batch is not None:
+            ds = _UserRows(self, self.split.rows(TRAIN))
+            generator = torch.Generator().manual_seed(self.seed)
+            sampler = BatchSampler(RandomSampler(ds, generator=generator), self.users_per_batch, drop_last=False)
+            return DataLoader(ds, sampler=sampler, batch_size=None)
         return self._loader(self.split.rows(TRAIN), shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -69,6 +69,12 @@ class PersonalizedRewardModel(L.LightningModule):
     # `plrm adapt --pairs` builds afresh for new users while loading everything else from a checkpoint.
     user_state: ClassVar[tuple[str, ...]] = ()
 
+    @property
+    def users_per_batch(self) -> int | None:
+        """None: training batches are random pairs (``batch_size`` of them). An int n: each batch is every
+        train pair of n random seen users, for methods that learn per user task (MRM's meta-batches)."""
+        return None
+
     def __init__(self, config: Any, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
