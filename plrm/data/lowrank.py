@@ -39,8 +39,8 @@ from plrm.data.source import DatasetSource, FeatureTable, PreferenceData, item_k
 from plrm.registry import datasets as dataset_registry
 
 
-def dirichlet(rng: np.random.Generator, alpha: float, n: int, k: int) -> np.ndarray:
-    """Dirichlet(alpha) samples that stay finite for tiny alpha.
+def dirichlet(rng: np.random.Generator, alpha: float | np.ndarray, n: int, k: int) -> np.ndarray:
+    """Dirichlet(alpha) samples that stay finite for tiny alpha (a scalar, or one concentration per component).
 
     numpy's sampler draws Gamma(alpha), which underflows to 0 for alpha ~ 1e-3 and gives 0/0 rows.
     Work in log space instead: log G(alpha) = log G(alpha + 1) + log(U) / alpha, then a softmax.
@@ -73,6 +73,11 @@ class LowRankWorld(DatasetSource):
         feature_dim: int = opt(4096, "D, the feature dimension (papers/004 embeddings: 4096).")
         n_functions: int = opt(10, "K, the number of true reward functions (PersonalLLM: 10 reward models).")
         alpha: float = opt(0.01, "Dirichlet concentration of user weights: 0.001 very diverse, 0.1 near uniform.")
+        function_prevalence: list[float] | None = opt(
+            None, "Planted majority / minority preferences: how common each true function is among users (K "
+            "positive numbers, normalized to sum 1). Users' weights are Dirichlet(alpha * K * p_k): each still has "
+            "total concentration alpha * K, and with a small alpha a user leans on function k with probability "
+            "about p_k, so [0.7, 0.2, 0.07, 0.03] plants two minority groups. null: all equally common.")
         users_per_pair: int | None = opt(
             None, "Dense overlap (PReF's setting, papers/002 B.2: 50): users label a shared pool of random "
             "response pairs, each pair by about this many users; null: every user labels their own best-vs-worst "
@@ -98,6 +103,12 @@ class LowRankWorld(DatasetSource):
                                  f"n_test_prompts={self.n_test_prompts}")
             if self.n_responses < 2:
                 raise ValueError("n_responses must be >= 2")
+            if self.function_prevalence is not None:
+                if len(self.function_prevalence) != self.n_functions:
+                    raise ValueError(f"function_prevalence has {len(self.function_prevalence)} entries; it needs one "
+                                     f"per true function (n_functions={self.n_functions})")
+                if min(self.function_prevalence) <= 0:
+                    raise ValueError(f"function_prevalence entries must be > 0, got {self.function_prevalence}")
             if self.users_per_pair is not None:
                 if self.pair_choice != "extremes":
                     raise ValueError(f"pair_choice={self.pair_choice!r} applies without users_per_pair only: with "
@@ -161,7 +172,11 @@ class LowRankWorld(DatasetSource):
         features = rng.standard_normal((n_prompts * c.n_responses, c.feature_dim), dtype=np.float32)  # (I, D)
         directions = rng.standard_normal((c.feature_dim, c.n_functions)).astype(np.float32)       # (D, K)
         true_rewards = (features @ directions).reshape(n_prompts, c.n_responses, c.n_functions)    # (P, R, K)
-        user_weights = dirichlet(rng, c.alpha, c.n_users, c.n_functions)                           # (U, K)
+        concentration = c.alpha
+        if c.function_prevalence is not None:
+            prevalence = np.asarray(c.function_prevalence, dtype=np.float64)
+            concentration = c.alpha * c.n_functions * prevalence / prevalence.sum()                  # (K,)
+        user_weights = dirichlet(rng, concentration, c.n_users, c.n_functions)                     # (U, K)
         mean_weights = user_weights.mean(axis=0)                                                   # (K,)
 
         if c.users_per_pair is None and c.pair_choice == "extremes":

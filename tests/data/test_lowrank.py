@@ -154,10 +154,27 @@ def test_bradley_terry_labels_flip_some_extremes_reproducibly(extremes):
     ({"pair_choice": "best"}, "pair_choice must be .extremes. or .random., got .best."),
     ({"users_per_pair": 2}, r"needs a pool of n_users \* pairs_per_user / users_per_pair = 200 item pairs, one per "
                             r"train prompt, but n_train_prompts=100"),
+    ({"function_prevalence": [0.5, 0.5]}, r"function_prevalence has 2 entries; it needs one per true function "
+                                          r"\(n_functions=3\)"),
+    ({"function_prevalence": [0.5, 0.5, 0.0]}, "function_prevalence entries must be > 0"),
 ])
 def test_config_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(TINY, **changes)
+
+
+def test_function_prevalence_plants_minority_groups_and_uniform_changes_nothing():
+    """Dirichlet(alpha K p): with alpha = 0.05 users lean on function k about p_k of the time; a uniform
+    prevalence is the default world, array for array."""
+    base = dict(n_users=4000, pairs_per_user=2, n_train_prompts=20, n_test_prompts=2, test_prompts_per_user=1,
+                feature_dim=4, n_functions=4, alpha=0.05)
+    planted = LowRankWorld(LowRankWorld.Config(**base, function_prevalence=[7, 2, 0.7, 0.3])).load()
+    share = np.bincount(planted.truth["user_weights"].argmax(1), minlength=4) / 4000
+    np.testing.assert_allclose(share, [0.7, 0.2, 0.07, 0.03], atol=0.025)
+    default = LowRankWorld(LowRankWorld.Config(**base)).load()
+    uniform = LowRankWorld(LowRankWorld.Config(**base, function_prevalence=[1.0] * 4)).load()
+    np.testing.assert_array_equal(default.truth["user_weights"], uniform.truth["user_weights"])
+    assert default.pairs.data.table.equals(uniform.pairs.data.table)
 
 
 # ---- dense overlap (PReF's setting) -------------------------------------------------------------------------
