@@ -1,0 +1,217 @@
+"""MRM (papers/003): reward formula, eq. 11 adaptation by hand, vectorized adaptation, the user-batch loader,
+meta-training end to end with its ablations, and reload."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from plrm import runner
+from plrm.data.datamodule import PreferenceDataModule
+from plrm.data.splits import TRAIN
+from plrm.methods import meta
+from plrm.methods.mrm import MRM
+from plrm.recipe import RecipeError, load_recipe
+
+
+def _model(**changes):
+    return MRM(MRM.Config(**changes), n_users=3, feature_dim=2)
+
+
+def test_reward_is_the_weighted_sum_of_base_functions():
+    """A = [[1, 0], [1, 1]] (K=2, D=2), h = (2, 3): phi = (2, 5); user 1's w = (0.5, -1): r = 1 - 5 = -4."""
+    model = _model()
+    with torch.no_grad():
+        model.basis.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+        model.user_params[1] = torch.tensor([0.5, -1.0])
+    torch.testing.assert_close(model.reward(torch.tensor([[2.0, 3.0]]), torch.tensor([1])), torch.tensor([-4.0]))
+
+
+def test_adapt_is_one_gradient_step_from_w0_by_hand():
+    """Eq. 11 with phi = identity, w0 = (1, 0), alpha = 0.5 and two support pairs d1 = (1, 1), d2 = (-1, 2):
+    grad of mean -log sigmoid(w.d) = -mean sigmoid(-w0.d) d = -(sigmoid(-1) (1, 1) + sigmoid(1) (-1, 2)) / 2.
+    The other users' rows and every shared tensor stay as they were."""
+    model = _model(inner_lr=0.5)
+    with torch.no_grad():
+        model.basis.weight.copy_(torch.eye(2))
+        model.w0.copy_(torch.tensor([1.0, 0.0]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    support = {"user_idx": torch.tensor([2, 2]), "chosen": torch.tensor([[1.0, 1.0], [-1.0, 2.0]]),
+               "rejected": torch.zeros(2, 2)}
+    model.adapt(support, torch.tensor([2]))
+    s = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    grad = -np.array([s(-1) * 1 + s(1) * -1, s(-1) * 1 + s(1) * 2]) / 2
+    np.testing.assert_allclose(model.user_params[2].detach().numpy(), np.array([1.0, 0.0]) - 0.5 * grad, rtol=1e-6)
+    for k, v in model.state_dict().items():
+        if k == "user_params":
+            torch.testing.assert_close(v[:2], before[k][:2], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("basis", ["linear", "mlp", "none"])
+def test_adapt_vectorized_equals_one_user_at_a_time(basis):
+    torch.manual_seed(0)
+    model = MRM(MRM.Config(basis=basis, hidden=8, inner_steps=3, inner_lr=0.3), n_users=6, feature_dim=5)
+    users = torch.tensor([0, 2, 3, 5])
+    user_idx = torch.tensor([0, 0, 2, 3, 3, 3, 5])
+    support = {"user_idx": user_idx, "chosen": torch.randn(7, 5), "rejected": torch.randn(7, 5)}
+    model.adapt(support, users)
+    together = model.user_params.detach().clone()
+    for u in users.tolist():
+        rows = user_idx == u
+        model.adapt({k: v[rows] for k, v in support.items()}, torch.tensor([u]))
+    torch.testing.assert_close(model.user_params, together, rtol=1e-5, atol=1e-6)
+    # per-user rewards come from each user's own adapted parameters
+    h = torch.randn(4, 5)
+    r = model.reward(h, torch.tensor([0, 2, 3, 5]))
+    for i, u in enumerate([0, 2, 3, 5]):
+        torch.testing.assert_close(r[i], model.reward(h[i:i + 1], torch.tensor([u]))[0])
+
+
+def test_meta_losses_equal_the_per_user_reference_on_the_same_episode():
+    """MRM's batched episode (split, padding, vmapped inner loop, query losses) equals the per-user autograd
+    loop run on the same support / query split, and so do the outer gradients."""
+    torch.manual_seed(1)
+    model = MRM(MRM.Config(n_basis=3, inner_steps=2, inner_lr=0.4), n_users=4, feature_dim=6)
+    user_idx = torch.tensor([3, 0, 0, 3, 1, 0, 3, 3, 1, 0])
+    batch = {"user_idx": user_idx, "chosen": torch.randn(10, 6), "rejected": torch.randn(10, 6),
+             "pair_weight": torch.ones(10)}
+    losses = model.meta_losses(batch, torch.Generator().manual_seed(5))
+    model.outer_objective(losses).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    users, group = torch.unique(user_idx, return_inverse=True)
+    support = meta.episode_split(group, len(users), 0.1, torch.Generator().manual_seed(5))
+    d = model.basis(batch["chosen"] - batch["rejected"])
+    fast = meta.reference_adapt(model.logit_fn, {"w": model.w0}, [d[support & (group == g)] for g in range(3)],
+                                2, 0.4)
+    ref = torch.stack([-torch.nn.functional.logsigmoid(d[~support & (group == g)] @ f["w"]).mean()
+                       for g, f in enumerate(fast)])
+    torch.testing.assert_close(losses, ref)
+    model.outer_objective(ref).backward()
+    for n, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-7)
+
+
+def _prism_like(tmp_path, *extra):
+    """A small PRISM-like world: many users with 7 noisy pairs each on their own random response pairs."""
+    return ["data.n_users=300", "data.pairs_per_user=7", "data.n_train_prompts=1500", "data.n_test_prompts=60",
+            "data.test_prompts_per_user=30", "data.feature_dim=16", "data.n_functions=3", "data.alpha=0.05",
+            "data.labels=bradley_terry", "data.pair_choice=random", "split.k=5", "eval.k_list=[1,5]",
+            "methods.bt.max_epochs=10", "~methods.lore", "+methods.mrm={}", "methods.mrm.n_basis=3",
+            "methods.mrm.inner_lr=0.3", "methods.mrm.inner_steps=3", "methods.mrm.support_fraction=0.5",
+            "methods.mrm.lr=0.005", "methods.mrm.max_epochs=10",
+            "logger.kind=none", f"run.output_dir={tmp_path}", "trainer.progress_bar=false", *extra]
+
+
+def test_user_batches_hold_every_train_pair_of_their_users_once_per_epoch(tmp_path):
+    recipe = load_recipe("quickstart", _prism_like(tmp_path))
+    prepared = runner.prepare(recipe)
+    split = runner._split_for_seed(recipe, prepared, 0, None)
+    dm = PreferenceDataModule(prepared, split, users_per_batch=4, seed=0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == math.ceil(len(split.seen_users) / 4)
+    rows = torch.cat([b["row"] for b in batches]).numpy()
+    assert sorted(rows.tolist()) == sorted(split.rows(TRAIN).tolist())      # every train pair, once
+    for b in batches:
+        users = b["user_idx"]
+        assert len(torch.unique(users)) <= 4
+        assert (torch.diff(users) != 0).sum() == len(torch.unique(users)) - 1  # grouped by user
+
+
+def test_mrm_learns_personal_rewards_and_reloads(tmp_path):
+    result = runner.fit("quickstart", _prism_like(tmp_path), show=False)
+    res = result.per_seed[0]
+    assert res["mrm"]["unseen"]["accuracy"] > res["bt"]["unseen"]["accuracy"] + 0.03
+    assert res["mrm"]["seen"]["accuracy"] > res["bt"]["seen"]["accuracy"] + 0.03
+    assert len(res["mrm"]["diagnostics"]["w0"]) == 3
+    again = runner.test(result.run_dir, show=False)
+    assert again.per_seed[0]["mrm"]["unseen"] == res["mrm"]["unseen"]
+    assert again.per_seed[0]["mrm"]["seen"] == res["mrm"]["seen"]
+
+
+@pytest.mark.parametrize("variant", [
+    ["methods.mrm.meta_learning=false", "methods.mrm.adapt_steps=50"],
+    ["methods.mrm.rpo=false"],
+    ["methods.mrm.gamma=0.0"],
+    ["methods.mrm.basis=none", "methods.mrm.hidden=8"],
+    ["methods.mrm.basis=mlp", "methods.mrm.hidden=8", "methods.mrm.first_order=true"],
+])
+def test_ablations_train_and_beat_chance(tmp_path, variant):
+    result = runner.fit("quickstart", _prism_like(tmp_path, "~methods.bt", "methods.mrm.max_epochs=2", *variant),
+                        show=False)
+    res = result.per_seed[0]["mrm"]
+    assert res["unseen"]["accuracy"] > 0.55 and res["seen"]["accuracy"] > 0.55
+
+
+def test_no_meta_learning_trains_user_weights_and_fits_new_users_from_the_common_init(tmp_path):
+    recipe = load_recipe("quickstart", _prism_like(tmp_path, "~methods.bt", "methods.mrm.meta_learning=false",
+                                                   "methods.mrm.max_epochs=2"))
+    prepared = runner.prepare(recipe)
+    split = runner._split_for_seed(recipe, prepared, 0, None)
+    torch.manual_seed(0)
+    model = runner.build_model(recipe, "mrm", prepared, len(split.user_ids))
+    assert model.users_per_batch is None and model.user_params.requires_grad
+    init = model.w0.detach().clone()
+    dm = PreferenceDataModule(prepared, split, batch_size=256, users_per_batch=model.users_per_batch)
+    trainer = runner._trainer(recipe, model, None, "t", validate=False)
+    trainer.fit(model, datamodule=dm)
+    seen = torch.from_numpy(split.seen_users)
+    assert not torch.allclose(model.user_params[seen], init.expand(len(seen), -1))   # trained per user
+    unseen = torch.from_numpy(split.unseen_users)
+    torch.testing.assert_close(model.user_params[unseen], init.expand(len(unseen), -1))  # untouched until adapt
+    torch.testing.assert_close(model.w0, init)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("rho", "0", r"rho must be in \(0, 1\], got 0"),
+    ("gamma", "-1", "gamma must be >= 0"),
+    ("support_fraction", "1.0", r"support_fraction must be in \(0, 1\)"),
+    ("basis", "cnn", "basis"),
+])
+def test_config_errors_name_the_key(tmp_path, key, value, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("quickstart", _prism_like(tmp_path, f"methods.mrm.{key}={value}"))
+
+
+def test_basis_none_needs_meta_learning():
+    with pytest.raises(ValueError, match="Table 2 removes one component at a time"):
+        MRM.Config(basis="none", meta_learning=False)
+
+
+def test_personalllm_recipe_keeps_lowrank_personalllm_world_split_and_lore():
+    """The MRM-vs-LoRe benchmark at PersonalLLM size runs on exactly the foundation recipe's data flags."""
+    a, b = load_recipe("mrm_personalllm"), load_recipe("lowrank_personalllm")
+    for section in ("data", "split", "eval"):
+        assert a.raw[section] == b.raw[section], section
+    assert a.raw["methods"]["lore"] == b.raw["methods"]["lore"]
+
+
+def test_meta_training_checkpoints_and_resumes_under_lightning(tmp_path):
+    """Lightning saves MRM's meta-parameters, per-user table and Adam state mid-training and resumes from them:
+    the resumed trainer continues at the saved step, and its first resumed step starts from the saved w0."""
+    import lightning as L
+
+    recipe = load_recipe("quickstart", _prism_like(tmp_path, "~methods.bt", "methods.mrm.max_epochs=1"))
+    prepared = runner.prepare(recipe)
+    split = runner._split_for_seed(recipe, prepared, 0, None)
+    torch.manual_seed(0)
+    model = runner.build_model(recipe, "mrm", prepared, len(split.user_ids))
+    dm = PreferenceDataModule(prepared, split, users_per_batch=model.users_per_batch, seed=0)
+    kwargs = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                  limit_val_batches=0)
+    first = L.Trainer(max_epochs=1, default_root_dir=tmp_path, **kwargs)
+    first.fit(model, datamodule=dm)
+    ckpt = tmp_path / "mid.ckpt"
+    first.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    assert {"w0", "basis.weight", "user_params"} <= set(state["state_dict"])
+    assert state["optimizer_states"][0]["state"]  # Adam moments
+    steps = first.global_step
+    resumed_model = runner.build_model(recipe, "mrm", prepared, len(split.user_ids))
+    second = L.Trainer(max_epochs=2, default_root_dir=tmp_path, **kwargs)
+    second.fit(resumed_model, datamodule=dm, ckpt_path=ckpt)
+    assert second.global_step == 2 * steps
+    assert not torch.equal(resumed_model.w0, state["state_dict"]["w0"])  # it trained on from the saved state
