@@ -47,7 +47,8 @@ def accuracy_table(summary: dict) -> list[str]:
         secs = f"{agg['train_seconds']['mean']:.1f}" if agg.get("train_seconds") else "-"
         lines.append(f"| {label} | {pct(g['seen'].get('accuracy'))} | {pct(g['unseen'].get('accuracy'))} | "
                      f"{pct(g['overall'].get('accuracy'))} | {pct(g['seen'].get('accuracy_worst_10pct'))} | "
-                     f"{pct(g['unseen'].get('accuracy_worst_10pct'))} | {pct(g['unseen'].get('accuracy_worst_20pct'))} | "
+                     f"{pct(g['unseen'].get('accuracy_worst_10pct'))} | "
+                     f"{pct(g['unseen'].get('accuracy_worst_20pct'))} | "
                      f"{pct(g['unseen'].get('accuracy_worst_50pct'))} | {secs} |")
     return lines
 
