@@ -60,7 +60,9 @@ class MRM(PersonalizedRewardModel):
             "parameters are adapted per user in the inner loop).")
         hidden: int = opt(64, "Hidden units of the MLP basis / of the single MLP of basis: none.")
         inner_lr: float = opt(1e-3, "alpha, the inner-loop step size (papers/003 §5.1.4: 1e-3 on PRISM, "
-                                    "5e-3 on Reddit TL;DR); also used to adapt new users (eq. 11).")
+                                    "5e-3 on Reddit TL;DR); also used to adapt new users (eq. 11). On the "
+                                    "low-rank worlds these hardly move w0 (recipes/mrm_tldr.yaml: mrm_paper "
+                                    "scores like the Global RM); the mrm_* recipes use 0.3 with 3 inner steps.")
         inner_steps: int = opt(1, "n, gradient steps of the inner loop and of new-user adaptation (§5.1.4: 1).")
         lr: float = opt(1e-3, "beta, the Adam meta learning rate of w0 and the basis (§5.1.4: 1e-3 on PRISM, "
                               "5e-3 on Reddit TL;DR).")
