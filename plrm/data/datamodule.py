@@ -27,6 +27,13 @@ from plrm.data.source import PreferenceData, item_keys
 from plrm.data.splits import SUPPORT, TEST, TRAIN, VAL, Split
 
 
+def to_device(x, device):
+    """A tensor, a backbone's token dict or a whole batch dict, moved to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return {k: to_device(v, device) for k, v in x.items()}
+
+
 def build_item_index(data: PreferenceData) -> ItemIndex:
     """Unique (prompt, response) items of all rows; each is encoded once however many users judge it."""
     table = data.pairs.data.table

@@ -25,10 +25,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from plrm.data.datamodule import PreferenceDataModule
+from plrm.data.datamodule import PreferenceDataModule, to_device
 from plrm.data.splits import SUPPORT
 from plrm.eval.metrics import summarize
-from plrm.eval.protocol import _to, score_rows
+from plrm.eval.protocol import score_rows
 from plrm.methods.base import PersonalizedRewardModel
 
 STRATEGIES = ("uncertainty", "random")
@@ -98,7 +98,7 @@ def _batch(dm: PreferenceDataModule, rows: np.ndarray, flip: np.ndarray | None, 
         f = torch.from_numpy(flip[rows])
         batch["chosen"], batch["rejected"] = (_where(f, batch["chosen"], batch["rejected"]),
                                               _where(f, batch["rejected"], batch["chosen"]))
-    return {k: _to(v, device) for k, v in batch.items()}
+    return to_device(batch, device)
 
 
 @torch.no_grad()

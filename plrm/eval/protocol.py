@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from plrm.data.datamodule import PreferenceDataModule
+from plrm.data.datamodule import PreferenceDataModule, to_device
 from plrm.eval.metrics import summarize
 from plrm.methods.base import PersonalizedRewardModel
 
@@ -42,7 +42,8 @@ def score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: n
     chosen, rejected = prepared.chosen_item[rows_t], prepared.rejected_item[rows_t]
     items = torch.unique(torch.cat([chosen, rejected]))  # sorted
     device = model.device
-    z = torch.cat([model.item_embedding(model.encode(_to(prepared.backbone.inputs(items[i:i + ITEM_CHUNK]), device)))
+    inputs = prepared.backbone.inputs
+    z = torch.cat([model.item_embedding(model.encode(to_device(inputs(items[i:i + ITEM_CHUNK]), device)))
                    for i in range(0, len(items), ITEM_CHUNK)]) if len(items) else torch.empty(0, 1)
     pos_c, pos_r = torch.searchsorted(items, chosen), torch.searchsorted(items, rejected)
     users = dm.row_user[rows_t]
@@ -52,14 +53,10 @@ def score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: n
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _to(x, device):
-    return x.to(device) if isinstance(x, torch.Tensor) else {k: v.to(device) for k, v in x.items()}
-
-
 def adapt_unseen(model: PersonalizedRewardModel, dm: PreferenceDataModule, k: int) -> None:
     """Fit every unseen user's state from their first k support pairs (one vectorized call)."""
     rows = dm.support_rows(k)
-    support = {key: _to(v, model.device) for key, v in dm.batch(torch.from_numpy(rows)).items()}
+    support = to_device(dm.batch(torch.from_numpy(rows)), model.device)
     users = torch.from_numpy(dm.split.unseen_users).to(model.device)
     model.adapt(support, users)
 

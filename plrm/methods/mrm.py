@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from plrm.config import opt
+from plrm.data.datamodule import to_device
 from plrm.data.splits import TRAIN
 from plrm.methods import meta
 from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel
@@ -180,9 +181,9 @@ class MRM(PersonalizedRewardModel):
         s_pos, q_pos = is_support.nonzero()[:, 0], (~is_support).nonzero()[:, 0]
         s_idx, s_mask = meta.pad_groups(group[s_pos], len(users))
         q_idx, q_mask = meta.pad_groups(group[q_pos], len(users))
-        fast = meta.adapt(self.logit_fn, self.fast0(), x[s_pos][s_idx], s_mask, c.inner_steps, c.inner_lr,
+        fast = meta.adapt(self.logit_fn, self.fast0(), x[s_pos[s_idx]], s_mask, c.inner_steps, c.inner_lr,
                           c.first_order)
-        losses = meta.query_losses(self.logit_fn, fast, x[q_pos][q_idx], q_mask)
+        losses = meta.query_losses(self.logit_fn, fast, x[q_pos[q_idx]], q_mask)
         return losses[q_mask.any(1)]
 
     def outer_objective(self, losses: Tensor) -> Tensor:
@@ -213,8 +214,7 @@ class MRM(PersonalizedRewardModel):
             return
         dm = self.trainer.datamodule
         rows = torch.from_numpy(dm.split.rows(TRAIN))
-        batch = {k: (v.to(self.device) if isinstance(v, Tensor) else {n: t.to(self.device) for n, t in v.items()})
-                 for k, v in dm.batch(rows).items()}
+        batch = to_device(dm.batch(rows), self.device)
         self.adapt(batch, torch.unique(batch["user_idx"]))
 
     # ---- new users -----------------------------------------------------------------------------------------
