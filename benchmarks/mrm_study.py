@@ -24,15 +24,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _tables import fewshot_table, pct  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 COMMON = ["logger.kind=none", "trainer.progress_bar=false", "run.overwrite=true"]
 GROUPS = ("seen", "unseen", "overall")
-
-
-def pct(stat: dict | None) -> str:
-    if stat is None:
-        return "n/a"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}" if stat["n"] > 1 else f"{100 * stat['mean']:.1f}"
+FEWSHOT_CORNER = "unseen accuracy"
 
 
 def mean(summary: dict, label: str, group: str, key: str) -> float:
@@ -50,15 +49,6 @@ def accuracy_table(summary: dict) -> list[str]:
                      f"{pct(g['unseen'].get('accuracy_worst_10pct'))} | "
                      f"{pct(g['unseen'].get('accuracy_worst_20pct'))} | "
                      f"{pct(g['unseen'].get('accuracy_worst_50pct'))} | {secs} |")
-    return lines
-
-
-def fewshot_table(summary: dict) -> list[str]:
-    ks = sorted({int(k) for agg in summary.values() for k in agg.get("fewshot", {})})
-    lines = ["| unseen accuracy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    for label, agg in summary.items():
-        if agg.get("fewshot"):
-            lines.append(f"| {label} | " + " | ".join(pct(agg["fewshot"].get(str(k))) for k in ks) + " |")
     return lines
 
 
@@ -109,7 +99,7 @@ def main() -> int:
                 f"# MRM in a Reddit-TL;DR-like regime ({len(result.per_seed)} seeds)", "",
                 f"`{meta['command']}` — recipe `mrm_tldr`: 40 users (half unseen) x 150 pairs, unseen users adapted "
                 "on up to 50; `mrm_paper` uses papers/003 §5.1.4's TL;DR settings, `mrm` the PRISM-tuned inner loop.",
-                "", *accuracy_table(result.summary), "", *fewshot_table(result.summary), ""])
+                "", *accuracy_table(result.summary), "", *fewshot_table(result.summary, FEWSHOT_CORNER), ""])
         else:
             write(out_dir, part, meta, result, [
                 f"# MRM next to LoRe on the PersonalLLM-sized low-rank world ({len(result.per_seed)} seeds)", "",
@@ -117,7 +107,7 @@ def main() -> int:
                 "(2,000 users x 45 pairs, D = 4096, K = 10, unseen users adapted on 9 pairs). Train seconds are "
                 "the wall time of `trainer.fit` (MRM: meta-training plus adapting the seen users) on this "
                 f"machine ({platform.platform()}, one torch thread).", "",
-                *accuracy_table(result.summary), "", *fewshot_table(result.summary), ""])
+                *accuracy_table(result.summary), "", *fewshot_table(result.summary, FEWSHOT_CORNER), ""])
     print(f"wrote {', '.join(f'{out_dir}/{p}.md' for p in parts)} (+ .json)")
     return 0
 
@@ -146,7 +136,7 @@ def prism_part(result, name: str, meta: dict, out_dir: Path) -> dict:
     write(out_dir, name, meta, result, [
         f"# MRM in a PRISM-like regime: `{name}` ({len(result.per_seed)} seeds)", "",
         f"`{meta['command']}` — recipe `{name}`: {PRISM_WORLDS[name]}; mean ± std over split seeds (each with its "
-        "own training seed).", "", *accuracy_table(ps), "", *fewshot_table(ps), "", "## Checks", "",
+        "own training seed).", "", *accuracy_table(ps), "", *fewshot_table(ps, FEWSHOT_CORNER), "", "## Checks", "",
         "- MRM minus LoRe, unseen accuracy (points): " + ", ".join(f"k={k}: {100 * v:+.1f}" for k, v in vs_lore.items())
         + (" → MRM is at least LoRe at every k." if checks["mrm >= lore on unseen users at every k <= 5"] else
            " → MRM is below LoRe where negative."),

@@ -25,15 +25,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _tables import fewshot_table, pct  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 COMMON = ["logger.kind=none", "trainer.progress_bar=false", "run.overwrite=true"]
 SESSION_TS = (1, 5, 10, 15, 20, 30, 40)
-
-
-def pct(stat: dict | None) -> str:
-    if stat is None:
-        return "n/a"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}" if stat["n"] > 1 else f"{100 * stat['mean']:.1f}"
 
 
 def method_table(summary: dict, k: int) -> list[str]:
@@ -44,15 +42,6 @@ def method_table(summary: dict, k: int) -> list[str]:
         secs = f"{agg['train_seconds']['mean']:.1f}" if agg.get("train_seconds") else "-"
         lines.append(f"| {label} | {pct(unseen.get('accuracy'))} | {pct(unseen.get('auroc'))} | "
                      f"{pct(seen.get('accuracy'))} | {pct(unseen.get('accuracy_worst_10pct'))} | {secs} |")
-    return lines
-
-
-def fewshot_table(summary: dict) -> list[str]:
-    ks = sorted({int(k) for agg in summary.values() for k in agg.get("fewshot", {})})
-    lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    for label, agg in summary.items():
-        if agg.get("fewshot"):
-            lines.append(f"| {label} | " + " | ".join(pct(agg["fewshot"].get(str(k))) for k in ks) + " |")
     return lines
 
 

@@ -3,21 +3,14 @@ checks hold there too: PReF beats Global RM on unseen AUROC with 10 answers, and
 questions reach random selection's accuracy at the budget with at most half the answers."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
-def test_quick_pref_study_runs_and_its_checks_hold(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pref_study.py"), "--quick",
-                           "--out-dir", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+def test_quick_pref_study_runs_and_its_checks_hold(tmp_path, run_benchmark):
+    run_benchmark("pref_study.py", "--quick", "--out-dir", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
+                  timeout=900)
     dense = json.loads((tmp_path / "out" / "pref_dense.json").read_text())
     assert dense["checks"]["pref_auroc_beats_global_rm_at_k10"]
     assert dense["checks"]["active_reaches_random_at_budget_within_half"]
