@@ -95,6 +95,16 @@ def test_meta_losses_equal_the_per_user_reference_on_the_same_episode():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-7)
 
 
+def test_users_with_a_single_pair_have_no_query_and_the_step_is_skipped():
+    """One pair per user: the episode puts it in support, no user has a query set, so there is no outer loss
+    and training_step skips the batch (returns None) instead of averaging nothing."""
+    model = MRM(MRM.Config(n_basis=2), n_users=3, feature_dim=4)
+    batch = {"user_idx": torch.tensor([0, 2]), "chosen": torch.randn(2, 4), "rejected": torch.randn(2, 4),
+             "pair_weight": torch.ones(2)}
+    assert model.meta_losses(batch).shape == (0,)
+    assert model.training_step(batch, 0) is None
+
+
 def _prism_like(tmp_path, *extra):
     """A small PRISM-like world: many users with 7 noisy pairs each on their own random response pairs."""
     return ["data.n_users=300", "data.pairs_per_user=7", "data.n_train_prompts=1500", "data.n_test_prompts=60",
@@ -170,6 +180,8 @@ def test_no_meta_learning_trains_user_weights_and_fits_new_users_from_the_common
     ("gamma", "-1", "gamma must be >= 0"),
     ("support_fraction", "1.0", r"support_fraction must be in \(0, 1\)"),
     ("basis", "cnn", "basis"),
+    ("meta_batch_size", "0", "meta_batch_size and n_basis must be >= 1 and inner_steps >= 0"),
+    ("inner_steps", "-1", "meta_batch_size and n_basis must be >= 1 and inner_steps >= 0"),
 ])
 def test_config_errors_name_the_key(tmp_path, key, value, message):
     with pytest.raises(RecipeError, match=message):
