@@ -1,6 +1,6 @@
 """MRM's claims (papers/003 Table 1-2, Figures 3 and 6) checked on the low-rank world: the committed study.
 
-    python benchmarks/mrm_study.py                 # ~25 min on 2 CPU cores -> benchmarks/results/mrm_*.{md,json}
+    python benchmarks/mrm_study.py                 # ~30 min on 2 CPU cores -> benchmarks/results/mrm_*.{md,json}
     python benchmarks/mrm_study.py --quick         # 2 seeds, no PersonalLLM-sized run (a smoke run)
     python benchmarks/mrm_study.py --parts mrm_tldr  # only some of the recipes
 
