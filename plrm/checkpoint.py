@@ -17,7 +17,9 @@ def save_state(state_dict: dict, path: Path, meta: dict) -> None:
 
 
 def save_model(model: torch.nn.Module, path: Path, meta: dict) -> None:
-    save_state(model.state_dict(), path, meta)
+    """A method's trained state: ``checkpoint_state()`` (no frozen backbone weights) where the model has one."""
+    state = model.checkpoint_state() if hasattr(model, "checkpoint_state") else model.state_dict()
+    save_state(state, path, meta)
 
 
 def load_checkpoint(path: str | Path) -> dict:

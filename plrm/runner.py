@@ -136,12 +136,12 @@ def _provenance(recipe: Recipe) -> list[dict]:
 
 
 def _finish_run(recipe: Recipe, run_dir: Path, per_seed: dict, frames: list[pd.DataFrame], file: str,
-                show: bool) -> RunResult:
+                show: bool, backbone_stats: dict | None = None) -> RunResult:
     summary = report.aggregate(per_seed)
     per_user = pd.concat(frames, ignore_index=True)
     report.write_json(run_dir / file, {
         "recipe": recipe.raw, "versions": _versions(), "plugins": _provenance(recipe),
-        "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary})
+        "backbone": backbone_stats or {}, "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary})
     if file == RESULTS_FILE:
         tmp = run_dir / "per_user.parquet.tmp"
         per_user.to_parquet(tmp, index=False)
@@ -210,7 +210,7 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
             finish(logger)
         _oracles(prepared, dm, recipe, seed, results, frames)
         per_seed[seed] = results
-    return _finish_run(recipe, run_dir, per_seed, frames, RESULTS_FILE, show)
+    return _finish_run(recipe, run_dir, per_seed, frames, RESULTS_FILE, show, prepared.backbone.stats())
 
 
 def _read_run(run_dir: str | Path) -> tuple[Path, Recipe]:
@@ -229,7 +229,7 @@ def _load_run(run_dir: str | Path) -> tuple[Path, Recipe, PreparedData]:
 
 def _load_model(recipe: Recipe, label: str, prepared: PreparedData, split: Split, seed_dir: Path):
     model = build_model(recipe, label, prepared, len(split.user_ids))
-    model.load_state_dict(load_checkpoint(seed_dir / f"{label}.ckpt")["state_dict"])
+    model.load_checkpoint_state(load_checkpoint(seed_dir / f"{label}.ckpt")["state_dict"])
     return model
 
 

@@ -3,8 +3,8 @@
 A backbone is prepared once per dataset with the unique items of the data (each unique text is handled once,
 whatever the number of users), then serves ``inputs(item_ids)`` for batches. The trainable or frozen
 ``encoder()`` module maps those inputs to features ``h`` of shape (N, feature_dim); methods put their heads on
-top. Issue-6 backbones (HF transformers with LoRA, frozen encoders with a disk cache) implement the same three
-calls.
+top. The HF transformer with LoRA (plrm.backbones.transformer) and the frozen encoder with its disk cache
+(plrm.backbones.frozen) implement the same three calls.
 """
 
 from __future__ import annotations
@@ -51,3 +51,7 @@ class Backbone(Configured):
     def encoder(self) -> nn.Module:
         """The module mapping ``inputs`` to features (N, feature_dim); it may hold trainable parameters."""
         raise NotImplementedError
+
+    def stats(self) -> dict:
+        """JSON-able facts about preparing (texts encoded vs read from a cache, seconds), for results.json."""
+        return {}

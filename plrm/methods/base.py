@@ -117,13 +117,27 @@ class PersonalizedRewardModel(L.LightningModule):
         """JSON-able facts about the fitted model that results.json reports next to the metrics."""
         return {}
 
-    def load_shared_state(self, state_dict: dict) -> None:
-        """Load a checkpoint's shared tensors, leaving this model's per-user tensors (``user_state``) as built."""
-        shared = {k: v for k, v in state_dict.items() if k not in self.user_state}
-        missing, unexpected = self.load_state_dict(shared, strict=False)
-        wrong = sorted(set(missing) - set(self.user_state)) + sorted(unexpected)
+    def _frozen_encoder_keys(self) -> set[str]:
+        trained = {f"encoder.{n}" for n, p in self.encoder.named_parameters() if p.requires_grad}
+        return {k for k in self.state_dict(keep_vars=True) if k.startswith("encoder.") and k not in trained}
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint holds: the head, per-user state and the encoder's *trained* weights (LoRA adapters),
+        never the frozen base model, which is reloaded from its source."""
+        frozen = self._frozen_encoder_keys()
+        return {k: v for k, v in self.state_dict().items() if k not in frozen}
+
+    def load_checkpoint_state(self, state_dict: dict, skip: tuple[str, ...] = ()) -> None:
+        """Load ``checkpoint_state()`` output; every tensor but the frozen encoder's (and ``skip``) must be there."""
+        missing, unexpected = self.load_state_dict({k: v for k, v in state_dict.items() if k not in skip},
+                                                   strict=False)
+        wrong = sorted(set(missing) - self._frozen_encoder_keys() - set(skip)) + sorted(unexpected)
         if wrong:
             raise ValueError(f"checkpoint does not match {type(self).__name__}: {wrong}")
+
+    def load_shared_state(self, state_dict: dict) -> None:
+        """Load a checkpoint's shared tensors, leaving this model's per-user tensors (``user_state``) as built."""
+        self.load_checkpoint_state(state_dict, skip=self.user_state)
 
     # ---- derived ----------------------------------------------------------------------------------------
     def encode(self, items: Any) -> Tensor:
@@ -192,8 +206,21 @@ class PersonalizedRewardModel(L.LightningModule):
         """Optimizer groups; methods with per-user tables give them their own learning rate / decay."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def optimizer_groups(self) -> list[dict]:
+        """``parameter_groups()`` with the encoder's trainable weights (LoRA adapters) moved into a group of their
+        own, at the backbone's learning rate and weight decay."""
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        if not encoder:
+            return self.parameter_groups()
+        ids = {id(p) for p in encoder}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in self.parameter_groups()]
+        lr = getattr(self.encoder, "lr", None)
+        return [g for g in groups if g["params"]] + [
+            {"params": encoder, "lr": self.config.lr if lr is None else lr,
+             "weight_decay": getattr(self.encoder, "weight_decay", self.config.weight_decay)}]
+
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameter_groups(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return torch.optim.AdamW(self.optimizer_groups(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
 
 def _concat(a: Any, b: Any) -> Any:

@@ -53,8 +53,11 @@ class LoReAlt(LoRe):
     def configure_optimizers(self):
         user_lr = self.config.user_lr if self.config.user_lr is not None else self.config.lr
         user_opt = torch.optim.Adam([self.user_logits], lr=user_lr)
-        basis_params = [p for n, p in self.named_parameters() if p.requires_grad and n != "user_logits"]
-        basis_opt = torch.optim.AdamW(basis_params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        # the basis step trains everything but the user weights (the backbone's adapters in their own group)
+        groups = [{**g, "params": [p for p in g["params"] if p is not self.user_logits]}
+                  for g in self.optimizer_groups()]
+        basis_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
+                                      weight_decay=self.config.weight_decay)
         return [user_opt, basis_opt]
 
     def reference_penalty(self, batch: dict) -> Tensor | float:

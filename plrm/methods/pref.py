@@ -191,6 +191,7 @@ class PReF(PersonalizedRewardModel):
     def initialize_from_svd(self, dm) -> None:
         """Algorithm 1, steps 2-5, on the seen users' train pairs; with init: random only the spectrum (and
         the elbow) is taken from the SVD."""
+        from plrm.data.datamodule import to_device
         from plrm.data.splits import TRAIN
 
         pm = dm.pair_matrix(dm.split.rows(TRAIN))
@@ -207,8 +208,8 @@ class PReF(PersonalizedRewardModel):
         if c.init != "svd":
             return
         backbone = dm.prepared.backbone
-        y1 = self.encode(backbone.inputs(torch.from_numpy(pm.y1_item)).to(self.device))
-        y2 = self.encode(backbone.inputs(torch.from_numpy(pm.y2_item)).to(self.device))
+        y1 = self.encode(to_device(backbone.inputs(torch.from_numpy(pm.y1_item)), self.device))
+        y2 = self.encode(to_device(backbone.inputs(torch.from_numpy(pm.y2_item)), self.device))
         head = ridge_head((y1 - y2).cpu(), torch.from_numpy(pair_factors[:rank]).T, c.head_ridge)  # (J, D)
         self.phi.weight.copy_(head)
         self.user_vectors.copy_(torch.from_numpy(user_vectors[:, :rank]))

@@ -1,0 +1,271 @@
+"""TransformerBackbone: a Hugging Face model (Qwen2, LLaMA, BERT, ...) as a trainable reward encoder.
+
+The method's head sits on the pooled hidden state: the last response token for decoders, the mean over tokens
+for encoders (:mod:`plrm.backbones.text`). Fine-tuning is LoRA through peft by default (rank, alpha, dropout,
+target modules, rsLoRA), or full, or none; 4-bit / 8-bit loading goes through bitsandbytes with peft's k-bit
+preparation (QLoRA). Every method runs on it unchanged: the encoder's trainable parameters get their own
+optimizer group (``lr`` / ``weight_decay`` here), and checkpoints hold only what was trained.
+
+Each call of ``encoder()`` loads the base model afresh (from disk or the local Hub cache), so every method and
+every split seed of a run trains its own adapter from the same starting point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from plrm import capabilities as cap
+from plrm.backbones import models
+from plrm.backbones.base import Backbone, ItemIndex
+from plrm.backbones.models import BackboneError
+from plrm.backbones.text import item_texts, pad, pool, ragged_select, tokenize_items
+from plrm.config import opt
+from plrm.data.schema import DataValidationError
+from plrm.registry import backbones
+
+
+@dataclass
+class HFModelConfig:
+    """Options of every backbone that loads a Hugging Face model."""
+
+    model: str = opt("", "Hub id (Qwen/Qwen2.5-0.5B-Instruct), local save_pretrained directory, or an offline alias: "
+                         "offline:minilm, offline:smollm2, tiny-random:qwen2, tiny-random:llama, tiny-random:bert.")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = opt(False, "Run modeling code shipped with the model (off unless you trust it).")
+    architecture: Literal["auto", "decoder", "encoder"] = opt(
+        "auto", "auto: decoder if the config names a causal LM (Qwen2, LLaMA, ...), else encoder (BERT family).")
+    pooling: Literal["auto", "last", "mean", "cls"] = opt(
+        "auto", "Feature of an item: auto = the last response token for decoders, the token mean for encoders.")
+    max_length: int = opt(512, "Tokens per item; longer items lose prompt tokens from the left first (warned).")
+    chat_template: Literal["auto", "always", "never"] = opt(
+        "auto", "Render the prompt as a user turn with the tokenizer's chat template (auto: when a decoder "
+        "tokenizer has one); the response follows it as is, with nothing appended.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Weights dtype: auto = bfloat16 on a CUDA GPU that supports it, float32 on CPU.")
+    inference_batch_size: int = opt(64, "Items per forward pass when scoring without gradients (eval, adapt).")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("backbone.model is required: a Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), a local "
+                             f"directory, or an alias ({', '.join(models.ALIASES)})")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+
+
+class HFEncoder(nn.Module):
+    """Ragged token batches -> pooled features (N, H) in float32. Chunks itself when gradients are off."""
+
+    def __init__(self, model: nn.Module, pooling: str, pad_id: int, inference_batch_size: int,
+                 lr: float | None = None, weight_decay: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.pooling, self.pad_id, self.inference_batch_size = pooling, pad_id, inference_batch_size
+        self.lr, self.weight_decay = lr, weight_decay  # the optimizer group of the trainable encoder weights
+
+    def _forward(self, items: dict) -> Tensor:
+        input_ids, mask = pad(items, self.pad_id)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        return pool(hidden, mask, self.pooling).float()
+
+    def forward(self, items: dict) -> Tensor:
+        n, chunk = len(items["lengths"]), self.inference_batch_size
+        if torch.is_grad_enabled() or n <= chunk:
+            return self._forward(items)
+        # no gradients: length-sorted chunks (little padding), results put back in input order
+        lengths = items["lengths"]
+        order = torch.argsort(lengths, stable=True)
+        starts = torch.cumsum(lengths, 0) - lengths
+        feats = torch.cat([self._forward(ragged_select(items["ids"], starts, lengths, order[s:s + chunk]))
+                           for s in range(0, n, chunk)])
+        out = torch.empty_like(feats)
+        out[order] = feats
+        return out
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def quiet_transformers() -> None:
+    """transformers 5 prints load reports for expected mismatches (a causal LM's lm_head under AutoModel)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    logging.getLogger("peft").setLevel(logging.ERROR)
+
+
+class HFBackbone(Backbone):
+    """Shared by the transformer and frozen-encoder backbones: resolve the model, tokenize every unique item."""
+
+    provides = frozenset({cap.FEATURES})
+
+    def _resolve(self) -> None:
+        c = self.config
+        self.path = models.resolve(c.model)
+        quiet_transformers()
+        info = models.model_info(self.path, c.revision, c.trust_remote_code)
+        self.decoder = info["decoder"] if c.architecture == "auto" else c.architecture == "decoder"
+        self.hidden_size = info["hidden_size"]
+        self.pooling = ("last" if self.decoder else "mean") if c.pooling == "auto" else c.pooling
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path, revision=self.config.revision,
+                                             trust_remote_code=self.config.trust_remote_code)
+
+    def use_chat(self, tok) -> bool:
+        mode = self.config.chat_template
+        has = bool(getattr(tok, "chat_template", None))
+        if mode == "always" and not has:
+            raise BackboneError(f"backbone.chat_template=always, but the tokenizer of {self.config.model!r} has none")
+        return self.decoder and has if mode == "auto" else mode == "always"
+
+    def _check_text(self, data) -> None:
+        if cap.TEXT not in data.provides:
+            raise DataValidationError(
+                f"{data.name}: backbone '{type(self).registry_name}' reads prompt and response text, but the dataset "
+                "provides none (it is a feature-only world); use backbone 'precomputed' or a text dataset")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.hidden_size
+
+
+@backbones.register("transformer")
+class TransformerBackbone(HFBackbone):
+    """A Hugging Face transformer fine-tuned with the reward head: LoRA (default), full, or frozen; 4/8-bit."""
+
+    registry_name = "transformer"
+
+    @dataclass
+    class Config(HFModelConfig):
+        finetune: Literal["lora", "full", "frozen"] = opt(
+            "lora", "Which weights of the transformer train: LoRA adapters (peft), all of them, or none.")
+        lr: float = opt(1e-4, "Learning rate of the transformer's trainable weights (the head keeps the method's).")
+        weight_decay: float = opt(0.0, "AdamW weight decay of the transformer's trainable weights.")
+        lora_r: int = opt(8, "LoRA rank.")
+        lora_alpha: float = opt(16.0, "LoRA alpha (scaling alpha / r, or alpha / sqrt(r) with use_rslora).")
+        lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
+        lora_target_modules: list[str] | str | None = opt(
+            None, "Modules that get adapters: a list of names, 'all-linear', or null for peft's default of the "
+                  "architecture (q_proj and v_proj for Qwen2 / LLaMA; query and value for BERT).")
+        use_rslora: bool = opt(False, "Rank-stabilized LoRA (scaling alpha / sqrt(r)).")
+        quantization: Literal["none", "4bit", "8bit"] = opt(
+            "none", "Load the base weights in 4 or 8 bits with bitsandbytes (QLoRA; needs the 'quant' extra). "
+                    "4-bit runs on CPU too; 8-bit needs a CUDA GPU.")
+        bnb_4bit_quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type.")
+        bnb_4bit_double_quant: bool = opt(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+        gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower).")
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.quantization != "none" and self.finetune == "full":
+                raise ValueError(f"finetune=full cannot train {self.quantization} quantized weights; "
+                                 "use finetune=lora (QLoRA) or quantization=none")
+            if self.lora_r < 1:
+                raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+
+    def prepare(self, data, items: ItemIndex) -> None:
+        self._check_text(data)
+        self._resolve()
+        tok = self.tokenizer()
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        prompts, responses = item_texts(data, items)
+        self.tokens = tokenize_items(tok, prompts, responses, self.config.max_length, self.decoder, self.use_chat(tok))
+
+    def inputs(self, item_ids: Tensor) -> dict:
+        return self.tokens.gather(item_ids)
+
+    def load_base(self, device_map=None) -> nn.Module:
+        """The pretrained transformer (no head), quantized if configured."""
+        from transformers import AutoModel
+
+        c = self.config
+        kwargs = dict(revision=c.revision, trust_remote_code=c.trust_remote_code, dtype=resolve_dtype(c.dtype))
+        if c.quantization != "none":
+            kwargs.update(quantization_config=bnb_config(c, kwargs["dtype"]),
+                          device_map=device_map or _quantized_device_map(c.quantization))
+        model = AutoModel.from_pretrained(self.path, **kwargs)
+        if c.quantization != "none":
+            disable_cpu_repack(model)
+        return model
+
+    def encoder(self) -> nn.Module:
+        c = self.config
+        model = self.load_base()
+        if c.finetune == "frozen":
+            model.requires_grad_(False)
+        elif c.finetune == "lora":
+            model = add_lora(model, c)
+        elif c.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # from_pretrained returns eval mode, and Lightning keeps submodules' modes: train mode turns on dropout
+        model.train(c.finetune != "frozen")
+        return HFEncoder(model, self.pooling, self.pad_id, c.inference_batch_size,
+                         lr=c.lr, weight_decay=c.weight_decay)
+
+
+def bnb_config(c, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise BackboneError(f"backbone.quantization={c.quantization} needs bitsandbytes: "
+                            "pip install 'plrm[quant]' (with -c constraints/cpu.txt on a CPU machine)") from e
+    if c.quantization == "8bit":
+        if not torch.cuda.is_available():
+            raise BackboneError("backbone.quantization=8bit needs a CUDA GPU (bitsandbytes' int8 matmul has no CPU "
+                                "backward); use quantization=4bit on CPU")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=c.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=c.bnb_4bit_double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def _quantized_device_map(kind: str) -> dict:
+    # bitsandbytes quantizes at load time on the device it loads to; each DDP rank takes its own GPU.
+    if torch.cuda.is_available():
+        return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"}
+    return {"": "cpu"}
+
+
+def disable_cpu_repack(model: nn.Module) -> None:
+    """bitsandbytes on CPUs with AVX512-BF16 repacks 4-bit weights for inference the first time an eval /
+    no-grad forward runs; training afterwards crashes (Qwen2) or silently computes wrong gradients (LLaMA).
+    Lightning's sanity check and every evaluation trigger it, so 4-bit layers never repack."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def add_lora(model: nn.Module, c) -> nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if c.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=c.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif c.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                      target_modules=c.lora_target_modules, use_rslora=c.use_rslora, bias="none")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # e.g. no default target modules known for this architecture
+        raise BackboneError(f"backbone LoRA on {c.model!r}: {e}; set backbone.lora_target_modules") from e
