@@ -19,6 +19,7 @@ examples:
   plrm test --run runs/quickstart                    re-evaluate a finished run from its checkpoints and split
   plrm adapt --run runs/quickstart --k 3             re-fit unseen users from k support pairs
   plrm adapt --run runs/pref_dense --active          interactive sessions: uncertainty vs random questions
+  plrm embed --recipe my.yaml                        encode a frozen_encoder recipe's texts into the cache
   plrm list                                          methods, datasets, backbones, plugins (and broken ones)
   plrm recipes list | show NAME | copy NAME DEST | keys
 """
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "few-shot curve and the oracles; writes the run directory (see plrm.runner).")
     p.add_argument("--recipe", required=True, help="built-in recipe name (see `plrm recipes list`) or YAML path")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    _add_overrides(p)
+
+    p = sub.add_parser("embed", help="precompute a recipe's frozen-encoder features into the cache",
+                       description="Load the recipe's dataset and encode every unique (prompt, response) item with "
+                       "its frozen_encoder backbone into the on-disk feature cache, so that later runs and every run "
+                       "of a sweep encode nothing. Prints how many items were encoded and how many were cached.")
+    p.add_argument("--recipe", required=True, help="built-in recipe name or YAML path")
     _add_overrides(p)
 
     p = sub.add_parser("test", help="re-evaluate a finished run with its stored split and checkpoints",
@@ -146,6 +154,23 @@ def cmd_list(what: str | None) -> None:
         console.print(table)
 
 
+def cmd_embed(args) -> None:
+    from plrm import registry
+    from plrm.data.datamodule import PreparedData
+    from plrm.recipe import RecipeError, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    cls = registry.backbones.get(recipe.backbone.name)
+    if not getattr(cls, "caches_features", False):
+        raise RecipeError(f"backbone '{recipe.backbone.name}' has no feature cache to fill "
+                          "(backbone frozen_encoder has one)")
+    data = registry.datasets.get(recipe.data.name)(recipe.data.config).load()
+    stats = PreparedData(data, cls(recipe.backbone.config)).backbone.stats()
+    rate = f", {stats['texts_per_second']} texts/s" if stats["texts_per_second"] else ""
+    print(f"encoded {stats['encoded']} of {stats['items']} unique items ({stats['from_cache']} from the cache"
+          f"{rate}) -> {stats['cache']}")
+
+
 def cmd_recipes(args) -> None:
     import yaml
 
@@ -188,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data only: no telemetry request
     # torch 2.13 deprecates an API that lightning 2.6 still calls on every batch; nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    from plrm.backbones.models import BackboneError
     from plrm.data.schema import DataValidationError
     from plrm.data.splits import SplitError
     from plrm.eval.active import SessionError
@@ -206,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(yaml.safe_dump(_resolved_with_defaults(recipe), sort_keys=False), end="")
                 return 0
             runner.fit(recipe)
+        elif args.verb == "embed":
+            cmd_embed(args)
         elif args.verb == "test":
             from plrm import runner
 
@@ -229,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_list(args.what)
         elif args.verb == "recipes":
             cmd_recipes(args)
-    except (RecipeError, DataValidationError, SplitError, SessionError, RegistryError, FileNotFoundError,
+    except (RecipeError, DataValidationError, SplitError, SessionError, RegistryError, BackboneError, FileNotFoundError,
             FileExistsError) as exc:
         print(f"plrm {args.verb}: error: {exc}", file=sys.stderr)
         return 2
