@@ -19,6 +19,7 @@ examples:
   plrm test --run runs/quickstart                    re-evaluate a finished run from its checkpoints and split
   plrm adapt --run runs/quickstart --k 3             re-fit unseen users from k support pairs
   plrm adapt --run runs/pref_dense --active          interactive sessions: uncertainty vs random questions
+  plrm export --run runs/lora --out rm --merge       head + user weights, peft adapter, merged model
   plrm embed --recipe my.yaml                        encode a frozen_encoder recipe's texts into the cache
   plrm list                                          methods, datasets, backbones, plugins (and broken ones)
   plrm recipes list | show NAME | copy NAME DEST | keys
@@ -82,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "oracle (the user's noise-free preference)")
     g.add_argument("--eval-at", type=int, nargs="+", default=None,
                    help="numbers of answers at which unseen users are scored (default: every t in 1..budget)")
+
+    p = sub.add_parser("export", help="write a trained method as a save_pretrained-style directory (safetensors)",
+                       description="Write one method of a run (one split seed, one checkpoint) to a new directory "
+                       "that reloads without the training code (plrm.export.load_exported): plrm_export.json "
+                       "(base model, feature options, head ops, user ids, reward mean / std), recipe.yaml, "
+                       "head.safetensors (the reward head and per-user weights), tokenizer/, adapter/ (the LoRA "
+                       "adapter in peft's format) or model/ (finetune=full), and with --merge merged/ (the base "
+                       "model with the adapter merged in). The directory is written under a temporary name and "
+                       "renamed at the end; an existing non-empty --out is refused.")
+    p.add_argument("--run", required=True, help="run directory printed by `plrm fit`")
+    p.add_argument("--out", required=True, help="directory to create (must not exist, or be empty)")
+    p.add_argument("--method", default=None, help="method label (default: the run's only method)")
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the run's first)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file in seed-<s>/ (default <label>.ckpt; <label>.adapted-k<k>.ckpt from "
+                        "`plrm adapt` exports the unseen users too)")
+    p.add_argument("--merge", action="store_true",
+                   help="also write the base model with the LoRA adapter merged in (not for 4/8-bit bases)")
 
     p = sub.add_parser("list", help="registered methods, datasets, backbones and plugins",
                        description="Every registry entry with the package and version it came from, what it "
@@ -217,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from plrm.data.schema import DataValidationError
     from plrm.data.splits import SplitError
     from plrm.eval.active import SessionError
+    from plrm.export import ExportError
     from plrm.recipe import RecipeError
     from plrm.registry import RegistryError
 
@@ -253,12 +273,16 @@ def main(argv: list[str] | None = None) -> int:
                 runner.adapt_new_users(args.run, args.pairs)
             else:
                 runner.adapt(args.run, args.k)
+        elif args.verb == "export":
+            from plrm.export import export
+
+            export(args.run, args.out, args.method, args.seed, args.checkpoint, args.merge)
         elif args.verb == "list":
             cmd_list(args.what)
         elif args.verb == "recipes":
             cmd_recipes(args)
     except (RecipeError, DataValidationError, SplitError, SessionError, RegistryError, BackboneError, FileNotFoundError,
-            FileExistsError) as exc:
+            FileExistsError, ExportError) as exc:
         print(f"plrm {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     return 0

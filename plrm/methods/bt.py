@@ -40,3 +40,7 @@ class GlobalBT(PersonalizedRewardModel):
 
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return z[:, 0]  # the same reward for every user
+
+    def export_head(self) -> tuple[list[nn.Module], Tensor]:
+        """``plrm export``: g = the linear head v, W = ones: r_u = 1 * v^T h for every user."""
+        return [self.head_linear], self.head_linear.weight.detach().new_ones(self.n_users, 1)

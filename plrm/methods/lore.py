@@ -57,6 +57,10 @@ class LoRe(PersonalizedRewardModel):
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return (z * self.user_weights(user_idx)).sum(-1)  # w_u^T R_phi: (N,)
 
+    def export_head(self) -> tuple[list[nn.Module], Tensor]:
+        """``plrm export``: g = the basis A, W = the simplex weights softmax(user_logits) (U, B)."""
+        return [self.basis], torch.softmax(self.user_logits.detach(), dim=-1)
+
     def regularization(self, batch: dict) -> Tensor | float:
         return self.config.basis_l2 * self.basis.weight.pow(2).sum() if self.config.basis_l2 else 0.0
 

@@ -175,6 +175,10 @@ class PReF(PersonalizedRewardModel):
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return (z * self.user_vectors[user_idx]).sum(-1)  # lambda_u^T phi: (N,)
 
+    def export_head(self) -> tuple[list[nn.Module], Tensor]:
+        """``plrm export``: g = phi (W), W = the user vectors Lambda (U, J)."""
+        return [self.phi], self.user_vectors.detach()
+
     def regularization(self, batch: dict) -> Tensor:
         return 0.5 * self.config.beta * self.user_vectors[batch["user_idx"]].pow(2).sum(-1).mean()
 
