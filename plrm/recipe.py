@@ -61,8 +61,14 @@ class EvalSection:
 @dataclass
 class TrainerSection:
     accelerator: str = opt("cpu", "Lightning accelerator: cpu, gpu, auto.")
-    devices: Any = opt(1, "Lightning devices: a count, a list of ids, or 'auto'.")
-    strategy: str = opt("auto", "Lightning strategy: auto, ddp, fsdp, ...")
+    devices: Any = opt(1, "Lightning devices per node: a count, a list of ids, or 'auto'. With strategy ddp and "
+                          "accelerator cpu, the number of processes (gloo).")
+    num_nodes: int = opt(1, "Machines of a distributed run (torchrun or SLURM start one process per device).")
+    strategy: str = opt(
+        "auto", "Lightning strategy: auto (one process), ddp (one process per device, on every node; batch_size "
+        "stays the global batch, each rank trains on its part of it and evaluates its part of the rows), fsdp "
+        "(ddp that also shards the parameters of a large trainable backbone: CUDA GPUs only, a CPU request is "
+        "refused), or any other Lightning strategy name.")
     precision: str = opt("32-true", "Lightning precision string, e.g. 32-true, bf16-mixed.")
     gradient_clip_val: float | None = opt(None, "Clip gradient norm to this value (null: no clipping).")
     deterministic: bool = opt(False, "torch deterministic algorithms.")

@@ -9,6 +9,14 @@ Run directory (``<run.output_dir>/<run.name>``)::
     seed-<s>/<label>.ckpt  each method's trained state (weights-only checkpoint)
     wandb/ csv/ tensorboard/  the tracker's files
 
+Distributed (``trainer.strategy=ddp`` with ``trainer.devices`` > 1 or ``trainer.num_nodes`` > 1): Lightning
+starts the other ranks at the first ``trainer.fit`` by running the same command again (or torchrun / SLURM
+start them all), so every rank executes :func:`fit` from the top. All ranks load the data, make the same
+splits, train together (plrm.data.datamodule: each rank takes its part of every global batch) and run the
+evaluation protocol together (plrm.eval.protocol: scoring sharded, logits gathered before per-user metrics);
+only global rank 0 touches the run directory (checks, checkpoints, results, tracker). Later ``trainer.fit``
+calls of the same process (more methods, more split seeds) reuse the processes and the process group.
+
 Notebook use::
 
     import plrm.runner as run
@@ -18,7 +26,9 @@ Notebook use::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -31,6 +41,8 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from plrm import __version__, registry
 from plrm import capabilities as cap
@@ -39,7 +51,7 @@ from plrm.data.datamodule import PreferenceDataModule, PreparedData
 from plrm.data.splits import VAL, Split, load_split, make_split
 from plrm.eval import report
 from plrm.eval.metrics import per_user_accuracy, summarize
-from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, per_user_frame, score_rows
+from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, per_user_frame, score_rows, sync_user_state
 from plrm.recipe import Recipe, RecipeError, load_recipe
 from plrm.tracking import PlainProgress, finish, log_results, make_logger
 
@@ -66,6 +78,8 @@ def prepare(recipe: Recipe) -> PreparedData:
     """Load and validate the dataset, check every method's needs, prepare the backbone."""
     if recipe.trainer.num_threads:
         torch.set_num_threads(recipe.trainer.num_threads)
+        # Lightning's process launcher sets torch's threads to cores / processes unless OMP_NUM_THREADS is set
+        os.environ.setdefault("OMP_NUM_THREADS", str(recipe.trainer.num_threads))
     data = registry.datasets.get(recipe.data.name)(recipe.data.config).load()
     backbone = registry.backbones.get(recipe.backbone.name)(recipe.backbone.config)
     provided = data.provides | backbone.provides
@@ -98,17 +112,63 @@ def build_model(recipe: Recipe, label: str, prepared: PreparedData, n_users: int
                encoder=prepared.backbone.encoder())
 
 
-def _trainer(recipe: Recipe, model, logger, label: str, validate: bool) -> L.Trainer:
+def _strategy(recipe: Recipe, model=None, world: int = 1):
+    """The recipe's strategy; 'ddp' (or 'auto' over several processes, which Lightning makes ddp) for a method
+    whose steps leave parameters without gradients becomes DDP that looks for them
+    (``PersonalizedRewardModel.ddp_find_unused_parameters``)."""
+    strategy = recipe.trainer.strategy
+    if model is None:
+        return strategy
+    if "fsdp" in str(strategy).lower() and not model.automatic_optimization:
+        raise RecipeError(f"{type(model).__name__} optimizes manually (backward passes inside its training step), "
+                          f"which FSDP does not support; train it with trainer.strategy=ddp")
+    if strategy in ("ddp", "auto") and world > 1 and model.ddp_find_unused_parameters:
+        return DDPStrategy(find_unused_parameters=True)
+    return strategy
+
+
+def distribution(recipe: Recipe) -> tuple[int, int]:
+    """(global rank, world size) this process will have in the recipe's Trainers, known before the first fit
+    (Lightning's own cluster detection: its launcher's LOCAL_RANK / NODE_RANK, torchrun, SLURM). Trainer
+    settings Lightning rejects fail here, as a RecipeError, before any data is loaded or file written."""
+    t = recipe.trainer
+    if "fsdp" in str(t.strategy).lower() and (t.accelerator == "cpu" or not torch.cuda.is_available()):
+        raise RecipeError(f"trainer.strategy={t.strategy} shards a large backbone over GPUs and needs "
+                          "trainer.accelerator=gpu on a machine with CUDA GPUs; on CPU use trainer.strategy=ddp")
+    try:
+        probe = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                          strategy=_strategy(recipe), precision=t.precision, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except (ValueError, TypeError, MisconfigurationException) as exc:
+        raise RecipeError(f"trainer (accelerator={t.accelerator}, devices={t.devices}, num_nodes={t.num_nodes}, "
+                          f"strategy={t.strategy}, precision={t.precision}): {exc}") from exc
+    return probe.global_rank, probe.world_size
+
+
+def _full_parameters(trainer: L.Trainer):
+    """After an FSDP fit each rank holds shards of the parameters: gather them for checkpointing and evaluation
+    (writeback: what adapt() writes stays). Any other strategy leaves whole parameters: nothing to do."""
+    if isinstance(trainer.strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=True)
+    return contextlib.nullcontext()
+
+
+def _trainer(recipe: Recipe, model, logger, label: str, validate: bool, world: int = 1) -> L.Trainer:
     t = recipe.trainer
     cfg = model.config
     show_bars = sys.stderr.isatty() if t.progress_bar == "auto" else t.progress_bar
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
-        max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, logger=logger if logger is not None else False,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(recipe, model, world),
+        precision=t.precision, max_epochs=cfg.max_epochs, max_steps=cfg.max_steps,
+        logger=logger if logger is not None else False,
         callbacks=[] if show_bars else [PlainProgress(label)], enable_progress_bar=show_bars,
         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic, num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0,
         gradient_clip_val=t.gradient_clip_val if model.automatic_optimization else None,
+        # the datamodule shards every global batch itself (same batches as one process, split protocol kept)
+        use_distributed_sampler=False,
     )
 
 
@@ -136,9 +196,11 @@ def _provenance(recipe: Recipe) -> list[dict]:
 
 
 def _finish_run(recipe: Recipe, run_dir: Path, per_seed: dict, frames: list[pd.DataFrame], file: str,
-                show: bool, backbone_stats: dict | None = None) -> RunResult:
+                show: bool, backbone_stats: dict | None = None, write: bool = True) -> RunResult:
     summary = report.aggregate(per_seed)
     per_user = pd.concat(frames, ignore_index=True)
+    if not write:  # a distributed rank other than 0: it computed the same numbers, rank 0 writes them
+        return RunResult(run_dir, per_seed, summary, per_user)
     report.write_json(run_dir / file, {
         "recipe": recipe.raw, "versions": _versions(), "plugins": _provenance(recipe),
         "backbone": backbone_stats or {}, "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary})
@@ -166,22 +228,26 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
     _quiet_lightning()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     run_dir = Path(recipe.run.output_dir).expanduser() / recipe.run.name
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    rank, world = distribution(recipe)
+    main = rank == 0  # only global rank 0 writes; the others (started after it made run_dir) compute alongside
+    exists = main and run_dir.exists() and any(run_dir.iterdir())
     if exists and not recipe.run.overwrite:
         raise RecipeError(f"run directory {run_dir} already exists; choose another run.name=... "
                           "or set run.overwrite=true")
     prepared = prepare(recipe)  # bad data fails here, before an old run is replaced or a new one started
     if exists:
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
     per_seed: dict[int, dict] = {}
     frames: list[pd.DataFrame] = []
     for seed in recipe.split.seeds:
         seed_dir = run_dir / f"seed-{seed}"
-        seed_dir.mkdir(exist_ok=True)
         split = _split_for_seed(recipe, prepared, seed, stored=None)
-        split.save(seed_dir / "split.parquet")
+        if main:
+            seed_dir.mkdir(exist_ok=True)
+            split.save(seed_dir / "split.parquet")
         results: dict[str, dict] = {}
         train_seed = recipe.run.seed + (seed if recipe.run.seed_per_split else 0)
         for label, comp in recipe.methods.items():
@@ -190,15 +256,19 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
             dm = PreferenceDataModule(prepared, split, batch_size=comp.config.batch_size, seed=train_seed,
                                       users_per_batch=model.users_per_batch)
             logger = make_logger(recipe.logger, run_dir, name=f"seed-{seed}/{label}", group=recipe.run.name,
-                                 config={**recipe.raw, "label": label, "split_seed": seed})
-            trainer = _trainer(recipe, model, logger, f"seed {seed} {label}", validate=bool((split.role == VAL).any()))
+                                 config={**recipe.raw, "label": label, "split_seed": seed}) if main else None
+            trainer = _trainer(recipe, model, logger, f"seed {seed} {label}", validate=bool((split.role == VAL).any()),
+                               world=world)
             start = time.perf_counter()
             trainer.fit(model, datamodule=dm)
             train_seconds = time.perf_counter() - start
-            save_model(model, seed_dir / f"{label}.ckpt", {"method": comp.name, "label": label})
-            start = time.perf_counter()
-            ev = evaluate(model, dm, recipe.split.k, recipe.eval.k_list, recipe.eval.worst_fractions,
-                          recipe.eval.batch_size)
+            with _full_parameters(trainer):
+                sync_user_state(model)  # per-user state written outside autograd (e.g. MRM's seen users): rank 0's
+                if main:
+                    save_model(model, seed_dir / f"{label}.ckpt", {"method": comp.name, "label": label})
+                start = time.perf_counter()
+                ev = evaluate(model, dm, recipe.split.k, recipe.eval.k_list, recipe.eval.worst_fractions,
+                              recipe.eval.batch_size)
             results[label] = {**ev.metrics, "adapts_new_users": model.adapts_new_users,
                               "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
             diagnostics = model.diagnostics()
@@ -210,7 +280,8 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
             finish(logger)
         _oracles(prepared, dm, recipe, seed, results, frames)
         per_seed[seed] = results
-    return _finish_run(recipe, run_dir, per_seed, frames, RESULTS_FILE, show, prepared.backbone.stats())
+    return _finish_run(recipe, run_dir, per_seed, frames, RESULTS_FILE, show and main, prepared.backbone.stats(),
+                       write=main)
 
 
 def _read_run(run_dir: str | Path) -> tuple[Path, Recipe]:

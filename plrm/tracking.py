@@ -105,6 +105,8 @@ class PlainProgress(L.Callback):
         self.label = label
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:  # one line per epoch, not one per rank
+            return
         shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         text = " ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items()))
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""

@@ -5,11 +5,20 @@ inputs for every unique item); a :class:`PreferenceDataModule` is then a cheap v
 batch size. A batch is a dict:
 
 ``user_idx`` (B,) int64, ``chosen`` / ``rejected`` backbone inputs of the two responses, ``row`` (B,) int64
-(the canonical row), ``pair_weight`` (B,) float32: the 1/|D_u| weight of papers/004 eq. 10, scaled to mean 1.
+(the canonical row), ``pair_weight`` (B,) float32: the 1/|D_u| weight of papers/004 eq. 10, scaled to mean 1;
+training and validation batches also carry ``share`` (float, see below; 1.0 in one process).
 
 Training batches are random pairs by default. A method that learns *per user task* (MRM's meta-batches of
 users, papers/003 Algorithm 2) sets ``users_per_batch``: each training batch is then every train pair of that
 many randomly drawn seen users (grouped by user; an epoch visits every seen user with train pairs once).
+
+Distributed (DDP, ``world`` processes): ``batch_size`` (or ``users_per_batch``) stays the *global* batch. Every
+rank draws the same global batches (same seed) from the same rows -- seen users' train rows, validation rows --
+and keeps its contiguous 1/world part of each (:func:`shard`), so the split protocol is untouched and the
+Trainer runs with ``use_distributed_sampler=False``. ``share`` = world x (this rank's pairs or users) / (the
+global batch's): a per-rank mean loss times ``share``, averaged over ranks by DDP, is exactly the global batch's
+mean, also for an unequal last batch. A global batch smaller than the world gives the ranks left without
+positions a copy of the whole batch with ``share`` 0 (under DDP every rank must run a backward pass).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from plrm.backbones.base import Backbone, ItemIndex
 from plrm.data.source import PreferenceData, item_keys
@@ -32,6 +41,62 @@ def to_device(x, device):
     if isinstance(x, torch.Tensor):
         return x.to(device)
     return {k: to_device(v, device) for k, v in x.items()}
+
+
+# ---- distributed: shards of a global batch and their reassembly -----------------------------------------------
+def rank_and_world() -> tuple[int, int]:
+    """(global rank, world size) of the initialized ``torch.distributed`` process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous part of n positions: the first n % world ranks hold one position more."""
+    size, extra = divmod(n, world)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
+def concat_shards(padded: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """Reassemble what :func:`gather_shards` collected: rank r's first sizes[r] entries, in rank order."""
+    return torch.cat([p[:n] for p, n in zip(padded, sizes)])
+
+
+def gather_shards(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``local`` (N_r, ...) in rank order, on every rank (N_r may differ); ``local``
+    itself without a process group. Collective: every rank must call it. No gradient flows through it."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return local
+    dist = torch.distributed
+    # gloo reduces CPU tensors, nccl CUDA tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=device))
+    sizes = [int(s) for s in sizes]
+    if max(sizes) == 0:
+        return local
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[:len(local)] = local.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return concat_shards(parts, sizes).to(local.device)
+
+
+class _Shards(Sampler):
+    """This rank's part of every global batch of ``batches``, as (positions, share); see the module docstring."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            part = batch[shard(len(batch), self.rank, self.world)]
+            yield (part, self.world * len(part) / len(batch)) if part else (batch, 0.0)
 
 
 def build_item_index(data: PreferenceData) -> ItemIndex:
@@ -79,7 +144,8 @@ class PreparedData:
 
 
 class _PairRows(torch.utils.data.Dataset):
-    """Indexed by a *list* of positions (a whole batch at once), so features are gathered in one op."""
+    """Indexed by a *list* of positions (a whole batch at once), so features are gathered in one op, with the
+    batch's share (:class:`_Shards`)."""
 
     def __init__(self, dm: PreferenceDataModule, rows: np.ndarray):
         self.dm, self.rows = dm, torch.from_numpy(rows)
@@ -87,8 +153,9 @@ class _PairRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, positions) -> dict:
-        return self.dm.batch(self.rows[torch.as_tensor(positions)])
+    def __getitem__(self, item) -> dict:
+        positions, share = item
+        return {**self.dm.batch(self.rows[torch.as_tensor(positions)]), "share": share}
 
 
 class _UserRows(torch.utils.data.Dataset):
@@ -105,12 +172,13 @@ class _UserRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.users)
 
-    def __getitem__(self, positions) -> dict:
+    def __getitem__(self, item) -> dict:
+        positions, share = item
         pos = torch.as_tensor(positions)
         counts, starts = self.counts[pos], self.starts[pos]
         # every row of every chosen user in one gather: start of its user + offset inside it
         offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        return self.dm.batch(self.rows[torch.repeat_interleave(starts, counts) + offset])
+        return {**self.dm.batch(self.rows[torch.repeat_interleave(starts, counts) + offset]), "share": share}
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -144,24 +212,22 @@ class PreferenceDataModule(L.LightningDataModule):
             "pair_weight": self.user_weight[users],
         }
 
-    def _loader(self, rows: np.ndarray, shuffle: bool) -> DataLoader:
-        ds = _PairRows(self, rows)
-        generator = torch.Generator().manual_seed(self.seed)
+    def _loader(self, ds: _PairRows | _UserRows, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)  # the same global batches on every rank
         base = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
-        # batch_size=None + a BatchSampler as sampler: the dataset receives whole index lists (one gather).
-        return DataLoader(ds, sampler=BatchSampler(base, self.batch_size, drop_last=False), batch_size=None)
+        # batch_size=None + a batch sampler as sampler: the dataset receives whole index lists (one gather).
+        sampler = _Shards(BatchSampler(base, batch_size, drop_last=False), *rank_and_world())
+        return DataLoader(ds, sampler=sampler, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
+        rows = self.split.rows(TRAIN)
         if self.users_per_batch is not None:
-            ds = _UserRows(self, self.split.rows(TRAIN))
-            generator = torch.Generator().manual_seed(self.seed)
-            sampler = BatchSampler(RandomSampler(ds, generator=generator), self.users_per_batch, drop_last=False)
-            return DataLoader(ds, sampler=sampler, batch_size=None)
-        return self._loader(self.split.rows(TRAIN), shuffle=True)
+            return self._loader(_UserRows(self, rows), self.users_per_batch, shuffle=True)
+        return self._loader(_PairRows(self, rows), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
         rows = self.split.rows(VAL)
-        return self._loader(rows, shuffle=False) if len(rows) else []
+        return self._loader(_PairRows(self, rows), self.batch_size, shuffle=False) if len(rows) else []
 
     # ---- evaluation-side views ----------------------------------------------------------------------------
     def support_rows(self, k: int) -> np.ndarray:

