@@ -218,3 +218,20 @@ def test_lora_on_pretrained_smollm2_learns_a_length_preference_on_held_out_pairs
                         show=False)
     bt = result.per_seed[0]["bt"]
     assert bt["seen"]["accuracy"] > 0.8 and bt["unseen"]["accuracy"] > 0.8  # test pairs only; chance is 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["lore_qwen_lora_tiny", "lore_llama_qlora_tiny"])
+def test_cpu_twins_of_the_cluster_recipes_run_the_same_recipe_on_tiny_models(tmp_path, recipe):
+    if "qlora" in recipe:
+        pytest.importorskip("bitsandbytes")
+    resolved = load_recipe(recipe, ["data.n_users=16", "methods.lore.max_epochs=1", "logger.kind=none",
+                                    f"run.output_dir={tmp_path}", "trainer.progress_bar=false"])
+    cluster = load_recipe(recipe.removesuffix("_tiny"))
+    assert cluster.trainer.accelerator == "gpu" and resolved.trainer.accelerator == "cpu"
+    assert resolved.backbone.config.model.startswith("tiny-random:")
+    assert resolved.backbone.config.quantization == cluster.backbone.config.quantization
+    result = runner.fit(resolved, show=False)
+    assert 0.0 <= result.per_seed[0]["lore"]["unseen"]["accuracy"] <= 1.0
+    state = load_checkpoint(result.run_dir / "seed-0" / "lore.ckpt")["state_dict"]
+    assert any("lora_" in k for k in state)
