@@ -51,6 +51,7 @@ import pyarrow as pa
 
 from plrm import capabilities as cap
 from plrm.config import opt
+from plrm.data.lowrank import label_pairs
 from plrm.data.source import DatasetSource, PreferenceData
 from plrm.registry import datasets as dataset_registry
 
@@ -399,13 +400,8 @@ class AttributeWorld(DatasetSource):
         prefers_first = scores[rows[0], rows[1], first] > scores[rows[0], rows[1], second]
         chosen, rejected = np.where(prefers_first, first, second), np.where(prefers_first, second, first)
         diff_a = (item_attributes[prompt, chosen] - item_attributes[prompt, rejected]).astype(np.float64)  # (U, n, A)
-        if c.labels == "bradley_terry":
-            delta = np.einsum("una,ua->un", diff_a, user_weights)
-            flip = rng.random(delta.shape) >= 1.0 / (1.0 + np.exp(-delta / c.bt_temperature))
-            chosen, rejected = np.where(flip, rejected, chosen), np.where(flip, chosen, rejected)
-            diff_a = np.where(flip[..., None], -diff_a, diff_a)
-        personal = np.einsum("una,ua->un", diff_a, user_weights)
-        population = diff_a @ mean_weights
+        chosen, rejected, personal, population = label_pairs(rng, chosen, rejected, diff_a, user_weights,
+                                                             mean_weights, c.labels, c.bt_temperature)
         reference = scores.argmax(axis=2)                                  # ties: the lowest response index
 
         is_test = (prompt >= c.n_train_prompts).ravel()

@@ -51,6 +51,19 @@ def dirichlet(rng: np.random.Generator, alpha: float | np.ndarray, n: int, k: in
     return g / g.sum(axis=1, keepdims=True)
 
 
+def label_pairs(rng: np.random.Generator, chosen: np.ndarray, rejected: np.ndarray, diff: np.ndarray,
+                user_weights: np.ndarray, mean_weights: np.ndarray, labels: str, bt_temperature: float):
+    """Labels and oracle logits of (U, n) pairs whose true-feature difference chosen - rejected is ``diff``
+    (U, n, F), linear true rewards w_u . f: with ``labels: bradley_terry`` each pair's order is redrawn with
+    P = sigmoid(delta / bt_temperature). Returns chosen, rejected, the personal and the population logits."""
+    if labels == "bradley_terry":
+        delta = np.einsum("unf,uf->un", diff, user_weights)
+        flip = rng.random(delta.shape) >= 1.0 / (1.0 + np.exp(-delta / bt_temperature))
+        chosen, rejected = np.where(flip, rejected, chosen), np.where(flip, chosen, rejected)
+        diff = np.where(flip[..., None], -diff, diff)
+    return chosen, rejected, np.einsum("unf,uf->un", diff, user_weights), diff @ mean_weights
+
+
 def _texts(prefix: str, ids: np.ndarray) -> pd.Series:
     return prefix + pd.Series(ids, dtype=np.int64).astype(str)
 
@@ -197,13 +210,8 @@ class LowRankWorld(DatasetSource):
         is_test = prompt >= c.n_train_prompts
         user = np.broadcast_to(np.arange(c.n_users)[:, None], prompt.shape)
         diff_k = true_rewards[prompt, chosen] - true_rewards[prompt, rejected]                    # (U, n, K)
-        if c.labels == "bradley_terry":
-            delta = np.einsum("unk,uk->un", diff_k, user_weights)
-            flip = rng.random(delta.shape) >= 1.0 / (1.0 + np.exp(-delta / c.bt_temperature))
-            chosen, rejected = np.where(flip, rejected, chosen), np.where(flip, chosen, rejected)
-            diff_k = np.where(flip[..., None], -diff_k, diff_k)
-        personal = np.einsum("unk,uk->un", diff_k, user_weights)
-        population = diff_k @ mean_weights
+        chosen, rejected, personal, population = label_pairs(rng, chosen, rejected, diff_k, user_weights,
+                                                             mean_weights, c.labels, c.bt_temperature)
 
         prompt, user, chosen, rejected = prompt.ravel(), user.ravel(), chosen.ravel(), rejected.ravel()
         width = len(str(c.n_users - 1))
