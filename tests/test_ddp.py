@@ -152,3 +152,13 @@ def test_two_process_ddp_reproduces_one_process(tmp_path):
         b = load_checkpoint(two_dir / "seed-0" / f"{label}.ckpt")["state_dict"]
         for key in a:
             torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=f"{label} {key}")
+
+
+def test_fsdp_on_cpu_is_refused_with_one_clear_message(tmp_path, tiny_overrides):
+    from plrm import runner
+    from plrm.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"trainer.strategy=fsdp shards a large backbone over GPUs .* on CPU use "
+                                          r"trainer.strategy=ddp"):
+        runner.fit("quickstart", tiny_overrides + ["trainer.strategy=fsdp"], show=False)
+    assert not (tmp_path / "quickstart").exists()  # refused before anything was written
