@@ -185,13 +185,17 @@ class MRM(PersonalizedRewardModel):
     def meta_losses(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         """Query losses L_i (n,) of the batch's users that have a query set, after the inner loop from w0 on
         a random support set of theirs: the whole of Algorithm 2's lines 3-11 for a meta-batch, no user loop."""
-        c = self.config
         users, group = torch.unique(batch["user_idx"], return_inverse=True)
-        x = self.pair_inputs(batch)                                                     # (R, ...)
-        is_support = meta.episode_split(group, len(users), c.support_fraction, generator)
+        return self.episode_losses(self.pair_inputs(batch), group, len(users), generator)
+
+    def episode_losses(self, x: Tensor, group: Tensor, n_users: int,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """:meth:`meta_losses` from the pair inputs x (R, ...) and each row's user, numbered 0..n_users-1."""
+        c = self.config
+        is_support = meta.episode_split(group, n_users, c.support_fraction, generator)
         s_pos, q_pos = is_support.nonzero()[:, 0], (~is_support).nonzero()[:, 0]
-        s_idx, s_mask = meta.pad_groups(group[s_pos], len(users))
-        q_idx, q_mask = meta.pad_groups(group[q_pos], len(users))
+        s_idx, s_mask = meta.pad_groups(group[s_pos], n_users)
+        q_idx, q_mask = meta.pad_groups(group[q_pos], n_users)
         fast = meta.adapt(self.logit_fn, self.fast0(), x[s_pos[s_idx]], s_mask, c.inner_steps, c.inner_lr,
                           c.first_order)
         losses = meta.query_losses(self.logit_fn, fast, x[q_pos[q_idx]], q_mask)
