@@ -239,7 +239,7 @@ def ceiling_lines(ceiling: dict, seed0: dict) -> list[str]:
     ks = sorted(ceiling["mrm_rule_true_basis_best"])
     head = "| split seed 0, unseen accuracy | " + " | ".join(f"k={k}" for k in ks) + " |"
     rows = [("mrm (learned basis)", {r["k"]: r["accuracy"] for r in seed0["mrm"]["fewshot"]}),
-            ("MRM's inner steps on the true basis, best of 18 settings chosen on the test users",
+            (f"MRM's inner steps on the true basis, best of {len(ceiling['grid'])} settings chosen on the test users",
              ceiling["mrm_rule_true_basis_best"]),
             ("lore (learned basis)", {r["k"]: r["accuracy"] for r in seed0["lore"]["fewshot"]}),
             ("LoRe's simplex fit (eq. 11) on the true basis", ceiling["lore_rule_true_basis"])]
