@@ -62,6 +62,10 @@ def make_batch(users: int, pairs: int, dim: int, seed: int) -> dict:
             "rejected": torch.randn(n, dim, generator=g), "pair_weight": torch.ones(n)}
 
 
+def reduce(nll: torch.Tensor, reduction: str) -> torch.Tensor:
+    return nll.sum() if reduction == "sum" else nll.mean()
+
+
 def loop_losses(model: MRM, batch: dict, generator: torch.Generator) -> torch.Tensor:
     """Reference, shared forward: phi of the whole batch at once, then inner loop and query loss per user."""
     users, group = torch.unique(batch["user_idx"], return_inverse=True)
@@ -78,8 +82,8 @@ def loop_episode_losses(model: MRM, x: torch.Tensor, group: torch.Tensor, n_user
     for g in range(n_users):
         mine = group == g
         fast = meta.reference_adapt(model.logit_fn, model.fast0(), [x[mine & is_support]], c.inner_steps,
-                                    c.inner_lr, c.first_order)[0]
-        losses.append(-F.logsigmoid(model.logit_fn(fast, x[mine & ~is_support])).mean())
+                                    c.inner_lr, c.first_order, c.loss_reduction)[0]
+        losses.append(reduce(-F.logsigmoid(model.logit_fn(fast, x[mine & ~is_support])), c.loss_reduction))
     return torch.stack(losses)
 
 
@@ -94,8 +98,8 @@ def task_loop_losses(model: MRM, batch: dict, generator: torch.Generator) -> tor
         support = {k: v[mine & is_support] for k, v in batch.items()}
         query = {k: v[mine & ~is_support] for k, v in batch.items()}
         fast = meta.reference_adapt(model.logit_fn, model.fast0(), [model.pair_inputs(support)], c.inner_steps,
-                                    c.inner_lr, c.first_order)[0]
-        losses.append(-F.logsigmoid(model.logit_fn(fast, model.pair_inputs(query))).mean())
+                                    c.inner_lr, c.first_order, c.loss_reduction)[0]
+        losses.append(reduce(-F.logsigmoid(model.logit_fn(fast, model.pair_inputs(query))), c.loss_reduction))
     return torch.stack(losses)
 
 
@@ -127,7 +131,7 @@ def check_equal(options: dict, batch: dict, dim: int) -> dict:
     grads = []
     for fn in (vectorized_losses, loop_losses, task_loop_losses):
         torch.manual_seed(0)
-        model = MRM(MRM.Config(inner_lr=0.3, **options), n_users=64, feature_dim=dim)
+        model = MRM(MRM.Config(inner_lr=0.3, loss_reduction="mean", **options), n_users=64, feature_dim=dim)
         losses = fn(model, batch, torch.Generator().manual_seed(7))
         model.outer_objective(losses).backward()
         grads.append((losses.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
@@ -150,7 +154,7 @@ def run(name: str, users: int, pairs: int, dim: int, options: dict, reps: int) -
     models = {}
     for label in fns:
         torch.manual_seed(0)
-        m = MRM(MRM.Config(inner_lr=0.3, **options), n_users=users, feature_dim=dim)
+        m = MRM(MRM.Config(inner_lr=0.3, loss_reduction="mean", **options), n_users=users, feature_dim=dim)
         models[label] = (m, torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3))
     for label in fns:  # warm-up
         step(*models[label], batch, fns[label], seed=0)

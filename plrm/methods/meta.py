@@ -16,7 +16,7 @@ for training.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,33 +66,39 @@ def episode_split(group: Tensor, n_groups: int, support_fraction: float,
     return rank < n_support[group]
 
 
-def masked_nll(logit_fn: LogitFn, fast: Params, x: Tensor, mask: Tensor) -> Tensor:
-    """Mean Bradley-Terry NLL -log sigmoid(logit) over one user's unmasked pairs (0 when there are none)."""
+Reduction = Literal["sum", "mean"]
+
+
+def masked_nll(logit_fn: LogitFn, fast: Params, x: Tensor, mask: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """Bradley-Terry NLL -log sigmoid(logit) over one user's unmasked pairs, summed (papers/003 eq. 7) or
+    averaged (0 when there are none)."""
     nll = -F.logsigmoid(logit_fn(fast, x))
     m = mask.to(nll.dtype)
-    return (nll * m).sum() / m.sum().clamp_min(1.0)
+    total = (nll * m).sum()
+    return total if reduction == "sum" else total / m.sum().clamp_min(1.0)
 
 
 def adapt(logit_fn: LogitFn, fast0: Params, x: Tensor, mask: Tensor, steps: int, lr: float,
-          first_order: bool = False) -> Params:
+          first_order: bool = False, reduction: Reduction = "mean") -> Params:
     """``steps`` gradient steps w <- w - lr * grad L_support(w) from ``fast0`` for every user at once.
 
     x: (U, S, ...) padded support inputs, mask: (U, S). Returns the adapted fast parameters, each (U, ...),
     differentiable with respect to ``fast0`` and to ``x`` (unless ``first_order``, which treats the inner
-    gradients as constants).
+    gradients as constants). ``reduction``: the support loss is the sum (eq. 7: the step grows with the number
+    of support pairs) or the mean of the pairs' NLL.
     """
     def one_user(fast: Params, x_u: Tensor, mask_u: Tensor) -> Params:
         for _ in range(steps):
-            g = grad(lambda p: masked_nll(logit_fn, p, x_u, mask_u))(fast)
+            g = grad(lambda p: masked_nll(logit_fn, p, x_u, mask_u, reduction))(fast)
             fast = {k: fast[k] - lr * (g[k].detach() if first_order else g[k]) for k in fast}
         return fast
 
     return vmap(one_user, in_dims=(None, 0, 0))(fast0, x, mask)
 
 
-def query_losses(logit_fn: LogitFn, fast: Params, x: Tensor, mask: Tensor) -> Tensor:
-    """Each user's mean query NLL under their own adapted parameters: (U,)."""
-    return vmap(lambda p, x_u, m_u: masked_nll(logit_fn, p, x_u, m_u))(fast, x, mask)
+def query_losses(logit_fn: LogitFn, fast: Params, x: Tensor, mask: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """Each user's query NLL (summed or averaged over their query pairs) under their own adapted parameters: (U,)."""
+    return vmap(lambda p, x_u, m_u: masked_nll(logit_fn, p, x_u, m_u, reduction))(fast, x, mask)
 
 
 def robust_objective(losses: Tensor, rho: float, gamma: float, population: Tensor | None = None) -> Tensor:
@@ -116,7 +122,7 @@ def robust_objective(losses: Tensor, rho: float, gamma: float, population: Tenso
 
 
 def reference_adapt(logit_fn: LogitFn, fast0: Params, xs: list[Tensor], steps: int, lr: float,
-                    first_order: bool = False) -> list[Params]:
+                    first_order: bool = False, reduction: Reduction = "mean") -> list[Params]:
     """The same inner loop, one user at a time with ``torch.autograd.grad`` (unpadded per-user inputs ``xs``).
     Reference for tests and benchmarks only: Python loops over users never run in training."""
     out = []
@@ -124,7 +130,8 @@ def reference_adapt(logit_fn: LogitFn, fast0: Params, xs: list[Tensor], steps: i
     for x_u in xs:
         fast = dict(fast0)
         for _ in range(steps):
-            loss = -F.logsigmoid(logit_fn(fast, x_u)).mean()
+            nll = -F.logsigmoid(logit_fn(fast, x_u))
+            loss = nll.sum() if reduction == "sum" else nll.mean()
             grads = torch.autograd.grad(loss, [fast[k] for k in names], create_graph=not first_order)
             fast = {k: fast[k] - lr * g for k, g in zip(names, grads)}
         out.append(fast)

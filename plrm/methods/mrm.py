@@ -14,8 +14,9 @@ meta-batch at once (torch.func grad + vmap over padded, masked support sets; plr
 New users (eq. 11) and, after training, the seen users: the same inner steps from w0 on their pairs (the
 seen users' on all their train pairs), vectorized over users.
 
-Loss scale: L_i is the *mean* NLL over the user's pairs, not eq. 7's sum, so that alpha means the same for a
-user with 1 support pair in training and 5 at test time (with one support pair the two coincide).
+Loss scale (``loss_reduction``): L_i is eq. 7's *sum* of NLL over the user's pairs, so an inner step from k
+support pairs is k times one pair's, and RPO's gamma is in units of summed NLL. 'mean' divides by the number of
+pairs (alpha then means the same for any support size); recipes tuned before the option existed pin it.
 
 Ablations (Table 2), as options: ``meta_learning: false`` (1: per-user weights trained jointly with the basis
 on all train pairs, new users fitted from the common initialization by Adam, ``adapt_*`` options),
@@ -64,6 +65,10 @@ class MRM(PersonalizedRewardModel):
                                     "5e-3 on Reddit TL;DR); also used to adapt new users (eq. 11). On the "
                                     "low-rank worlds these hardly move w0 (recipes/mrm_tldr.yaml: mrm_paper "
                                     "scores like the Global RM); the mrm_* recipes use 0.3 with 3 inner steps.")
+        loss_reduction: Literal["sum", "mean"] = opt(
+            "sum", "L_i, a user's loss in both loops: 'sum' over their pairs (eq. 7: the inner step grows with "
+            "the number of support pairs, and RPO's gamma is in units of summed NLL) or 'mean' (alpha then moves "
+            "w0 as far for 1 support pair as for 50).")
         inner_steps: int = opt(1, "n, gradient steps of the inner loop and of new-user adaptation (§5.1.4: 1).")
         lr: float = opt(1e-3, "beta, the Adam meta learning rate of w0 and the basis (§5.1.4: 1e-3 on PRISM, "
                               "5e-3 on Reddit TL;DR).")
@@ -197,8 +202,8 @@ class MRM(PersonalizedRewardModel):
         s_idx, s_mask = meta.pad_groups(group[s_pos], n_users)
         q_idx, q_mask = meta.pad_groups(group[q_pos], n_users)
         fast = meta.adapt(self.logit_fn, self.fast0(), x[s_pos[s_idx]], s_mask, c.inner_steps, c.inner_lr,
-                          c.first_order)
-        losses = meta.query_losses(self.logit_fn, fast, x[q_pos[q_idx]], q_mask)
+                          c.first_order, c.loss_reduction)
+        losses = meta.query_losses(self.logit_fn, fast, x[q_pos[q_idx]], q_mask, c.loss_reduction)
         return losses[q_mask.any(1)]
 
     def outer_objective(self, losses: Tensor, population: Tensor | None = None) -> Tensor:
@@ -267,7 +272,8 @@ class MRM(PersonalizedRewardModel):
         if c.meta_learning:
             idx, mask = meta.pad_groups(owner, len(users))
             fast0 = {k: v.detach() for k, v in self.fast0().items()}
-            fitted = self._flatten(meta.adapt(self.logit_fn, fast0, x[idx], mask, c.inner_steps, c.inner_lr))
+            fitted = self._flatten(meta.adapt(self.logit_fn, fast0, x[idx], mask, c.inner_steps, c.inner_lr,
+                                              reduction=c.loss_reduction))
         else:
             init = self._flatten({"w": self.w0.detach()[None]}).expand(len(users), -1)
             fitted = fit_per_user(init, owner, lambda w, pos: -nn.functional.logsigmoid((w * x[pos]).sum(-1)),

@@ -71,7 +71,7 @@ def _logit(fast, x):
     return x @ fast["w"]
 
 
-def _vectorized_loss(h_support, h_query, basis, w0, steps, lr, first_order):
+def _vectorized_loss(h_support, h_query, basis, w0, steps, lr, first_order, reduction="mean"):
     """Support / query pairs as feature differences h, mapped through the basis A (so the outer gradient
     reaches A through the inner step), inner loop vmapped over padded users."""
     def padded(hs):
@@ -80,22 +80,25 @@ def _vectorized_loss(h_support, h_query, basis, w0, steps, lr, first_order):
         return (torch.cat(hs) @ basis.T)[idx], mask
     xs, ms = padded(h_support)
     xq, mq = padded(h_query)
-    fast = meta.adapt(_logit, {"w": w0}, xs, ms, steps, lr, first_order)
-    return meta.query_losses(_logit, fast, xq, mq)
+    fast = meta.adapt(_logit, {"w": w0}, xs, ms, steps, lr, first_order, reduction)
+    return meta.query_losses(_logit, fast, xq, mq, reduction)
 
 
-def _loop_loss(h_support, h_query, basis, w0, steps, lr, first_order):
-    fast = meta.reference_adapt(_logit, {"w": w0}, [h @ basis.T for h in h_support], steps, lr, first_order)
-    return torch.stack([-F.logsigmoid(_logit(f, h @ basis.T)).mean() for f, h in zip(fast, h_query)])
+def _loop_loss(h_support, h_query, basis, w0, steps, lr, first_order, reduction="mean"):
+    fast = meta.reference_adapt(_logit, {"w": w0}, [h @ basis.T for h in h_support], steps, lr, first_order,
+                                reduction)
+    nll = [-F.logsigmoid(_logit(f, h @ basis.T)) for f, h in zip(fast, h_query)]
+    return torch.stack([n.sum() if reduction == "sum" else n.mean() for n in nll])
 
 
-@pytest.mark.parametrize("steps,first_order", [(1, False), (3, False), (2, True)])
-def test_vmapped_inner_loop_equals_the_per_user_loop_outer_gradients(steps, first_order):
+@pytest.mark.parametrize("steps,first_order,reduction", [(1, False, "mean"), (3, False, "mean"), (2, True, "mean"),
+                                                         (3, False, "sum")])
+def test_vmapped_inner_loop_equals_the_per_user_loop_outer_gradients(steps, first_order, reduction):
     hs, hq, basis, w0 = _problem()
     grads = []
     for fn in (_vectorized_loss, _loop_loss):
         basis.grad, w0.grad = None, None
-        losses = fn(hs, hq, basis, w0, steps, 0.3, first_order)
+        losses = fn(hs, hq, basis, w0, steps, 0.3, first_order, reduction)
         meta.robust_objective(losses, 0.5, 0.5).backward()
         grads.append((losses.detach(), basis.grad.clone(), w0.grad.clone()))
     for a, b in zip(*grads):
@@ -130,6 +133,21 @@ def test_second_order_outer_gradient_matches_finite_differences():
     w0.grad = None
     objective(basis, w0, first_order=True).backward()
     assert (w0.grad - w0_second).abs().max() > 1e-3  # the second-order terms are not negligible here
+
+
+def test_summed_loss_is_eq_7_and_scales_the_step_with_the_support_size():
+    """eq. 7 sums the NLL over a user's pairs: user 0 with two copies of the same pair d takes twice the step
+    of user 1 with d once; with the mean both take the same step. One step from w0 = 0: grad = -sigmoid(0) d."""
+    d = torch.tensor([1.0, -2.0])
+    x = torch.stack([torch.stack([d, d]), torch.stack([d, torch.zeros(2)])])
+    mask = torch.tensor([[True, True], [True, False]])
+    w0 = {"w": torch.zeros(2)}
+    summed = meta.adapt(_logit, w0, x, mask, steps=1, lr=0.1, reduction="sum")["w"]
+    torch.testing.assert_close(summed, torch.stack([0.1 * 0.5 * 2 * d, 0.1 * 0.5 * d]))
+    averaged = meta.adapt(_logit, w0, x, mask, steps=1, lr=0.1, reduction="mean")["w"]
+    torch.testing.assert_close(averaged, torch.stack([0.1 * 0.5 * d, 0.1 * 0.5 * d]))
+    losses = meta.query_losses(_logit, {"w": torch.zeros(2, 2)}, x, mask, "sum")
+    torch.testing.assert_close(losses, torch.tensor([2 * math.log(2), math.log(2)]))
 
 
 def test_adapt_with_zero_support_pairs_keeps_the_initialization():

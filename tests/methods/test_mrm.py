@@ -30,7 +30,7 @@ def test_reward_is_the_weighted_sum_of_base_functions():
 
 def test_adapt_is_one_gradient_step_from_w0_by_hand():
     """Eq. 11 with phi = identity, w0 = (1, 0), alpha = 0.5 and two support pairs d1 = (1, 1), d2 = (-1, 2):
-    grad of mean -log sigmoid(w.d) = -mean sigmoid(-w0.d) d = -(sigmoid(-1) (1, 1) + sigmoid(1) (-1, 2)) / 2.
+    grad of eq. 7's sum of -log sigmoid(w.d) = -sum sigmoid(-w0.d) d = -(sigmoid(-1) (1, 1) + sigmoid(1) (-1, 2)).
     The other users' rows and every shared tensor stay as they were."""
     model = _model(inner_lr=0.5)
     with torch.no_grad():
@@ -41,7 +41,7 @@ def test_adapt_is_one_gradient_step_from_w0_by_hand():
                "rejected": torch.zeros(2, 2)}
     model.adapt(support, torch.tensor([2]))
     s = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
-    grad = -np.array([s(-1) * 1 + s(1) * -1, s(-1) * 1 + s(1) * 2]) / 2
+    grad = -np.array([s(-1) * 1 + s(1) * -1, s(-1) * 1 + s(1) * 2])
     np.testing.assert_allclose(model.user_params[2].detach().numpy(), np.array([1.0, 0.0]) - 0.5 * grad, rtol=1e-6)
     for k, v in model.state_dict().items():
         if k == "user_params":
@@ -70,11 +70,13 @@ def test_adapt_vectorized_equals_one_user_at_a_time(basis):
         torch.testing.assert_close(r[i], model.reward(h[i:i + 1], torch.tensor([u]))[0])
 
 
-def test_meta_losses_equal_the_per_user_reference_on_the_same_episode():
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_meta_losses_equal_the_per_user_reference_on_the_same_episode(reduction):
     """MRM's batched episode (split, padding, vmapped inner loop, query losses) equals the per-user autograd
-    loop run on the same support / query split, and so do the outer gradients."""
+    loop run on the same support / query split, and so do the outer gradients (eq. 7's summed loss too)."""
     torch.manual_seed(1)
-    model = MRM(MRM.Config(n_basis=3, inner_steps=2, inner_lr=0.4), n_users=4, feature_dim=6)
+    model = MRM(MRM.Config(n_basis=3, inner_steps=2, inner_lr=0.4, loss_reduction=reduction), n_users=4,
+                feature_dim=6)
     user_idx = torch.tensor([3, 0, 0, 3, 1, 0, 3, 3, 1, 0])
     batch = {"user_idx": user_idx, "chosen": torch.randn(10, 6), "rejected": torch.randn(10, 6),
              "pair_weight": torch.ones(10)}
@@ -86,9 +88,9 @@ def test_meta_losses_equal_the_per_user_reference_on_the_same_episode():
     support = meta.episode_split(group, len(users), 0.1, torch.Generator().manual_seed(5))
     d = model.basis(batch["chosen"] - batch["rejected"])
     fast = meta.reference_adapt(model.logit_fn, {"w": model.w0}, [d[support & (group == g)] for g in range(3)],
-                                2, 0.4)
-    ref = torch.stack([-torch.nn.functional.logsigmoid(d[~support & (group == g)] @ f["w"]).mean()
-                       for g, f in enumerate(fast)])
+                                2, 0.4, reduction=reduction)
+    nll = [-torch.nn.functional.logsigmoid(d[~support & (group == g)] @ f["w"]) for g, f in enumerate(fast)]
+    ref = torch.stack([n.sum() if reduction == "sum" else n.mean() for n in nll])
     torch.testing.assert_close(losses, ref)
     model.outer_objective(ref).backward()
     for n, g in grads.items():
@@ -111,7 +113,7 @@ def _prism_like(tmp_path, *extra):
             "data.test_prompts_per_user=30", "data.feature_dim=16", "data.n_functions=3", "data.alpha=0.05",
             "data.labels=bradley_terry", "data.pair_choice=random", "split.k=5", "eval.k_list=[1,5]",
             "methods.bt.max_epochs=10", "~methods.lore", "+methods.mrm={}", "methods.mrm.n_basis=3",
-            "methods.mrm.inner_lr=0.3", "methods.mrm.inner_steps=3", "methods.mrm.support_fraction=0.5",
+            "methods.mrm.inner_lr=0.3", "methods.mrm.loss_reduction=mean", "methods.mrm.inner_steps=3", "methods.mrm.support_fraction=0.5",
             "methods.mrm.lr=0.005", "methods.mrm.max_epochs=10",
             "logger.kind=none", f"run.output_dir={tmp_path}", "trainer.progress_bar=false", *extra]
 
