@@ -62,9 +62,8 @@ class MRM(PersonalizedRewardModel):
             "parameters are adapted per user in the inner loop).")
         hidden: int = opt(64, "Hidden units of the MLP basis / of the single MLP of basis: none.")
         inner_lr: float = opt(1e-3, "alpha, the inner-loop step size (papers/003 §5.1.4: 1e-3 on PRISM, "
-                                    "5e-3 on Reddit TL;DR); also used to adapt new users (eq. 11). On the "
-                                    "low-rank worlds these hardly move w0 (recipes/mrm_tldr.yaml: mrm_paper "
-                                    "scores like the Global RM); the mrm_* recipes use 0.3 with 3 inner steps.")
+                                    "5e-3 on Reddit TL;DR); also used to adapt new users (eq. 11). The "
+                                    "low-rank-world recipes tune it (recipes/mrm_*.yaml).")
         loss_reduction: Literal["sum", "mean"] = opt(
             "sum", "L_i, a user's loss in both loops: 'sum' over their pairs (eq. 7: the inner step grows with "
             "the number of support pairs, and RPO's gamma is in units of summed NLL) or 'mean' (alpha then moves "

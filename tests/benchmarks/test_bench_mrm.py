@@ -21,13 +21,14 @@ def test_quick_benchmark_runs_and_the_paths_agree(tmp_path, run_benchmark):
 
 def test_mrm_study_rejects_an_unknown_part_before_running_anything(tmp_path, run_benchmark):
     proc = run_benchmark("mrm_study.py", "--parts", "mrm_prism,nope", "--out-dir", str(tmp_path), expect_rc=2)
-    assert ("unknown part(s) ['nope']; choose from mrm_prism, mrm_prism_minority, mrm_tldr, mrm_personalllm, "
-            "mrm_worlds") in proc.stderr
+    assert ("unknown part(s) ['nope']; choose from mrm_prism_calibrated, mrm_prism, mrm_prism_minority, mrm_tldr, "
+            "mrm_personalllm, mrm_worlds") in proc.stderr
     assert not any(tmp_path.iterdir())
 
 
 def test_mrm_study_report_only_refuses_parts_it_cannot_rewrite(tmp_path, run_benchmark):
     proc = run_benchmark("mrm_study.py", "--report-only", "--parts", "mrm_prism,mrm_tldr", "--out-dir", str(tmp_path),
                          expect_rc=2)
-    assert "--report-only rewrites only mrm_prism, mrm_prism_minority, mrm_worlds, not mrm_tldr" in proc.stderr
+    assert ("--report-only rewrites only mrm_prism_calibrated, mrm_prism, mrm_prism_minority, mrm_worlds, not "
+            "mrm_tldr") in proc.stderr
     assert not any(tmp_path.iterdir())
