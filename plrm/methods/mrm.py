@@ -14,9 +14,10 @@ meta-batch at once (torch.func grad + vmap over padded, masked support sets; plr
 New users (eq. 11) and, after training, the seen users: the same inner steps from w0 on their pairs (the
 seen users' on all their train pairs), vectorized over users.
 
-Loss scale (``loss_reduction``): L_i is eq. 7's *sum* of NLL over the user's pairs, so an inner step from k
-support pairs is k times one pair's, and RPO's gamma is in units of summed NLL. 'mean' divides by the number of
-pairs (alpha then means the same for any support size); recipes tuned before the option existed pin it.
+Loss scale (``loss_reduction``): L_i is eq. 7's *sum* of NLL over the user's pairs, so an inner step adds up
+its k support pairs' gradients (it grows with k), and RPO's gamma is in units of summed NLL. 'mean' divides by
+the number of pairs (alpha then means the same for any support size); recipes tuned before the option existed
+pin it.
 
 Ablations (Table 2), as options: ``meta_learning: false`` (1: per-user weights trained jointly with the basis
 on all train pairs, new users fitted from the common initialization by Adam, ``adapt_*`` options),
