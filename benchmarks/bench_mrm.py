@@ -62,10 +62,6 @@ def make_batch(users: int, pairs: int, dim: int, seed: int) -> dict:
             "rejected": torch.randn(n, dim, generator=g), "pair_weight": torch.ones(n)}
 
 
-def reduce(nll: torch.Tensor, reduction: str) -> torch.Tensor:
-    return nll.sum() if reduction == "sum" else nll.mean()
-
-
 def loop_losses(model: MRM, batch: dict, generator: torch.Generator) -> torch.Tensor:
     """Reference, shared forward: phi of the whole batch at once, then inner loop and query loss per user."""
     users, group = torch.unique(batch["user_idx"], return_inverse=True)
@@ -83,7 +79,7 @@ def loop_episode_losses(model: MRM, x: torch.Tensor, group: torch.Tensor, n_user
         mine = group == g
         fast = meta.reference_adapt(model.logit_fn, model.fast0(), [x[mine & is_support]], c.inner_steps,
                                     c.inner_lr, c.first_order, c.loss_reduction)[0]
-        losses.append(reduce(-F.logsigmoid(model.logit_fn(fast, x[mine & ~is_support])), c.loss_reduction))
+        losses.append(meta.reduce_nll(-F.logsigmoid(model.logit_fn(fast, x[mine & ~is_support])), c.loss_reduction))
     return torch.stack(losses)
 
 
@@ -99,7 +95,7 @@ def task_loop_losses(model: MRM, batch: dict, generator: torch.Generator) -> tor
         query = {k: v[mine & ~is_support] for k, v in batch.items()}
         fast = meta.reference_adapt(model.logit_fn, model.fast0(), [model.pair_inputs(support)], c.inner_steps,
                                     c.inner_lr, c.first_order, c.loss_reduction)[0]
-        losses.append(reduce(-F.logsigmoid(model.logit_fn(fast, model.pair_inputs(query))), c.loss_reduction))
+        losses.append(meta.reduce_nll(-F.logsigmoid(model.logit_fn(fast, model.pair_inputs(query))), c.loss_reduction))
     return torch.stack(losses)
 
 

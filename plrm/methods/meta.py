@@ -69,6 +69,11 @@ def episode_split(group: Tensor, n_groups: int, support_fraction: float,
 Reduction = Literal["sum", "mean"]
 
 
+def reduce_nll(nll: Tensor, reduction: Reduction) -> Tensor:
+    """One user's pair NLL summed (papers/003 eq. 7) or averaged."""
+    return nll.sum() if reduction == "sum" else nll.mean()
+
+
 def masked_nll(logit_fn: LogitFn, fast: Params, x: Tensor, mask: Tensor, reduction: Reduction = "mean") -> Tensor:
     """Bradley-Terry NLL -log sigmoid(logit) over one user's unmasked pairs, summed (papers/003 eq. 7) or
     averaged (0 when there are none)."""
@@ -130,8 +135,7 @@ def reference_adapt(logit_fn: LogitFn, fast0: Params, xs: list[Tensor], steps: i
     for x_u in xs:
         fast = dict(fast0)
         for _ in range(steps):
-            nll = -F.logsigmoid(logit_fn(fast, x_u))
-            loss = nll.sum() if reduction == "sum" else nll.mean()
+            loss = reduce_nll(-F.logsigmoid(logit_fn(fast, x_u)), reduction)
             grads = torch.autograd.grad(loss, [fast[k] for k in names], create_graph=not first_order)
             fast = {k: fast[k] - lr * g for k, g in zip(names, grads)}
         out.append(fast)
