@@ -182,6 +182,7 @@ def test_no_meta_learning_trains_user_weights_and_fits_new_users_from_the_common
     ("gamma", "-1", "gamma must be >= 0"),
     ("support_fraction", "1.0", r"support_fraction must be in \(0, 1\)"),
     ("basis", "cnn", "basis"),
+    ("loss_reduction", "median", "methods.mrm.loss_reduction: expected 'sum' | 'mean', got 'median'"),
     ("meta_batch_size", "0", "meta_batch_size and n_basis must be >= 1 and inner_steps >= 0"),
     ("inner_steps", "-1", "meta_batch_size and n_basis must be >= 1 and inner_steps >= 0"),
 ])
