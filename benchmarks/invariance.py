@@ -1,0 +1,107 @@
+"""Refactor invariance: `plrm bench --recipe bench/quick` and the quickstart must give the committed numbers.
+
+A refactor that changes no maths changes no number. This script runs bench/quick (every installed feature-based
+method, plugins included, 2 split seeds) in a temporary directory and compares
+
+* its ``report.md`` above the "Cost" section (times differ run to run) with ``results/invariance/bench_quick_report.md``,
+* every cell's per-seed metrics (seen / unseen / overall / few-shot, full float precision) with
+  ``results/invariance/bench_quick_metrics.json``,
+
+and the quickstart's printed table with ``results/invariance/quickstart_table.txt``. The committed copies were
+written on main before the architecture refactor (commit 4dd5b31) with ``--write``.
+
+    python benchmarks/invariance.py            # compare; exit 1 and show the differences when any
+    python benchmarks/invariance.py --write    # record the current numbers as the reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REF = HERE / "results" / "invariance"
+METRIC_GROUPS = ("seen", "unseen", "overall")
+TIMED = {"adapt_seconds", "train_seconds", "eval_seconds"}
+
+
+def report_above_cost(path: Path) -> str:
+    text = path.read_text()
+    return text.split("\n## Cost", 1)[0].rstrip() + "\n"
+
+
+def cell_metrics(bench_dir: Path) -> dict:
+    """{'<dataset>/<method>/seed-<s>': metrics without wall times} of every finished unit."""
+    out = {}
+    for rec_path in sorted((bench_dir / "cells").glob("*/*/seed-*.json")):
+        rec = json.loads(rec_path.read_text())
+        if rec["status"] != "done":
+            out[f"{rec['dataset']}/{rec['method']}/seed-{rec['seed']}"] = rec["status"]
+            continue
+        m = {k: v for k, v in rec["metrics"].items() if k not in TIMED}
+        out[f"{rec['dataset']}/{rec['method']}/seed-{rec['seed']}"] = m
+    return out
+
+
+def diff(ref, new, path: str = "") -> list[str]:
+    if isinstance(ref, dict) and isinstance(new, dict):
+        found = []
+        for k in sorted(set(ref) | set(new)):
+            if k not in ref or k not in new:
+                found.append(f"{path}/{k}: only in {'reference' if k in ref else 'this run'}")
+            else:
+                found += diff(ref[k], new[k], f"{path}/{k}")
+        return found
+    if isinstance(ref, list) and isinstance(new, list) and len(ref) == len(new):
+        return [d for i, (a, b) in enumerate(zip(ref, new)) for d in diff(a, b, f"{path}[{i}]")]
+    if isinstance(ref, float) and isinstance(new, float) and (ref == new or (math.isnan(ref) and math.isnan(new))):
+        return []
+    return [] if ref == new else [f"{path}: reference {ref!r}, this run {new!r}"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="record this run's numbers as the reference")
+    args = ap.parse_args()
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0"}
+    plrm = [sys.executable, "-m", "plrm.cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        subprocess.run([*plrm, "bench", "--recipe", "bench/quick"], cwd=tmp, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        quick = subprocess.run([*plrm, "fit", "--recipe", "quickstart"], cwd=tmp, env=env, check=True,
+                               capture_output=True, text=True).stdout
+        bench_dir = tmp / "bench" / "quick"
+        report = report_above_cost(bench_dir / "report.md")
+        metrics = cell_metrics(bench_dir)
+    lines = quick.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines) if "accuracy (%), mean over users" in line), 0)
+    table = "".join(line for line in lines[first:] if not line.startswith("run directory"))
+    if args.write:
+        REF.mkdir(parents=True, exist_ok=True)
+        (REF / "bench_quick_report.md").write_text(report)
+        (REF / "bench_quick_metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        (REF / "quickstart_table.txt").write_text(table)
+        print(f"wrote the reference to {REF}")
+        return 0
+    problems = []
+    if report != (REF / "bench_quick_report.md").read_text():
+        problems.append("bench/quick report.md differs above its Cost section")
+    problems += [f"bench/quick metrics {d}" for d in
+                 diff(json.loads((REF / "bench_quick_metrics.json").read_text()), metrics)]
+    if table.strip() != (REF / "quickstart_table.txt").read_text().strip():
+        problems.append("quickstart table differs:\n" + table)
+    for p in problems:
+        print(p)
+    print("invariance: " + ("identical to the reference" if not problems else f"{len(problems)} difference(s)"))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
