@@ -3,7 +3,8 @@
 A refactor that changes no maths changes no number. This script runs bench/quick (every installed feature-based
 method, plugins included, 2 split seeds) in a temporary directory and compares
 
-* its ``report.md`` above the "Cost" section (times differ run to run) with ``results/invariance/bench_quick_report.md``,
+* its ``report.md`` above the "Cost" section (times differ run to run) with
+  ``results/invariance/bench_quick_report.md``,
 * every cell's per-seed metrics (seen / unseen / overall / few-shot, full float precision) with
   ``results/invariance/bench_quick_metrics.json``,
 

@@ -328,14 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data only: no telemetry request
     # torch 2.13 deprecates an API that lightning 2.6 still calls on every batch; nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    from plrm.backbones.models import BackboneError
-    from plrm.data.schema import DataValidationError
-    from plrm.data.splits import SplitError
-    from plrm.eval.active import SessionError
-    from plrm.eval.tax import TaxError
-    from plrm.export import ExportError
-    from plrm.recipe import RecipeError
-    from plrm.registry import RegistryError
+    from plrm.errors import PlrmError, RecipeError
 
     try:
         if args.verb == "fit":
@@ -390,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_list(args.what)
         elif args.verb == "recipes":
             cmd_recipes(args)
-    except (RecipeError, DataValidationError, SplitError, SessionError, RegistryError, BackboneError, FileNotFoundError,
-            FileExistsError, ExportError, TaxError) as exc:
+    except (PlrmError, FileNotFoundError, FileExistsError) as exc:
         print(f"plrm {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -46,6 +46,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from plrm.errors import ExportError  # noqa: F401  (re-exported: plrm.errors defines every error class)
+
 FORMAT = "plrm-export"
 FORMAT_VERSION = 1
 META_FILE = "plrm_export.json"
@@ -57,8 +59,6 @@ BACKBONES = ("transformer", "frozen_encoder", "precomputed")
 STATS_ROWS = 512  # train pairs scored at once for the reward statistics
 
 
-class ExportError(ValueError):
-    """A run that cannot be exported as asked, or an export directory that cannot be read."""
 
 
 # ---- the head: layers of g as data ----------------------------------------------------------------------------
@@ -198,8 +198,9 @@ def _backbone_meta(recipe, prepared) -> dict:
 def _reward_stats(model, prepared, split, ops, tensors, weights: Tensor, device) -> dict:
     """Mean and std of the training-code rewards of both responses of every seen-user train pair, and the check
     that the exported head and user weights reproduce the method's head on the same features."""
-    from plrm.data.datamodule import PreferenceDataModule, to_device
+    from plrm.data.datamodule import PreferenceDataModule
     from plrm.data.splits import TRAIN
+    from plrm.distributed import to_device
 
     dm = PreferenceDataModule(prepared, split)
     rows = torch.from_numpy(split.rows(TRAIN))

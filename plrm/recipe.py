@@ -21,10 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from plrm.config import check_value, default_of, help_of, opt, type_hints, type_name
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message lists every problem with its key path."""
+from plrm.errors import RecipeError  # noqa: F401  (re-exported: plrm.errors defines every error class)
 
 
 # ---- fixed sections --------------------------------------------------------------------------------------

@@ -19,13 +19,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from plrm.errors import RegistryError  # noqa: F401  (re-exported: plrm.errors defines every error class)
+
 T = TypeVar("T")
 
 BUILTIN = "plrm"
 
 
-class RegistryError(LookupError):
-    """An unknown name, a clash, or a plugin that could not be loaded."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from plrm.checkpoint import load_checkpoint
-from plrm.data.datamodule import _Shards, concat_shards, shard
+from plrm.data.datamodule import _Shards
+from plrm.distributed import concat_shards, shard
 from plrm.eval.metrics import summarize
 from plrm.methods import meta
 from plrm.methods.lore import LoRe

@@ -9,28 +9,13 @@ top. The HF transformer with LoRA (plrm.backbones.transformer) and the frozen en
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from plrm.config import Configured
-
-
-@dataclass
-class ItemIndex:
-    """The unique (prompt, response) items of a dataset and where each row's chosen/rejected item sits."""
-
-    keys: np.ndarray          # (I,) uint64 item keys (plrm.data.source.item_keys)
-    chosen_item: np.ndarray   # (rows,) int64 index into keys
-    rejected_item: np.ndarray  # (rows,) int64
-    first_row: np.ndarray     # (I,) a row where each item occurs, for error messages
-
-    @property
-    def n_items(self) -> int:
-        return len(self.keys)
+from plrm.items import ItemIndex  # noqa: F401  (re-exported for backbones written against it)
 
 
 class Backbone(Configured):

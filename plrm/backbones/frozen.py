@@ -23,12 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from plrm.backbones import models
-from plrm.backbones.base import ItemIndex
 from plrm.backbones.cache import FeatureCache
 from plrm.backbones.text import item_texts, pad, pool, tokenize_items
 from plrm.backbones.transformer import HFBackbone, HFModelConfig, resolve_dtype
 from plrm.config import opt
-from plrm.data.source import ITEM_SEP
+from plrm.items import ITEM_SEP, ItemIndex
 from plrm.registry import backbones
 
 CACHE_FORMAT = 1  # bump when what a cached vector means changes (rendering, pooling code)

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
+from plrm.errors import BackboneError  # noqa: F401  (re-exported: plrm.errors defines every error class)
+
 ALIASES = ("offline:minilm", "offline:smollm2", "tiny-random:qwen2", "tiny-random:llama", "tiny-random:bert")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_VERSION = "v1"  # bump when the tiny models' recipe below changes
 
 
-class BackboneError(ValueError):
-    """A backbone that cannot be built (unknown alias, missing optional package, bad model directory)."""
 
 
 def cache_root() -> Path:

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from plrm import capabilities as cap
-from plrm.backbones.base import Backbone, ItemIndex
+from plrm.backbones.base import Backbone
 from plrm.config import opt
-from plrm.data.schema import DataValidationError
+from plrm.errors import DataValidationError
+from plrm.items import ItemIndex
 from plrm.registry import backbones
 
 

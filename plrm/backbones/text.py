@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from plrm.backbones.base import ItemIndex
+from plrm.items import ItemIndex
 
 
 def item_texts(data, items: ItemIndex) -> tuple[np.ndarray, np.ndarray]:

@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from plrm import capabilities as cap
 from plrm.backbones import models
-from plrm.backbones.base import Backbone, ItemIndex
-from plrm.backbones.models import BackboneError
+from plrm.backbones.base import Backbone
 from plrm.backbones.text import item_texts, pad, pool, ragged_select, tokenize_items
 from plrm.config import opt
-from plrm.data.schema import DataValidationError
+from plrm.errors import BackboneError, DataValidationError
+from plrm.items import ItemIndex
 from plrm.registry import backbones
 
 

@@ -28,13 +28,12 @@ import pandas as pd
 import pyarrow as pa
 
 from plrm.config import opt
-from plrm.data.schema import MAX_LISTED, DataValidationError
-from plrm.data.source import ITEM_SEP
-
-
-class DataUnavailableError(DataValidationError):
-    """The files cannot be obtained here (no local copy given and the Hub cannot be reached): nothing is wrong
-    with the data itself. ``plrm bench`` lists such datasets as skipped rather than failed."""
+from plrm.data.schema import MAX_LISTED
+from plrm.errors import (
+    DataUnavailableError,  # noqa: F401  (re-exported: plrm.errors defines every error class)
+    DataValidationError,
+)
+from plrm.items import ITEM_SEP
 
 
 # ---- where the files come from --------------------------------------------------------------------------------

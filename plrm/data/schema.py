@@ -34,8 +34,7 @@ SPLIT_VALUES = ("train", "test")
 MAX_LISTED = 10  # rows listed per kind of problem; the count covers all of them
 
 
-class DataValidationError(ValueError):
-    """Bad preference data; the message names column, row and user of each problem."""
+from plrm.errors import DataValidationError  # noqa: E402,F401  (defined in the low errors module; re-exported)
 
 
 def _table(data) -> pa.Table:

@@ -16,15 +16,9 @@ import pyarrow.compute as pc
 
 from plrm import capabilities as cap
 from plrm.config import Configured
-from plrm.data.schema import DataValidationError, validate_pairs
-
-ITEM_SEP = "\x1f"  # joins prompt and response into an item key; a control char that never occurs in text
-
-
-def item_keys(prompts, responses) -> np.ndarray:
-    """uint64 key of each (prompt, response) item: a hash of the two texts."""
-    joined = pd.Series(prompts, dtype=object) + ITEM_SEP + pd.Series(responses, dtype=object)
-    return pd.util.hash_array(joined.to_numpy(dtype=object), categorize=False).astype(np.uint64)
+from plrm.data.schema import validate_pairs
+from plrm.errors import DataValidationError
+from plrm.items import ITEM_SEP, item_keys  # noqa: F401  (re-exported: sources import them from here)
 
 
 def shares_pairs(table: pa.Table) -> bool:

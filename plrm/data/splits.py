@@ -18,14 +18,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from plrm.data.schema import DataValidationError
+from plrm.errors import (
+    DataValidationError,
+    SplitError,  # noqa: F401  (re-exported: plrm.errors defines every error class)
+)
 
 TRAIN, VAL, SUPPORT, TEST = 0, 1, 2, 3
 ROLE_NAMES = ("train", "val", "support", "test")
 
 
-class SplitError(ValueError):
-    """A split that cannot be made or does not match the data."""
 
 
 @dataclass

@@ -25,8 +25,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from plrm.data.datamodule import PreferenceDataModule, to_device
+from plrm.data.datamodule import PreferenceDataModule
 from plrm.data.splits import SUPPORT
+from plrm.distributed import to_device
+from plrm.errors import SessionError  # noqa: F401  (re-exported: plrm.errors defines every error class)
 from plrm.eval.metrics import summarize
 from plrm.eval.protocol import score_rows
 from plrm.methods.base import PersonalizedRewardModel
@@ -35,8 +37,6 @@ STRATEGIES = ("uncertainty", "random")
 PERSONAL_ORACLE = "oracle/personal"
 
 
-class SessionError(ValueError):
-    """A session that cannot run as asked (budget, strategy, answers)."""
 
 
 @dataclass

@@ -49,8 +49,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from plrm.data.schema import DataValidationError  # noqa: E402
-from plrm.data.source import ITEM_SEP, PreferenceData  # noqa: E402
+from plrm.data.source import PreferenceData  # noqa: E402
+from plrm.errors import DataValidationError  # noqa: E402
+from plrm.items import ITEM_SEP  # noqa: E402
 from plrm.recipe import build_dataset  # noqa: E402
 
 HIGHLY_CONTROVERSIAL_SHARE = 0.3  # papers/000 Table 2: "at least 30% of users ... differ from the majority"

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from plrm.data.datamodule import PreferenceDataModule, gather_shards, rank_and_world, shard, to_device
+from plrm.data.datamodule import PreferenceDataModule
+from plrm.distributed import gather_shards, rank_and_world, shard, to_device
 from plrm.eval.metrics import summarize
 from plrm.methods.base import PersonalizedRewardModel
 

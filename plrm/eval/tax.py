@@ -26,13 +26,10 @@ from plrm import registry
 from plrm.checkpoint import load_checkpoint
 from plrm.data.datamodule import PreparedData
 from plrm.data.sources.reward_bench import EXAMPLE_COUNTS, SECTION_SUBSETS, section_scores
+from plrm.errors import TaxError  # noqa: F401  (re-exported: plrm.errors defines every error class)
 from plrm.eval import report as run_report
 from plrm.eval.protocol import embed_items
 from plrm.recipe import build_dataset
-
-
-class TaxError(ValueError):
-    """A run or dataset the personalization tax cannot be measured on."""
 
 
 def section_matrix(subset_names: list[str], weights: dict[str, int] = EXAMPLE_COUNTS) -> tuple[list[str], np.ndarray]:

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from plrm.config import opt
-from plrm.data.datamodule import gather_shards, rank_and_world, to_device
 from plrm.data.splits import TRAIN
+from plrm.distributed import gather_shards, rank_and_world, to_device
 from plrm.methods import meta
 from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel
 from plrm.methods.peruser import fit_per_user

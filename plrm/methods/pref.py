@@ -204,8 +204,8 @@ class PReF(PersonalizedRewardModel):
     def initialize_from_svd(self, dm) -> None:
         """Algorithm 1, steps 2-5, on the seen users' train pairs; with init: random only the spectrum (and
         the elbow) is taken from the SVD."""
-        from plrm.data.datamodule import to_device
         from plrm.data.splits import TRAIN
+        from plrm.distributed import to_device
 
         pm = dm.pair_matrix(dm.split.rows(TRAIN))
         c = self.config
