@@ -233,6 +233,7 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
 
     from plrm import __version__, registry, runner
     from plrm.checkpoint import load_checkpoint
+    from plrm.methods.base import PersonalizedRewardModel
 
     run_dir, recipe = runner._read_run(run_dir)
     out = Path(out).expanduser()
@@ -240,7 +241,7 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
     label = _pick_label(recipe, method)
     comp = recipe.methods[label]
     cls = registry.methods.get(comp.name)
-    if not hasattr(cls, "export_head"):
+    if getattr(cls, "export_head", None) is getattr(PersonalizedRewardModel, "export_head"):  # not overridden
         raise ExportError(f"method '{comp.name}' ({cls.__name__}) has no export_head(): plrm export writes rewards "
                           "of the form W[u] . g(h) and this method does not say how it is one")
     if recipe.backbone.name not in BACKBONES:

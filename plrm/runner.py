@@ -48,6 +48,7 @@ from plrm import __version__, registry
 from plrm import capabilities as cap
 from plrm.checkpoint import load_checkpoint, save_model, save_state
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
+from plrm.data.hooks import MethodHooks
 from plrm.data.splits import VAL, Split, load_split, make_split
 from plrm.eval import report
 from plrm.eval.metrics import per_user_accuracy, summarize
@@ -167,7 +168,7 @@ def _full_parameters(trainer: L.Trainer):
     return contextlib.nullcontext()
 
 
-def _trainer(recipe: Recipe, model, logger, label: str, validate: bool, world: int = 1) -> L.Trainer:
+def _trainer(recipe: Recipe, model, logger, label: str, validate: bool, world: int = 1, dm=None) -> L.Trainer:
     t = recipe.trainer
     cfg = model.config
     show_bars = sys.stderr.isatty() if t.progress_bar == "auto" else t.progress_bar
@@ -175,7 +176,8 @@ def _trainer(recipe: Recipe, model, logger, label: str, validate: bool, world: i
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(recipe, model, world),
         precision=t.precision, max_epochs=cfg.max_epochs, max_steps=cfg.max_steps,
         logger=logger if logger is not None else False,
-        callbacks=[] if show_bars else [PlainProgress(label)], enable_progress_bar=show_bars,
+        callbacks=([MethodHooks(dm)] if dm is not None else []) + ([] if show_bars else [PlainProgress(label)]),
+        enable_progress_bar=show_bars,
         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic, num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0,
         gradient_clip_val=t.gradient_clip_val if model.automatic_optimization else None,
@@ -287,7 +289,7 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
                                  group=recipe.logger.group or recipe.run.name, run_name=recipe.run.name,
                                  config={**recipe.raw, "label": label, "split_seed": seed}) if main else None
             trainer = _trainer(recipe, model, logger, f"seed {seed} {label}", validate=bool((split.role == VAL).any()),
-                               world=world)
+                               world=world, dm=dm)
             start = time.perf_counter()
             trainer.fit(model, datamodule=dm)
             train_seconds = time.perf_counter() - start

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import lightning as L
 import torch
@@ -51,6 +51,26 @@ class AdaptConfig:
     adapt_lr: float = opt(0.1, "Adam learning rate of few-shot adaptation (papers/004 B.1: 0.1).")
     adapt_steps: int = opt(300, "Full-batch Adam steps of few-shot adaptation.")
     adapt_l2: float = opt(0.0, "L2 penalty on the adapted per-user parameters.")
+
+
+class SeenUsersData(Protocol):
+    """What the runner hands a method about the seen users (:meth:`PersonalizedRewardModel.before_fit`,
+    :meth:`~PersonalizedRewardModel.fit_seen_users`); a method never reaches into the datamodule itself."""
+
+    users: Tensor  # (U_seen,) sorted indices of the seen users with train pairs
+
+    def pairs(self) -> dict:
+        """Every train pair of the seen users as one batch dict (the keys of a training batch, ``user_idx``
+        sorted ascending is not guaranteed), on the model's device."""
+
+    def pair_matrix(self) -> Any:
+        """The users x item-pairs sign matrix of those pairs (``user_idx``, ``pair_idx``, ``sign`` (+1: the user
+        preferred ``y1_item``), ``y1_item``, ``y2_item``, ``n_users``, ``n_pairs``); needs the dataset's
+        ``pair_id`` column (declare ``needs`` ``shared_pairs``)."""
+
+    def item_inputs(self, item_ids: Tensor) -> Any:
+        """Backbone inputs of these items (indices into the dataset's unique items), on the model's device:
+        what ``encode`` takes."""
 
 
 class PersonalizedRewardModel(L.LightningModule):
@@ -108,6 +128,30 @@ class PersonalizedRewardModel(L.LightningModule):
         """Fit the per-user state of ``users`` from ``support`` pairs (a batch dict of all their pairs)."""
         if self.adapts_new_users == "yes":
             raise NotImplementedError(f"{type(self).__name__} declares adapts_new_users='yes' but has no adapt()")
+
+    # ---- hooks the runner calls with the seen users' data (plrm.data.hooks.MethodHooks) ----------------------
+    def before_fit(self, seen: SeenUsersData) -> None:
+        """Data-dependent initialisation or sizing, before Lightning builds the optimizer (PReF's SVD and
+        ``rank: elbow``). Default: nothing."""
+
+    def fit_seen_users(self, seen: SeenUsersData) -> None:
+        """Per-user state derived from data for the seen users, from their train pairs: called after training
+        and before every validation epoch (MRM's inner steps from w0; VPL's posterior; a GPO context).
+        Default: nothing (the seen users' state is what training learned)."""
+
+    def reference_checkpoints(self) -> dict[str, str]:
+        """Checkpoints of other runs this method needs, by name (LoRe-Alt's reference reward model): the runner
+        loads each before training and hands its state dict to :meth:`load_reference`. Default: none."""
+        return {}
+
+    def load_reference(self, name: str, state_dict: dict) -> None:
+        """Take the state dict of the checkpoint :meth:`reference_checkpoints` named ``name``."""
+        raise NotImplementedError(f"{type(self).__name__} names reference checkpoints but has no load_reference()")
+
+    def export_head(self) -> tuple[list[nn.Module], Tensor]:
+        """``plrm export``: (the layers of ``item_embedding``, per-user weights W (n_users, Z)) when the reward
+        is ``W[u] . g(h)``. Methods whose reward has another form leave it unimplemented (export says so)."""
+        raise NotImplementedError(f"{type(self).__name__}'s reward is not of the form W[u] . g(h)")
 
     def uncertainty(self, answered: dict, users: Tensor, candidates: dict) -> Tensor:
         """Active-learning score (C,) of each candidate pair for its user (``candidates['user_idx']``): larger
