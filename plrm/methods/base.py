@@ -1,19 +1,30 @@
 """The method base class: every personalized reward model is a ``PersonalizedRewardModel``.
 
-A method's reward for item features ``h`` (from the backbone's encoder) and user ``u`` factors as
+A method's reward comes in one of two shapes, declared by ``reward_shape``:
 
-    z = item_embedding(h)        # user-independent part of the head, (N, Z); identity by default
-    r = user_reward(z, u)        # the personalized scalar, (N,)
+* ``factored`` (default; LoRe, PReF, MRM, BT, and every method whose user acts after the encoder): with item
+  features ``h = encode(items)`` from the backbone,
 
-``head(h, u) = user_reward(item_embedding(h), u)`` is the one method-specific function reward-guided decoding
-needs later; ``item_embedding`` lets evaluation score millions of (user, pair) rows from each unique item's
-``z`` computed once. Pairwise-only judges override ``pair_logit`` (and make ``user_reward`` raise).
+      z = item_embedding(h)        # user-independent part of the head, (N, Z); identity by default
+      r = user_reward(z, u)        # the personalized scalar, (N,)
+
+  so evaluation computes each unique item's ``z`` once and scores millions of (user, pair) rows with the cheap
+  ``user_reward``, and ``head(h, u) = user_reward(item_embedding(h), u)`` is what reward-guided decoding reads
+  at each prefix of a causal backbone's hidden states.
+* ``conditioned`` (P-DPO's soft user tokens, a Conditional RM's user id in the prompt): the user changes the
+  encoder's forward pass, so no user-independent item embedding exists. The method implements
+  ``conditioned_reward(items, users, item_stats)`` on backbone inputs; evaluation scores (user, pair) rows in
+  chunks, chosen and rejected in one forward, and still computes once per unique item whatever part of the
+  reward does not depend on the user (``item_statistics``: P-DPO's reference log-probabilities).
+
+Pairwise-only judges override ``pair_logit`` (and make ``user_reward`` raise).
 
 Per-user state lives in the module (``nn.Embedding``-style tables indexed by ``user_idx``), so Lightning
 checkpoints, DDP and loggers work unchanged. ``adapt(support, users)`` fits new users' rows from their support
 pairs, vectorized over users, and must leave every shared tensor unchanged. Training, validation, the loss
-and the optimizer are plumbing that lives here; a method file holds parameters, ``user_reward``, its
-regularizer and ``adapt``.
+and the optimizer are plumbing that lives here; a method file holds parameters, its reward, its regularizer and
+``adapt``. What a method may know of the data reaches it through the hooks ``before_fit``, ``fit_seen_users``
+and ``reference_checkpoints`` (called by the runner, plrm.data.hooks), never through the datamodule.
 """
 
 from __future__ import annotations
@@ -29,6 +40,10 @@ from torch import Tensor, nn
 
 from plrm import capabilities as cap
 from plrm.config import opt
+from plrm.methods.losses import bradley_terry_nll
+from plrm.methods.peruser import fit_per_user
+
+FACTORED, CONDITIONED = "factored", "conditioned"
 
 
 @dataclass
@@ -41,14 +56,16 @@ class MethodConfig:
     max_epochs: int = opt(10, "Training epochs over the seen users' train pairs.")
     max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: no limit).")
     balance_users: bool = opt(True, "Weight each pair by 1/|D_u| so every user counts equally "
-                                    "(papers/004 eq. 10); with equal pairs per user it changes nothing.")
+                                    "(LoRe, Bose et al., arXiv 2504.14439, eq. 10); with equal pairs per user "
+                                    "it changes nothing.")
 
 
 @dataclass
 class AdaptConfig:
     """Options of methods that fit new users' state with the shared per-user routine (plrm.methods.peruser)."""
 
-    adapt_lr: float = opt(0.1, "Adam learning rate of few-shot adaptation (papers/004 B.1: 0.1).")
+    adapt_lr: float = opt(0.1, "Adam learning rate of few-shot adaptation (LoRe, Bose et al., arXiv 2504.14439, "
+                               "App. B.1: 0.1).")
     adapt_steps: int = opt(300, "Full-batch Adam steps of few-shot adaptation.")
     adapt_l2: float = opt(0.0, "L2 penalty on the adapted per-user parameters.")
 
@@ -88,6 +105,13 @@ class PersonalizedRewardModel(L.LightningModule):
     # Names of the per-user tensors (first dim n_users) in the state dict: what adapt() writes, what
     # `plrm adapt --pairs` builds afresh for new users while loading everything else from a checkpoint.
     user_state: ClassVar[tuple[str, ...]] = ()
+    # 'factored': reward = user_reward(item_embedding(encode(items)), u); 'conditioned': the user changes the
+    # encoder's forward, the method implements conditioned_reward (see the module docstring).
+    reward_shape: ClassVar[Literal["factored", "conditioned"]] = FACTORED
+    # A manual-optimization method that clips its own gradients (with self.gradient_clip_val, the recipe's
+    # trainer.gradient_clip_val, set by the runner); any other manual-optimization method refuses that key.
+    clips_gradients: ClassVar[bool] = False
+    gradient_clip_val: float | None = None
 
     @property
     def ddp_find_unused_parameters(self) -> bool:
@@ -117,8 +141,35 @@ class PersonalizedRewardModel(L.LightningModule):
         return h
 
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
-        """Scalar reward (N,) of item embeddings z (N, Z) for users user_idx (N,)."""
-        raise NotImplementedError
+        """Scalar reward (N,) of item embeddings z (N, Z) for users user_idx (N,). Methods with one per-user
+        tensor define :meth:`reward_with` instead and get this, and ``adapt``'s fitting, from it."""
+        return self.reward_with(z, self.user_state_of(user_idx))
+
+    def reward_with(self, z: Tensor, state: Tensor) -> Tensor:
+        """Scalar reward (N,) of item embeddings z (N, Z) under per-user parameters ``state`` (N, ...): the one
+        place a method writes its reward formula, used for seen users (their rows of ``user_state[0]``) and by
+        :meth:`fit_user_state` for candidate parameters."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither user_reward() nor reward_with()")
+
+    def user_state_of(self, user_idx: Tensor) -> Tensor:
+        """The rows (N, ...) of the (single) per-user tensor ``user_state[0]`` for users ``user_idx``."""
+        if len(self.user_state) != 1:
+            raise NotImplementedError(f"{type(self).__name__} has {len(self.user_state)} per-user tensors: "
+                                      "define user_reward() itself")
+        return getattr(self, self.user_state[0])[user_idx]
+
+    def conditioned_reward(self, items: Any, user_idx: Tensor, item_stats: Tensor | None) -> Tensor:
+        """``reward_shape = 'conditioned'``: scalar reward (N,) of backbone inputs ``items`` for users
+        ``user_idx`` (N,), from a forward pass that depends on the user; ``item_stats``: the items'
+        :meth:`item_statistics` (or None)."""
+        raise NotImplementedError(f"{type(self).__name__} declares reward_shape='conditioned' but has no "
+                                  "conditioned_reward()")
+
+    def item_statistics(self, items: Any) -> Tensor | None:
+        """``reward_shape = 'conditioned'``: the user-independent part of each item's reward (N, S) that
+        evaluation computes once per unique item and hands to :meth:`conditioned_reward` (P-DPO: the reference
+        model's log-probability). None (default): there is none."""
+        return None
 
     def regularization(self, batch: dict) -> Tensor | float:
         """Penalty added to the training loss (logged apart from the NLL); ``batch`` for per-user penalties."""
@@ -202,6 +253,9 @@ class PersonalizedRewardModel(L.LightningModule):
         """The non-personalized reward (N,) of item embeddings ``z`` (N, Z): the mean over ``users`` of their
         rewards (for a reward linear in the per-user state, the reward of the average user; for a global model,
         its reward). Chunked so that at most ``max_entries`` (item, user, feature) values exist at once."""
+        if self.reward_shape == CONDITIONED:
+            raise NotImplementedError(f"{type(self).__name__} conditions the encoder on the user: it has no item "
+                                      "embedding to average users' rewards over")
         n_users = len(users)
         step = max(1, max_entries // max(1, n_users * z.shape[1]))
         out = []
@@ -212,8 +266,20 @@ class PersonalizedRewardModel(L.LightningModule):
         return torch.cat(out) if out else z.new_zeros(0)
 
     def reward(self, items: Any, user_idx: Tensor) -> Tensor:
-        """Scalar reward of each (prompt, response) item for each user: (N,)."""
+        """Scalar reward of each (prompt, response) item for each user: (N,), in either shape."""
+        if self.reward_shape == CONDITIONED:
+            return self.conditioned_reward(items, user_idx, self.item_statistics(items))
         return self.head(self.encode(items), user_idx)
+
+    def conditioned_pair_logit(self, chosen: Any, rejected: Any, user_idx: Tensor,
+                               stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """r_u(y+) - r_u(y-) of a conditioned method, chosen and rejected in one (2B) forward; ``stats``: their
+        item statistics when the caller has them (evaluation computes them once per unique item)."""
+        n = len(user_idx)
+        items = _concat(chosen, rejected)
+        item_stats = self.item_statistics(items) if stats is None else _concat_optional(*stats)
+        r = self.conditioned_reward(items, torch.cat([user_idx, user_idx]), item_stats)  # (2B,)
+        return r[:n] - r[n:]
 
     def pair_logit(self, z_chosen: Tensor, z_rejected: Tensor, user_idx: Tensor) -> Tensor:
         """Log-odds that chosen beats rejected, from item embeddings."""
@@ -237,18 +303,35 @@ class PersonalizedRewardModel(L.LightningModule):
         return z_chosen - z_rejected
 
     def preference_logit(self, batch: dict) -> Tensor:
+        if self.reward_shape == CONDITIONED:
+            return self.conditioned_pair_logit(batch["chosen"], batch["rejected"], batch["user_idx"])
         if self._scores_differences():
             return self.user_reward(self.embedding_difference(batch), batch["user_idx"])
         z_chosen, z_rejected = self.embed_pairs(batch)
         return self.pair_logit(z_chosen, z_rejected, batch["user_idx"])
 
     def nll(self, logit: Tensor, batch: dict) -> Tensor:
-        """Bradley-Terry negative log-likelihood -log sigmoid(r+ - r-) (papers/004 eq. 4), user-balanced
-        as eq. 10 when ``balance_users``."""
-        per_pair = -F.logsigmoid(logit)
-        if self.config.balance_users:
-            per_pair = per_pair * batch["pair_weight"]
-        return per_pair.mean()
+        """Bradley-Terry negative log-likelihood of the batch (plrm.methods.losses.bradley_terry_nll),
+        user-balanced as LoRe's eq. 10 when ``balance_users``."""
+        return bradley_terry_nll(logit, batch["pair_weight"] if self.config.balance_users else None)
+
+    def fit_user_state(self, support: dict, users: Tensor, init: Tensor, steps: int, lr: float,
+                       l2: float = 0.0, pair_inputs: Tensor | tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``adapt``'s usual work: per-user parameters (U, ...) of ``users`` (sorted), from ``init``, minimizing
+        each user's mean Bradley-Terry NLL on their ``support`` pairs + l2 ||theta_u||^2 with the method's own
+        :meth:`reward_with`, all users at once (plrm.methods.peruser.fit_per_user). ``pair_inputs``: what
+        ``reward_with`` scores per pair: a difference z+ - z- (P, Z) for a reward linear in z, or the pair
+        (z+, z-); default: ``embedding_difference(support)`` when ``linear_in_features``, else
+        ``embed_pairs(support)``."""
+        if pair_inputs is None:
+            pair_inputs = self.embedding_difference(support) if self.linear_in_features else self.embed_pairs(support)
+        owner = torch.searchsorted(users, support["user_idx"])  # position of each pair's user in `users`
+        if isinstance(pair_inputs, tuple):
+            z_chosen, z_rejected = pair_inputs
+            logit = lambda state, pos: self.reward_with(z_chosen[pos], state) - self.reward_with(z_rejected[pos], state)  # noqa: E731,E501
+        else:
+            logit = lambda state, pos: self.reward_with(pair_inputs[pos], state)  # noqa: E731
+        return fit_per_user(init, owner, lambda state, pos: -F.logsigmoid(logit(state, pos)), steps=steps, lr=lr, l2=l2)
 
     def loss(self, batch: dict) -> Tensor:
         return self.nll(self.preference_logit(batch), batch)
@@ -300,6 +383,10 @@ class PersonalizedRewardModel(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.optimizer_groups(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+
+def _concat_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return None if a is None else torch.cat([a, b])
 
 
 def _concat(a: Any, b: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Global RM: one Bradley-Terry reward model for everyone (papers/004 §5 "BT"; papers/000 "Vanilla RM").
+"""Global RM: one Bradley-Terry reward model for everyone (LoRe, Bose et al., arXiv 2504.14439, §5 "BT"; "When
+Personalization Meets Reality", Dong et al., arXiv 2502.19158, "Vanilla RM").
 
     r(x, y) = v^T e(x, y)        trained with -log sigmoid(r(x, y+) - r(x, y-))
 
@@ -10,11 +11,8 @@ Nothing is learned per user, so it ignores user ids and a new user is served by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
-from plrm.config import opt
 from plrm.methods.base import MethodConfig, PersonalizedRewardModel
 from plrm.registry import methods
 
@@ -26,12 +24,7 @@ class GlobalBT(PersonalizedRewardModel):
     adapts_new_users = "generic"
     linear_in_features = True
 
-    @dataclass
-    class Config(MethodConfig):
-        lr: float = opt(1e-3, "Adam learning rate of the head.")
-        weight_decay: float = opt(0.0, "Decoupled weight decay of the head.")
-
-    def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
+    def __init__(self, config: MethodConfig, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
         self.head_linear = nn.Linear(feature_dim, 1, bias=False)  # v: (1, D)
 

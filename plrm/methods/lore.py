@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from plrm.config import opt
 from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel
-from plrm.methods.peruser import fit_per_user
 from plrm.registry import methods
 
 
@@ -54,8 +53,8 @@ class LoRe(PersonalizedRewardModel):
     def item_embedding(self, h: Tensor) -> Tensor:
         return self.basis(h)  # R_phi(x, y): (N, B)
 
-    def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
-        return (z * self.user_weights(user_idx)).sum(-1)  # w_u^T R_phi: (N,)
+    def reward_with(self, z: Tensor, logits: Tensor) -> Tensor:
+        return (z * torch.softmax(logits, dim=-1)).sum(-1)  # w_u^T R_phi with w_u = softmax(logits_u): (N,)
 
     def export_head(self) -> tuple[list[nn.Module], Tensor]:
         """``plrm export``: g = the basis A, W = the simplex weights softmax(user_logits) (U, B)."""
@@ -71,14 +70,7 @@ class LoRe(PersonalizedRewardModel):
 
     @torch.no_grad()
     def adapt(self, support: dict, users: Tensor) -> None:
-        """Eq. 11 for every user in ``users`` at once, with the basis frozen."""
-        basis_diff = self.embedding_difference(support)                      # R(x, y+) - R(x, y-): (P, B)
-        owner = torch.searchsorted(users, support["user_idx"])              # users must be sorted
-        fitted = fit_per_user(
-            torch.zeros(len(users), self.config.rank, device=basis_diff.device),
-            owner,
-            lambda logits, pos: -nn.functional.logsigmoid(
-                (torch.softmax(logits, -1) * basis_diff[pos]).sum(-1)),
-            steps=self.config.adapt_steps, lr=self.config.adapt_lr, l2=self.config.adapt_l2,
-        )
-        self.user_logits[users] = fitted
+        """Eq. 11 for every user in ``users`` (sorted) at once, with the basis frozen; zero logits = uniform w."""
+        init = torch.zeros(len(users), self.config.rank, device=self.user_logits.device)    # (U_new, B)
+        self.user_logits[users] = self.fit_user_state(support, users, init, self.config.adapt_steps,
+                                                      self.config.adapt_lr, self.config.adapt_l2)

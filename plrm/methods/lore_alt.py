@@ -1,12 +1,14 @@
-"""LoRe-Alt: LoRe trained by alternating updates (papers/001 app. E.3).
+"""LoRe-Alt: LoRe trained by alternating updates (The Reward Model Selection Crisis in Personalized Alignment,
+ACL submission, App. E.3).
 
 For each batch: one step on the user weights with the basis frozen, then one step on the basis with the user
 weights frozen -- Lightning manual optimization with two optimizers. New users: LoRe's eq. 11, unchanged.
+``trainer.gradient_clip_val`` clips the basis step's gradient norm (the user step is a small convex problem).
 
 Optional reference penalty (the LoRe authors' code keeps the basis reward near an off-the-shelf reward model;
-papers/001 E.3 drops it when no pretrained RM exists): ``reference_weight * mean((r_u(x, y) - r_ref(x, y))^2)``
+App. E.3 drops it when no pretrained RM exists): ``reference_weight * mean((r_u(x, y) - r_ref(x, y))^2)``
 over the batch's responses, where r_ref is the linear head of a trained ``bt`` checkpoint
-(``reference_checkpoint``) on the same features.
+(``reference_checkpoint``) on the same features, which the runner loads and hands in (``load_reference``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from plrm.checkpoint import load_checkpoint
 from plrm.config import opt
 from plrm.methods.lore import LoRe
 from plrm.registry import methods
@@ -26,12 +27,13 @@ from plrm.registry import methods
 class LoReAlt(LoRe):
     """LoRe with alternating user-weight / basis steps and an optional reference-RM penalty."""
 
+    clips_gradients = True  # the basis step clips with trainer.gradient_clip_val (self.gradient_clip_val)
+
     @dataclass
     class Config(LoRe.Config):
         reference_checkpoint: str | None = opt(
             None, "A `bt` checkpoint (<run>/seed-<s>/<label>.ckpt) whose head is the reference reward.")
         reference_weight: float = opt(0.0, "Weight of the penalty keeping user rewards near the reference.")
-        gradient_clip_val: float | None = opt(None, "Clip the basis gradient norm (manual optimization).")
 
         def __post_init__(self) -> None:
             if self.reference_weight > 0 and not self.reference_checkpoint:
@@ -41,14 +43,18 @@ class LoReAlt(LoRe):
         super().__init__(config, n_users, feature_dim, encoder)
         self.automatic_optimization = False
         self.reference = None
-        if config.reference_checkpoint:
-            state = load_checkpoint(config.reference_checkpoint)["state_dict"]
-            if "head_linear.weight" not in state or state["head_linear.weight"].shape[1] != feature_dim:
-                raise ValueError(f"reference_checkpoint {config.reference_checkpoint}: not a `bt` checkpoint "
-                                 f"over {feature_dim}-d features")
-            self.reference = nn.Linear(feature_dim, 1, bias=False)
-            self.reference.load_state_dict({"weight": state["head_linear.weight"]})
-            self.reference.requires_grad_(False)
+        if config.reference_checkpoint:  # r_ref: (1, D), filled by load_reference before training
+            self.reference = nn.Linear(feature_dim, 1, bias=False).requires_grad_(False)
+
+    def reference_checkpoints(self) -> dict[str, str]:
+        return {"reference": self.config.reference_checkpoint} if self.config.reference_checkpoint else {}
+
+    def load_reference(self, name: str, state_dict: dict) -> None:
+        weight = state_dict.get("head_linear.weight")
+        if weight is None or weight.shape != (1, self.feature_dim):
+            raise ValueError(f"reference_checkpoint {self.config.reference_checkpoint}: not a `bt` checkpoint over "
+                             f"{self.feature_dim}-d features")
+        self.reference.weight.data.copy_(weight)
 
     def configure_optimizers(self):
         user_lr = self.config.user_lr if self.config.user_lr is not None else self.config.lr
@@ -85,8 +91,8 @@ class LoReAlt(LoRe):
         basis_loss = nll + self.regularization(batch) + self.reference_penalty(batch)
         basis_opt.zero_grad()
         self.manual_backward(self.global_loss(basis_loss, batch))
-        if self.config.gradient_clip_val is not None:
-            self.clip_gradients(basis_opt, gradient_clip_val=self.config.gradient_clip_val)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(basis_opt, gradient_clip_val=self.gradient_clip_val)
         basis_opt.step()
         n = len(users)
         self.log("train/loss", basis_loss, prog_bar=True, batch_size=n)

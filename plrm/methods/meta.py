@@ -16,12 +16,14 @@ for training.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, vmap
+
+from plrm.methods.losses import Reduction, masked_bradley_terry_nll, reduce_nll, robust_objective  # noqa: F401
 
 Params = dict[str, Tensor]
 # logit_fn(fast params of ONE user, that user's pair inputs (P, ...)) -> preference logits (P,)
@@ -66,21 +68,9 @@ def episode_split(group: Tensor, n_groups: int, support_fraction: float,
     return rank < n_support[group]
 
 
-Reduction = Literal["sum", "mean"]
-
-
-def reduce_nll(nll: Tensor, reduction: Reduction) -> Tensor:
-    """One user's pair NLL summed (papers/003 eq. 7) or averaged."""
-    return nll.sum() if reduction == "sum" else nll.mean()
-
-
 def masked_nll(logit_fn: LogitFn, fast: Params, x: Tensor, mask: Tensor, reduction: Reduction = "mean") -> Tensor:
-    """Bradley-Terry NLL -log sigmoid(logit) over one user's unmasked pairs, summed (papers/003 eq. 7) or
-    averaged (0 when there are none)."""
-    nll = -F.logsigmoid(logit_fn(fast, x))
-    m = mask.to(nll.dtype)
-    total = (nll * m).sum()
-    return total if reduction == "sum" else total / m.sum().clamp_min(1.0)
+    """Bradley-Terry NLL of one user's unmasked pairs x under their fast parameters (plrm.methods.losses)."""
+    return masked_bradley_terry_nll(logit_fn(fast, x), mask, reduction)
 
 
 def adapt(logit_fn: LogitFn, fast0: Params, x: Tensor, mask: Tensor, steps: int, lr: float,
@@ -104,26 +94,6 @@ def adapt(logit_fn: LogitFn, fast0: Params, x: Tensor, mask: Tensor, steps: int,
 def query_losses(logit_fn: LogitFn, fast: Params, x: Tensor, mask: Tensor, reduction: Reduction = "mean") -> Tensor:
     """Each user's query NLL (summed or averaged over their query pairs) under their own adapted parameters: (U,)."""
     return vmap(lambda p, x_u, m_u: masked_nll(logit_fn, p, x_u, m_u, reduction))(fast, x, mask)
-
-
-def robust_objective(losses: Tensor, rho: float, gamma: float, population: Tensor | None = None) -> Tensor:
-    """The Robust Personalization Objective (papers/003 §4.2), averaged over the meta-batch.
-
-    tau is the (1 - rho) quantile of the users' query losses (linear interpolation, as ``torch.quantile``),
-    held constant as a threshold. gamma > 0: eq. 15, sum_i sigmoid((L_i - tau) / gamma) L_i, differentiated
-    as written; gamma = 0: eq. 13, hard filtering, only users with L_i > tau count. Divided by the number of
-    users so the step size does not depend on the meta-batch size.
-
-    ``population``: the (detached) query losses of the whole meta-batch when ``losses`` are only some of its
-    users (a DDP rank's): tau and the number of users come from it, so the parts' objectives sum to the whole's.
-    """
-    whole = losses.detach() if population is None else population
-    tau = torch.quantile(whole, 1.0 - rho)
-    if gamma == 0:
-        weights = (losses.detach() > tau).to(losses.dtype)
-    else:
-        weights = torch.sigmoid((losses - tau) / gamma)
-    return (weights * losses).sum() / len(whole)
 
 
 def reference_adapt(logit_fn: LogitFn, fast0: Params, xs: list[Tensor], steps: int, lr: float,

@@ -1,13 +1,15 @@
-"""MRM: Meta Reward Modeling (papers/003 §4, Algorithm 2, eq. 5-15, §5.1.4; Table 2 ablations).
+"""MRM: Meta Reward Modeling (Cai et al., "One Adapts to Any: Meta Reward Modeling for Personalized LLM
+Alignment", §4, Algorithm 2, eq. 5-15, §5.1.4; Table 2 ablations).
 
     r_i(x, y) = sum_k w_ik phi_k(x, y)                                    (eq. 5; K base reward functions)
 
-Meta-training (Algorithm 2) over meta-batches of seen users; each user's train pairs are split at random,
-every time the user is drawn, into a support set (``support_fraction``) and a query set:
+Meta-training (Algorithm 2) over meta-batches of ``meta_batch_size`` seen users (§5.1.4: 2); each user's train
+pairs are split at random, every time the user is drawn, into a support set (``support_fraction``, §5.1.4: 10%)
+and a query set (the episode scaffold, plrm.methods.episodic):
     inner loop   w_i = w0 - alpha grad_w L_i(w; support_i), ``inner_steps`` times       (eq. 8)
     outer loop   w0, phi <- Adam step on A({L_i(w_i; query_i)}_i)                       (eq. 9-10)
 through the inner steps (second order; ``first_order`` for FOMAML). A is the Robust Personalization Objective
-(eq. 13-15; plrm.methods.meta.robust_objective): tau = the (1 - rho) quantile of the batch's query losses,
+(eq. 13-15; plrm.methods.losses.robust_objective): tau = the (1 - rho) quantile of the batch's query losses,
 weights sigmoid((L_i - tau) / gamma) (gamma = 0: hard filtering). The inner loop runs for all users of a
 meta-batch at once (torch.func grad + vmap over padded, masked support sets; plrm.methods.meta).
 
@@ -22,7 +24,8 @@ pin it.
 Ablations (Table 2), as options: ``meta_learning: false`` (1: per-user weights trained jointly with the basis
 on all train pairs, new users fitted from the common initialization by Adam, ``adapt_*`` options),
 ``rpo: false`` (2: the plain mean of query losses), ``basis: none`` (3: a single MLP on the features whose
-every parameter is adapted in the inner loop). ``basis: mlp`` makes phi a small MLP instead of linear.
+every parameter is adapted in the inner loop; the subclass :class:`MRMNoBasis`, which ``mrm`` builds for it).
+``basis: mlp`` makes phi a small MLP instead of linear.
 
 Shared: ``w0`` and ``basis`` (or the MLP ``net``). Per user: ``user_params`` (U, P), the adapted fast
 parameters flattened (P = K, or the MLP's size for ``basis: none``).
@@ -38,31 +41,30 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from plrm.config import opt
-from plrm.data.splits import TRAIN
-from plrm.distributed import gather_shards, rank_and_world, to_device
 from plrm.methods import meta
-from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel
-from plrm.methods.peruser import fit_per_user
+from plrm.methods.base import AdaptConfig, MethodConfig
+from plrm.methods.episodic import EpisodeConfig, EpisodicRewardModel
+from plrm.methods.losses import robust_objective
 from plrm.registry import methods
 
 ROW_CHUNK_FLOATS = 2**24  # per-row gathered fast parameters scored at once (64 MB in fp32)
 
 
 @methods.register("mrm")
-class MRM(PersonalizedRewardModel):
+class MRM(EpisodicRewardModel):
     """Meta Reward Modeling: MAML-learned initial user weights over K base reward functions, with RPO."""
 
     user_state = ("user_params",)
 
     @dataclass
-    class Config(MethodConfig, AdaptConfig):
-        n_basis: int = opt(2, "K, the number of base reward functions (papers/003 §5.1.4: 2).")
+    class Config(MethodConfig, AdaptConfig, EpisodeConfig):
+        n_basis: int = opt(2, "K, the number of base reward functions (§5.1.4: 2).")
         basis: Literal["linear", "mlp", "none"] = opt(
             "linear", "Base reward functions phi on the features: 'linear' (phi = A h), 'mlp' (one hidden "
             "layer, ``hidden`` units, K outputs), or 'none' (Table 2's ablation 3: a single MLP, all of whose "
             "parameters are adapted per user in the inner loop).")
         hidden: int = opt(64, "Hidden units of the MLP basis / of the single MLP of basis: none.")
-        inner_lr: float = opt(1e-3, "alpha, the inner-loop step size (papers/003 §5.1.4: 1e-3 on PRISM, "
+        inner_lr: float = opt(1e-3, "alpha, the inner-loop step size (§5.1.4: 1e-3 on PRISM, "
                                     "5e-3 on Reddit TL;DR); also used to adapt new users (eq. 11). The "
                                     "low-rank-world recipes tune it (recipes/mrm_*.yaml).")
         loss_reduction: Literal["sum", "mean"] = opt(
@@ -72,10 +74,6 @@ class MRM(PersonalizedRewardModel):
         inner_steps: int = opt(1, "n, gradient steps of the inner loop and of new-user adaptation (§5.1.4: 1).")
         lr: float = opt(1e-3, "beta, the Adam meta learning rate of w0 and the basis (§5.1.4: 1e-3 on PRISM, "
                               "5e-3 on Reddit TL;DR).")
-        meta_batch_size: int = opt(2, "Users per meta-batch (§5.1.4: 2).")
-        support_fraction: float = opt(0.1, "Share of a seen user's train pairs drawn as the support set of an "
-                                           "episode, the rest being the query set (§5.1.4: 10% / 90%); at "
-                                           "least one pair each.")
         first_order: bool = opt(False, "First-order MAML: do not differentiate through the inner gradients.")
         rpo: bool = opt(True, "Robust Personalization Objective on the query losses (false: their plain mean, "
                               "Table 2's ablation 2).")
@@ -105,27 +103,31 @@ class MRM(PersonalizedRewardModel):
                 raise ValueError("basis: none with meta_learning: false would train a whole MLP per user from "
                                  "its own few pairs; Table 2 removes one component at a time")
 
+    def __new__(cls, config: Config, *args, **kwargs):
+        # Table 2's ablation 3 is its own small class; recipes keep writing `basis: none` under `mrm`
+        return super().__new__(MRMNoBasis if cls is MRM and config.basis == "none" else cls)
+
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
-        c = config
-        self.linear_in_features = c.basis == "linear"  # w^T A h is linear in h: pairs scored from h+ - h-
-        if c.basis == "none":
-            self.net = nn.Sequential(nn.Linear(feature_dim, c.hidden), nn.ReLU(), nn.Linear(c.hidden, 1))
-        else:
-            self.basis = (nn.Linear(feature_dim, c.n_basis, bias=False) if c.basis == "linear" else
-                          nn.Sequential(nn.Linear(feature_dim, c.hidden), nn.ReLU(), nn.Linear(c.hidden, c.n_basis)))
-            self.w0 = nn.Parameter(torch.randn(c.n_basis) * c.init_std / c.n_basis ** 0.5)
+        self.build_functions(config)
         self._shapes = {k: tuple(v.shape) for k, v in self.fast0().items()}
         size = sum(torch.Size(s).numel() for s in self._shapes.values())
         init = torch.cat([v.detach().reshape(-1) for v in self.fast0().values()])
         # every user starts at the initialization; meta variants overwrite rows by adaptation, not by Adam
-        self.user_params = nn.Parameter(init.repeat(n_users, 1).reshape(n_users, size),
-                                        requires_grad=not c.meta_learning)
+        self.user_params = nn.Parameter(init.repeat(n_users, 1).reshape(n_users, size),   # (U, P)
+                                        requires_grad=not config.meta_learning)
+
+    def build_functions(self, c: Config) -> None:
+        """phi (linear or MLP, K outputs) and the initial user weights w0 (K,) (Algorithm 2, line 1)."""
+        self.linear_in_features = c.basis == "linear"  # w^T A h is linear in h: pairs scored from h+ - h-
+        self.basis = (nn.Linear(self.feature_dim, c.n_basis, bias=False) if c.basis == "linear" else
+                      nn.Sequential(nn.Linear(self.feature_dim, c.hidden), nn.ReLU(), nn.Linear(c.hidden, c.n_basis)))
+        self.w0 = nn.Parameter(torch.randn(c.n_basis) * c.init_std / c.n_basis ** 0.5)
 
     # ---- fast parameters (adapted per user) ----------------------------------------------------------------
     def fast0(self) -> dict[str, Tensor]:
-        """The shared initialization of the per-user parameters: {'w': w0} or the MLP's parameters."""
-        return dict(self.net.named_parameters()) if self.config.basis == "none" else {"w": self.w0}
+        """The shared initialization of the per-user parameters: {'w': w0}."""
+        return {"w": self.w0}
 
     def _flatten(self, fast: dict[str, Tensor]) -> Tensor:
         n = next(iter(fast.values())).shape[0]
@@ -140,16 +142,11 @@ class MRM(PersonalizedRewardModel):
         return out
 
     def logit_fn(self, fast: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Preference logits (P,) of one user's pair inputs x under their fast parameters."""
-        if self.config.basis == "none":
-            r = functional_call(self.net, fast, (x,))[..., 0]   # x (P, 2, D) -> rewards (P, 2)
-            return r[:, 0] - r[:, 1]
-        return x @ fast["w"]                                   # x = phi(y+) - phi(y-): (P, K)
+        """Preference logits (P,) of one user's pair inputs x = phi(y+) - phi(y-) (P, K) under their fast w."""
+        return x @ fast["w"]
 
     def pair_inputs(self, batch: dict) -> Tensor:
-        """What the inner loop sees of each pair: phi(y+) - phi(y-) (R, K), or both items' features (R, 2, D)."""
-        if self.config.basis == "none":
-            return torch.stack(self.embed_pairs(batch), dim=1)
+        """What the inner loop sees of each pair: phi(y+) - phi(y-) (R, K)."""
         if self._scores_differences():
             # two skinny (B, D) @ (D, K) GEMMs instead of materializing h+ - h- (B, D): the same numbers, no
             # B x D temporary (2x faster at B = 8,000, D = 4,096, K = 2 on one CPU thread, and fewer page faults)
@@ -158,108 +155,42 @@ class MRM(PersonalizedRewardModel):
 
     # ---- the reward ------------------------------------------------------------------------------------------
     def item_embedding(self, h: Tensor) -> Tensor:
-        return h if self.config.basis == "none" else self.basis(h)  # phi(x, y): (N, K)
+        return self.basis(h)  # phi(x, y): (N, K)
 
-    def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
-        params = self.user_params[user_idx]
-        if self.config.basis != "none":
-            return (z * params).sum(-1)  # w_u^T phi (eq. 5)
-        one = vmap(lambda p, z1: functional_call(self.net, p, (z1[None],))[0, 0])
-        step = max(1, ROW_CHUNK_FLOATS // params.shape[1])
-        return torch.cat([one(self._unflatten(params[s:s + step]), z[s:s + step]) for s in range(0, len(z), step)])
+    def reward_with(self, z: Tensor, w: Tensor) -> Tensor:
+        return (z * w).sum(-1)  # w_u^T phi (eq. 5): (N,)
 
     def export_head(self) -> tuple[list[nn.Module], Tensor]:
         """``plrm export``: g = the basis phi (linear or MLP), W = the adapted user weights (U, K)."""
-        if self.config.basis == "none":
-            raise NotImplementedError("mrm with basis: none adapts a whole MLP per user, so its reward is not "
-                                      "W[u] . g(h) with a shared g (export a basis: linear or mlp run)")
         return [self.basis], self.user_params.detach()
 
     def diagnostics(self) -> dict:
-        return {"w0": [float(v) for v in self.w0.detach()]} if self.config.basis != "none" else {}
+        return {"w0": [float(v) for v in self.w0.detach()]}
 
-    # ---- meta-training -------------------------------------------------------------------------------------
+    # ---- meta-training (the episodes themselves: plrm.methods.episodic) ---------------------------------------
     @property
-    def users_per_batch(self) -> int | None:
-        return self.config.meta_batch_size if self.config.meta_learning else None
+    def episodic(self) -> bool:
+        return self.config.meta_learning
 
     @property
     def ddp_find_unused_parameters(self) -> bool:
         return super().ddp_find_unused_parameters or not self.config.meta_learning  # w0 only starts adaptation
 
-    def meta_losses(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
-        """Query losses L_i (n,) of the batch's users that have a query set, after the inner loop from w0 on
-        a random support set of theirs: the whole of Algorithm 2's lines 3-11 for a meta-batch, no user loop."""
-        users, group = torch.unique(batch["user_idx"], return_inverse=True)
-        return self.episode_losses(self.pair_inputs(batch), group, len(users), generator)
-
-    def episode_losses(self, x: Tensor, group: Tensor, n_users: int,
-                       generator: torch.Generator | None = None) -> Tensor:
-        """:meth:`meta_losses` from the pair inputs x (R, ...) and each row's user, numbered 0..n_users-1."""
+    def episode_query_losses(self, support: Tensor, support_mask: Tensor, query: Tensor,
+                             query_mask: Tensor) -> Tensor:
+        """Algorithm 2's lines 5-9 for every user of the meta-batch: the inner loop from w0 on the support set
+        (eq. 8), then the query loss L_i under the adapted w_i: (U,)."""
         c = self.config
-        is_support = meta.episode_split(group, n_users, c.support_fraction, generator)
-        s_pos, q_pos = is_support.nonzero()[:, 0], (~is_support).nonzero()[:, 0]
-        s_idx, s_mask = meta.pad_groups(group[s_pos], n_users)
-        q_idx, q_mask = meta.pad_groups(group[q_pos], n_users)
-        fast = meta.adapt(self.logit_fn, self.fast0(), x[s_pos[s_idx]], s_mask, c.inner_steps, c.inner_lr,
+        fast = meta.adapt(self.logit_fn, self.fast0(), support, support_mask, c.inner_steps, c.inner_lr,
                           c.first_order, c.loss_reduction)
-        losses = meta.query_losses(self.logit_fn, fast, x[q_pos[q_idx]], q_mask, c.loss_reduction)
-        return losses[q_mask.any(1)]
+        return meta.query_losses(self.logit_fn, fast, query, query_mask, c.loss_reduction)
 
     def outer_objective(self, losses: Tensor, population: Tensor | None = None) -> Tensor:
-        """A over the meta-batch's query losses; ``population``: all of them when ``losses`` are a rank's part."""
+        """A over the meta-batch's query losses: RPO (eq. 15), or their mean (``rpo: false``)."""
         c = self.config
         if c.rpo:
-            return meta.robust_objective(losses, c.rho, c.gamma, population)
-        return losses.mean() if population is None else losses.sum() / len(population)
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        if not self.config.meta_learning:
-            return super().training_step(batch, batch_idx)
-        losses = self.meta_losses(batch)
-        world = rank_and_world()[1]
-        if world > 1:
-            return self._distributed_meta_step(losses, batch, world)
-        if len(losses) == 0:
-            return None  # every user of this meta-batch has a single train pair: nothing to query
-        loss = self.outer_objective(losses)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(losses))
-        self.log("train/query_nll", losses.mean(), batch_size=len(losses))
-        return loss
-
-    def _distributed_meta_step(self, losses: Tensor, batch: dict, world: int) -> Tensor:
-        """DDP: each rank holds some users of the meta-batch. tau and the number of users come from every rank's
-        query losses, each rank backpropagates its users' part of the objective times the world size (DDP
-        averages gradients over ranks), so the step is the one-process step on the same meta-batch (the
-        episodes' support / query draws differ: each rank draws for its own users)."""
-        mine = losses if batch["share"] > 0 else losses[:0]  # share 0: a copy of users another rank holds
-        population = gather_shards(mine.detach())
-        if len(population) == 0:
-            # no user of this meta-batch has a query set: one process skips the step, Lightning cannot under DDP,
-            # so every rank takes a step with zero gradients (Adam's momentum still moves)
-            return mine.sum()
-        part = self.outer_objective(mine, population)
-        total = part.detach().clone()
-        torch.distributed.all_reduce(total)
-        self.log("train/loss", total, prog_bar=True, batch_size=len(population))
-        self.log("train/query_nll", population.mean(), batch_size=len(population))
-        return part * world
-
-    def on_validation_epoch_start(self) -> None:
-        self._adapt_seen_users()
-
-    def on_train_end(self) -> None:
-        self._adapt_seen_users()
-
-    @torch.no_grad()
-    def _adapt_seen_users(self) -> None:
-        """Seen users are served like new ones (eq. 11): the inner steps from w0, on all their train pairs."""
-        if not self.config.meta_learning:
-            return
-        dm = self.trainer.datamodule
-        rows = torch.from_numpy(dm.split.rows(TRAIN))
-        batch = to_device(dm.batch(rows), self.device)
-        self.adapt(batch, torch.unique(batch["user_idx"]))
+            return robust_objective(losses, c.rho, c.gamma, population)
+        return super().outer_objective(losses, population)
 
     # ---- new users -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -267,15 +198,51 @@ class MRM(PersonalizedRewardModel):
         """Eq. 11 for every user in ``users`` (sorted) at once: the inner steps from w0 on their support pairs
         (a user with none keeps w0); with meta_learning: false, Adam from the common initial weights."""
         c = self.config
-        x = self.pair_inputs(support)
-        owner = torch.searchsorted(users, support["user_idx"])
+        x = self.pair_inputs(support)                                           # (P, ...)
         if c.meta_learning:
-            idx, mask = meta.pad_groups(owner, len(users))
+            owner = torch.searchsorted(users, support["user_idx"])
+            idx, mask = meta.pad_groups(owner, len(users))                      # (U, S)
             fast0 = {k: v.detach() for k, v in self.fast0().items()}
             fitted = self._flatten(meta.adapt(self.logit_fn, fast0, x[idx], mask, c.inner_steps, c.inner_lr,
                                               reduction=c.loss_reduction))
         else:
-            init = self._flatten({"w": self.w0.detach()[None]}).expand(len(users), -1)
-            fitted = fit_per_user(init, owner, lambda w, pos: -nn.functional.logsigmoid((w * x[pos]).sum(-1)),
-                                  steps=c.adapt_steps, lr=c.adapt_lr, l2=c.adapt_l2)
+            init = self._flatten({"w": self.w0.detach()[None]}).expand(len(users), -1)   # (U, K)
+            fitted = self.fit_user_state(support, users, init, c.adapt_steps, c.adapt_lr, c.adapt_l2, pair_inputs=x)
         self.user_params[users] = fitted.to(self.user_params.dtype)
+
+
+class MRMNoBasis(MRM):
+    """Table 2's ablation 3 (``mrm`` with ``basis: none``): no base reward functions; a single MLP on the
+    features, every parameter of which is a fast parameter adapted per user in the inner loop."""
+
+    def build_functions(self, c: MRM.Config) -> None:
+        self.linear_in_features = False
+        self.net = nn.Sequential(nn.Linear(self.feature_dim, c.hidden), nn.ReLU(), nn.Linear(c.hidden, 1))
+
+    def fast0(self) -> dict[str, Tensor]:
+        """The shared initialization of the per-user parameters: the MLP's parameters."""
+        return dict(self.net.named_parameters())
+
+    def logit_fn(self, fast: dict[str, Tensor], x: Tensor) -> Tensor:
+        r = functional_call(self.net, fast, (x,))[..., 0]   # x (P, 2, D) -> rewards (P, 2)
+        return r[:, 0] - r[:, 1]
+
+    def pair_inputs(self, batch: dict) -> Tensor:
+        """Both items' features (R, 2, D)."""
+        return torch.stack(self.embed_pairs(batch), dim=1)
+
+    def item_embedding(self, h: Tensor) -> Tensor:
+        return h
+
+    def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
+        params = self.user_params[user_idx]                                     # (N, P) flattened MLPs
+        one = vmap(lambda p, z1: functional_call(self.net, p, (z1[None],))[0, 0])
+        step = max(1, ROW_CHUNK_FLOATS // params.shape[1])
+        return torch.cat([one(self._unflatten(params[s:s + step]), z[s:s + step]) for s in range(0, len(z), step)])
+
+    def export_head(self) -> tuple[list[nn.Module], Tensor]:
+        raise NotImplementedError("mrm with basis: none adapts a whole MLP per user, so its reward is not "
+                                  "W[u] . g(h) with a shared g (export a basis: linear or mlp run)")
+
+    def diagnostics(self) -> dict:
+        return {}

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from plrm import capabilities as cap
 from plrm.config import opt
-from plrm.methods.base import MethodConfig, PersonalizedRewardModel
+from plrm.methods.base import MethodConfig, PersonalizedRewardModel, SeenUsersData
 from plrm.registry import methods
 
 DENSE_SVD_MAX_ENTRIES = 4_000_000  # users x item pairs up to which the sign matrix is decomposed densely (32 MB)
@@ -163,7 +163,7 @@ class PReF(PersonalizedRewardModel):
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
         self.spectrum: list[float] = []  # leading singular values of the training matrix (set by setup)
-        self._set_rank(1 if config.rank == "elbow" else config.rank)  # elbow: resized in setup()
+        self._set_rank(1 if config.rank == "elbow" else config.rank)  # elbow: resized in before_fit()
 
     def _set_rank(self, rank: int) -> None:
         self.n_basis = rank
@@ -195,35 +195,26 @@ class PReF(PersonalizedRewardModel):
         return {"rank": self.n_basis, "rank_rule": "elbow" if self.config.rank == "elbow" else "fixed",
                 "init": self.config.init, "singular_values": self.spectrum}
 
-    def setup(self, stage: str) -> None:
-        # setup() runs before Lightning builds the optimizer, so rank: elbow can still size the parameters.
-        if stage == "fit":
-            self.initialize_from_svd(self.trainer.datamodule)
-
     @torch.no_grad()
-    def initialize_from_svd(self, dm) -> None:
-        """Algorithm 1, steps 2-5, on the seen users' train pairs; with init: random only the spectrum (and
-        the elbow) is taken from the SVD."""
-        from plrm.data.splits import TRAIN
-        from plrm.distributed import to_device
-
-        pm = dm.pair_matrix(dm.split.rows(TRAIN))
+    def before_fit(self, seen: SeenUsersData) -> None:
+        """Algorithm 1, steps 2-5, on the seen users' train pairs, before the optimizer exists (``rank: elbow``
+        resizes the parameters); with init: random only the spectrum (and the elbow) is taken from the SVD."""
+        pm = seen.pair_matrix()
         c = self.config
         size = min(c.spectrum_size, min(pm.n_users, pm.n_pairs) - 1)
         if c.rank != "elbow":
             size = max(size, c.rank)  # svd_factors says so when J itself does not fit the matrix
         user_vectors, pair_factors, singular = svd_factors(pm.user_idx, pm.pair_idx, pm.sign, pm.n_users,
-                                                           pm.n_pairs, size)
+                                                           pm.n_pairs, size)               # (U, J'), (J', P), (J',)
         self.spectrum = [float(v) for v in singular]
         rank = elbow(singular) if c.rank == "elbow" else c.rank
         if rank != self.n_basis:
             self._set_rank(rank)
         if c.init != "svd":
             return
-        backbone = dm.prepared.backbone
-        y1 = self.encode(to_device(backbone.inputs(torch.from_numpy(pm.y1_item)), self.device))
-        y2 = self.encode(to_device(backbone.inputs(torch.from_numpy(pm.y2_item)), self.device))
-        head = ridge_head((y1 - y2).cpu(), torch.from_numpy(pair_factors[:rank]).T, c.head_ridge)  # (J, D)
+        y1 = self.encode(seen.item_inputs(torch.from_numpy(pm.y1_item)))                   # (P, D)
+        y2 = self.encode(seen.item_inputs(torch.from_numpy(pm.y2_item)))                   # (P, D)
+        head = ridge_head((y1 - y2).cpu(), torch.from_numpy(pair_factors[:rank]).T, c.head_ridge)  # W: (J, D)
         self.phi.weight.copy_(head)
         self.user_vectors.copy_(torch.from_numpy(user_vectors[:, :rank]))
 

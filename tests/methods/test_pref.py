@@ -1,4 +1,5 @@
-"""PReF (papers/002): SVD initialization, the pointwise head fit, batched Newton for new users, end to end."""
+"""PReF (Shenfeld et al., arXiv 2503.06358): SVD initialization, the pointwise head fit, batched Newton for new
+users, end to end."""
 
 import datasets
 import numpy as np
@@ -10,6 +11,7 @@ from plrm import capabilities as cap
 from plrm import runner
 from plrm.backbones.precomputed import PrecomputedFeatures
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
+from plrm.data.hooks import SeenUsers
 from plrm.data.source import PreferenceData
 from plrm.data.splits import make_split
 from plrm.methods.pref import PReF, elbow, newton_logistic, ridge_head, svd_factors
@@ -108,12 +110,12 @@ def test_random_init_ablation_keeps_the_random_parameters_but_reports_the_spectr
     torch.manual_seed(0)
     model = PReF(PReF.Config(rank=3, init="random"), n_users=dm.n_users, feature_dim=dm.feature_dim)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.initialize_from_svd(dm)
+    model.before_fit(SeenUsers(dm))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
     assert len(model.diagnostics()["singular_values"]) == 20
     svd = PReF(PReF.Config(rank=3), n_users=dm.n_users, feature_dim=dm.feature_dim)
-    svd.initialize_from_svd(dm)
+    svd.before_fit(SeenUsers(dm))
     assert not torch.allclose(svd.user_vectors, before["user_vectors"])
 
 

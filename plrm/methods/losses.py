@@ -1,0 +1,58 @@
+"""Losses as pure functions of tensors: a test calls them with numbers, no model, no batch dict.
+
+Methods compose them; the base class's ``nll`` is :func:`bradley_terry_nll` with the batch's user weights.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Reduction = Literal["sum", "mean"]
+
+
+def bradley_terry_nll(logits: Tensor, pair_weight: Tensor | None = None) -> Tensor:
+    """Mean over pairs of -log sigmoid(r+ - r-), the Bradley-Terry negative log-likelihood (LoRe, Bose et al.,
+    arXiv 2504.14439, eq. 4). ``pair_weight`` (P,): each pair's weight, e.g. 1/|D_u| scaled to mean 1, which
+    makes the mean LoRe's user-balanced eq. 10."""
+    per_pair = -F.logsigmoid(logits)
+    if pair_weight is not None:
+        per_pair = per_pair * pair_weight
+    return per_pair.mean()
+
+
+def reduce_nll(nll: Tensor, reduction: Reduction) -> Tensor:
+    """One user's pair NLL summed (MRM, Cai et al., eq. 7) or averaged."""
+    return nll.sum() if reduction == "sum" else nll.mean()
+
+
+def masked_bradley_terry_nll(logits: Tensor, mask: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """-log sigmoid(logit) over one user's unmasked pairs (P,), summed (MRM eq. 7) or averaged; 0 when none is
+    unmasked (a padded slot's logit never reaches the result)."""
+    nll = -F.logsigmoid(logits)
+    m = mask.to(nll.dtype)
+    total = (nll * m).sum()
+    return total if reduction == "sum" else total / m.sum().clamp_min(1.0)
+
+
+def robust_objective(losses: Tensor, rho: float, gamma: float, population: Tensor | None = None) -> Tensor:
+    """The Robust Personalization Objective (MRM §4.2, eq. 13-15), averaged over the meta-batch.
+
+    tau is the (1 - rho) quantile of the users' query losses (linear interpolation, as ``torch.quantile``),
+    held constant as a threshold. gamma > 0: eq. 15, sum_i sigmoid((L_i - tau) / gamma) L_i, differentiated
+    as written; gamma = 0: eq. 13, hard filtering, only users with L_i > tau count. Divided by the number of
+    users so the step size does not depend on the meta-batch size.
+
+    ``population``: the (detached) query losses of the whole meta-batch when ``losses`` are only some of its
+    users (a DDP rank's): tau and the number of users come from it, so the parts' objectives sum to the whole's.
+    """
+    whole = losses.detach() if population is None else population
+    tau = torch.quantile(whole, 1.0 - rho)
+    if gamma == 0:
+        weights = (losses.detach() > tau).to(losses.dtype)
+    else:
+        weights = torch.sigmoid((losses - tau) / gamma)
+    return (weights * losses).sum() / len(whole)
