@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN §5; papers/004 §5): seen, unseen (few-shot) and overall users.
+"""The evaluation protocol (LoRe, Bose et al., arXiv 2504.14439, §5): seen, unseen (few-shot) and overall users.
 
 * seen users: scored on their test pairs with the trained per-user state;
 * unseen users: for every k of the few-shot curve, ``adapt`` fits their state from their first k support
@@ -6,8 +6,10 @@
   adapted last, so the model leaves evaluation holding the k-shot state;
 * overall: seen and unseen users together (unseen at ``split.k``), each user weighing the same.
 
-Scores come from ``pair_logit`` on item embeddings computed once per unique item, so millions of (user, pair)
-rows cost one embedding per item plus a cheap per-pair head. Methods that cannot adapt new users
+Scores of a factored method come from ``pair_logit`` on item embeddings computed once per unique item, so millions
+of (user, pair) rows cost one embedding per item plus a cheap per-pair head. A user-conditioned method
+(``reward_shape = 'conditioned'``) is scored in chunks of rows, chosen and rejected in one forward under the rows'
+users, with its user-independent ``item_statistics`` computed once per unique item. Methods that cannot adapt new users
 (``adapts_new_users = 'no'``) get None (printed n/a) for unseen users, never a fallback number.
 
 Distributed (after a DDP fit every rank runs the protocol): each rank scores a contiguous part of the rows and
@@ -29,7 +31,7 @@ import torch
 from plrm.data.datamodule import PreferenceDataModule
 from plrm.distributed import gather_shards, rank_and_world, shard, to_device
 from plrm.eval.metrics import summarize
-from plrm.methods.base import PersonalizedRewardModel
+from plrm.methods.base import CONDITIONED, PersonalizedRewardModel
 
 ITEM_CHUNK = 8192
 PAIR_CHUNK_BYTES = 256 * 2**20  # gathered item embeddings per pair chunk
@@ -74,6 +76,8 @@ def embed_items(model: PersonalizedRewardModel, prepared, items: torch.Tensor) -
 
 def _score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: np.ndarray,
                 max_pairs: int) -> torch.Tensor:
+    if model.reward_shape == CONDITIONED:
+        return _score_rows_conditioned(model, dm, rows, max_pairs)
     prepared = dm.prepared
     rows_t = torch.from_numpy(rows)
     chosen, rejected = prepared.chosen_item[rows_t], prepared.rejected_item[rows_t]
@@ -85,6 +89,43 @@ def _score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: 
     step = max(1, min(max_pairs, PAIR_CHUNK_BYTES // (2 * z.shape[1] * z.element_size())))
     out = [model.pair_logit(z[pos_c[s:s + step]], z[pos_r[s:s + step]], users[s:s + step].to(device)).float().cpu()
            for s in range(0, len(rows), step)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def item_statistics(model: PersonalizedRewardModel, prepared, items: torch.Tensor) -> torch.Tensor | None:
+    """A conditioned method's user-independent item statistics (len(items), S), once per item, ITEM_CHUNK at a
+    time; None when the method has none."""
+    inputs = prepared.backbone.inputs
+    parts = []
+    for i in range(0, len(items), ITEM_CHUNK):
+        part = model.item_statistics(to_device(inputs(items[i:i + ITEM_CHUNK]), model.device))
+        if part is None:
+            return None
+        parts.append(part)
+    return torch.cat(parts) if parts else None
+
+
+def _score_rows_conditioned(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: np.ndarray,
+                            max_pairs: int) -> torch.Tensor:
+    """Rows of a user-conditioned reward: each chunk of (user, pair) rows is one forward of its chosen and
+    rejected items under the rows' users; what does not depend on the user is computed once per unique item."""
+    prepared = dm.prepared
+    rows_t = torch.from_numpy(rows)
+    chosen, rejected = prepared.chosen_item[rows_t], prepared.rejected_item[rows_t]
+    items = torch.unique(torch.cat([chosen, rejected]))  # sorted
+    stats = item_statistics(model, prepared, items)                               # (I, S) or None
+    pos_c, pos_r = torch.searchsorted(items, chosen), torch.searchsorted(items, rejected)
+    users = dm.row_user[rows_t]
+    device = model.device
+    step = max(1, min(max_pairs, ITEM_CHUNK // 2))  # 2 * step items per forward, as when embedding items
+    out = []
+    for s in range(0, len(rows), step):
+        sl = slice(s, s + step)
+        pair_stats = None if stats is None else (stats[pos_c[sl]], stats[pos_r[sl]])
+        out.append(model.conditioned_pair_logit(to_device(prepared.backbone.inputs(chosen[sl]), device),
+                                                to_device(prepared.backbone.inputs(rejected[sl]), device),
+                                                users[sl].to(device), pair_stats).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
