@@ -1,4 +1,4 @@
-"""LoRe-Alt (papers/001 app. E.3): alternating user / basis steps; the reference-RM penalty."""
+"""LoRe-Alt (Rezk et al., arXiv 2512.23067, app. E.3): alternating user / basis steps; the reference-RM penalty."""
 
 import numpy as np
 import torch
@@ -45,3 +45,46 @@ def test_reference_penalty_pulls_rewards_to_the_reference(tmp_path, tiny_overrid
 
     assert alignment(tied) > 0.9
     assert alignment(tied) > alignment(free) + 0.1
+
+
+def test_each_alternating_step_leaves_the_other_block_bit_identical(tiny_overrides):
+    """The user step moves only the user weights, the basis step only the basis: every optimizer step is watched,
+    and the block it does not own is bit-identical before and after it (weight decay on, so a stray parameter in
+    the wrong group would move)."""
+    import lightning as L
+
+    from plrm.data.datamodule import PreferenceDataModule
+    from plrm.data.splits import make_split
+    from plrm.recipe import load_recipe
+
+    recipe = load_recipe("quickstart", tiny_overrides)
+    prepared = runner.prepare(recipe)
+    split = make_split(prepared.data.pairs.data.table, 0, unseen_fraction=0.5, test_fraction=0.5, val_fraction=0.0,
+                       need_support=3, source=recipe.data.name)
+    torch.manual_seed(0)
+    model = LoReAlt(LoReAlt.Config(rank=3, lr=0.05, weight_decay=0.1, max_steps=4, batch_size=64),
+                    n_users=len(split.user_ids), feature_dim=prepared.backbone.feature_dim)
+    steps = []
+
+    class Watch(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            for name, opt in zip(("user", "basis"), trainer.optimizers):
+                step = opt.step
+
+                def watched(*args, _step=step, _name=name, **kwargs):
+                    before = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+                    out = _step(*args, **kwargs)
+                    after = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+                    steps.append((_name, before, after))
+                    return out
+                opt.step = watched
+
+    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Watch()])
+    trainer.fit(model, datamodule=PreferenceDataModule(prepared, split, batch_size=64))
+    # Lightning counts every manual optimizer step: max_steps=4 is two batches of a user then a basis step
+    assert [name for name, *_ in steps] == ["user", "basis"] * 2
+    for name, before, after in steps:
+        moved, fixed = ("user_logits", "basis.weight") if name == "user" else ("basis.weight", "user_logits")
+        assert torch.equal(before[fixed], after[fixed]), f"the {name} step changed {fixed}"
+        assert not torch.equal(before[moved], after[moved]), f"the {name} step did not change {moved}"

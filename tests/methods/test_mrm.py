@@ -1,4 +1,4 @@
-"""MRM (papers/003): reward formula, eq. 11 adaptation by hand, vectorized adaptation, the user-batch loader,
+"""MRM (Cai et al., arXiv 2601.18731): reward formula, eq. 11 adaptation by hand, vectorized adaptation, the user-batch loader,
 meta-training end to end with its ablations, and reload."""
 
 import math
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from plrm import runner
+from plrm import registry, runner
 from plrm.data.datamodule import PreferenceDataModule
-from plrm.data.splits import TRAIN
+from plrm.data.splits import TRAIN, make_split
 from plrm.methods import meta
 from plrm.methods.mrm import MRM
 from plrm.recipe import RecipeError, load_recipe
@@ -168,7 +168,7 @@ def test_no_meta_learning_trains_user_weights_and_fits_new_users_from_the_common
     assert model.users_per_batch is None and model.user_params.requires_grad
     init = model.w0.detach().clone()
     dm = PreferenceDataModule(prepared, split, batch_size=256, users_per_batch=model.users_per_batch)
-    trainer = runner._trainer(recipe, model, None, "t", validate=False)
+    trainer = runner.make_trainer(recipe, "mrm", model, dm)
     trainer.fit(model, datamodule=dm)
     seen = torch.from_numpy(split.seen_users)
     assert not torch.allclose(model.user_params[seen], init.expand(len(seen), -1))   # trained per user
@@ -205,28 +205,48 @@ def test_personalllm_recipe_keeps_lowrank_personalllm_world_split_and_lore():
 
 
 def test_meta_training_checkpoints_and_resumes_under_lightning(tmp_path):
-    """Lightning saves MRM's meta-parameters, per-user table and Adam state mid-training and resumes from them:
-    the resumed trainer continues at the saved step, and its first resumed step starts from the saved w0."""
+    """Lightning saves MRM's meta-parameters, per-user table and Adam state mid-training and resumes from them.
+    The check fails if the checkpoint were ignored: the resumed model is built from another seed (so its own
+    initialization differs), and at the start of resumed training it must hold exactly the saved w0, basis and
+    per-user table, Adam's saved step count and moments, and the saved global step."""
     import lightning as L
 
     recipe = load_recipe("quickstart", _prism_like(tmp_path, "~methods.bt", "methods.mrm.max_epochs=1"))
     prepared = runner.prepare(recipe)
-    split = runner._split_for_seed(recipe, prepared, 0, None)
+    split = make_split(prepared.data.pairs.data.table, 0, unseen_fraction=0.5, test_fraction=0.5, val_fraction=0.0,
+                       need_support=recipe.split.k, source=recipe.data.name)
     torch.manual_seed(0)
-    model = runner.build_model(recipe, "mrm", prepared, len(split.user_ids))
+    model = registry.methods.get("mrm")(recipe.methods["mrm"].config, n_users=len(split.user_ids),
+                                        feature_dim=prepared.backbone.feature_dim)
     dm = PreferenceDataModule(prepared, split, users_per_batch=model.users_per_batch, seed=0)
     kwargs = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                  limit_val_batches=0)
+                  limit_val_batches=0, enable_checkpointing=False)
     first = L.Trainer(max_epochs=1, default_root_dir=tmp_path, **kwargs)
     first.fit(model, datamodule=dm)
     ckpt = tmp_path / "mid.ckpt"
     first.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False)
-    assert {"w0", "basis.weight", "user_params"} <= set(state["state_dict"])
-    assert state["optimizer_states"][0]["state"]  # Adam moments
+    saved_adam = state["optimizer_states"][0]["state"]
+    assert {"w0", "basis.weight", "user_params"} <= set(state["state_dict"]) and saved_adam
     steps = first.global_step
-    resumed_model = runner.build_model(recipe, "mrm", prepared, len(split.user_ids))
-    second = L.Trainer(max_epochs=2, default_root_dir=tmp_path, **kwargs)
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.step = trainer.global_step
+            self.params = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            self.adam = {k: {n: t.clone() for n, t in v.items()} for k, v in trainer.optimizers[0].state_dict()["state"].items()}
+
+    torch.manual_seed(123)  # another initialization: ignoring the checkpoint would start from it
+    resumed_model = registry.methods.get("mrm")(recipe.methods["mrm"].config, n_users=len(split.user_ids),
+                                                feature_dim=prepared.backbone.feature_dim)
+    assert not torch.equal(resumed_model.w0, state["state_dict"]["w0"])
+    probe = AtStart()
+    second = L.Trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=[probe], **kwargs)
     second.fit(resumed_model, datamodule=dm, ckpt_path=ckpt)
-    assert second.global_step == 2 * steps
-    assert not torch.equal(resumed_model.w0, state["state_dict"]["w0"])  # it trained on from the saved state
+    assert probe.step == steps and second.global_step == 2 * steps
+    for name in ("w0", "basis.weight", "user_params"):
+        assert torch.equal(probe.params[name], state["state_dict"][name]), name
+    for key, moments in saved_adam.items():
+        for n, t in moments.items():
+            assert torch.equal(probe.adam[key][n], t), (key, n)
+    assert not torch.equal(resumed_model.w0, state["state_dict"]["w0"])  # and it trained on from there
