@@ -1,4 +1,5 @@
-"""LoRe: low-rank reward modeling (papers/004 §3, Example 1; eq. 8, 10, 11; B.1 hyperparameters).
+"""LoRe: low-rank reward modeling (LoRe, Bose et al., arXiv 2504.14439, §3, Example 1; eq. 8, 10, 11; App. B.1
+hyperparameters).
 
     R_phi(x, y) = A e(x, y)                 A in R^{B x D}: the shared reward basis  (eq. 8)
     r_u(x, y)   = w_u^T R_phi(x, y)          w_u on the simplex Delta^{B-1}: user u's weights
@@ -33,8 +34,8 @@ class LoRe(PersonalizedRewardModel):
 
     @dataclass
     class Config(MethodConfig, AdaptConfig):
-        rank: int = opt(10, "B, the number of basis reward functions (papers/004: cross-validated in {2,..,50}).")
-        lr: float = opt(0.01, "Adam learning rate of the basis A. papers/004 B.1 uses 0.5 on its reward-model "
+        rank: int = opt(10, "B, the number of basis reward functions (LoRe: cross-validated in {2,..,50}).")
+        lr: float = opt(0.01, "Adam learning rate of the basis A. LoRe App. B.1 uses 0.5 on its reward-model "
                               "embeddings; on N(0, 1) 4096-d features 0.5 diverges (57% unseen accuracy, "
                               "recipes/lowrank_personalllm.yaml), 0.01 was tuned there.")
         user_lr: float | None = opt(None, "Adam learning rate of the seen users' weights (null: same as lr).")

@@ -1,5 +1,5 @@
 """LoRe-Alt: LoRe trained by alternating updates (The Reward Model Selection Crisis in Personalized Alignment,
-ACL submission, App. E.3).
+Rezk et al., arXiv 2512.23067, App. E.3).
 
 For each batch: one step on the user weights with the basis frozen, then one step on the basis with the user
 weights frozen -- Lightning manual optimization with two optimizers. New users: LoRe's eq. 11, unchanged.

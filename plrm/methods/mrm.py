@@ -1,5 +1,5 @@
 """MRM: Meta Reward Modeling (Cai et al., "One Adapts to Any: Meta Reward Modeling for Personalized LLM
-Alignment", §4, Algorithm 2, eq. 5-15, §5.1.4; Table 2 ablations).
+Alignment", arXiv 2601.18731, §4, Algorithm 2, eq. 5-15, §5.1.4; Table 2 ablations).
 
     r_i(x, y) = sum_k w_ik phi_k(x, y)                                    (eq. 5; K base reward functions)
 

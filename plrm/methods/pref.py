@@ -1,11 +1,12 @@
-"""PReF: personalized reward factorization (papers/002 §4, Algorithm 1, eq. 4-5, Table 3; papers/001 app. D).
+"""PReF: personalized reward factorization (Shenfeld et al., "Language Model Personalization via Reward
+Factorization", arXiv 2503.06358, §4, Algorithm 1, eq. 4-5, Table 3; Rezk et al., arXiv 2512.23067, App. D).
 
     P(y1 > y2 | x, user i) = sigmoid(lambda_i^T (phi(x, y1) - phi(x, y2)))       phi(x, y) = W e(x, y) in R^J
 
 Training (Algorithm 1):
 1. the users x item-pairs matrix A of observed preferences (+1 / -1, 0 where unobserved) gets a rank-J
    truncated SVD A ~ U S V^T; Lambda = U S^1/2 (user vectors) and Phi = S^1/2 V^T (a J-vector per pair);
-2. the pointwise head W is fit to Phi by bias-free least squares, W (e(y1) - e(y2)) ~ Phi_p (papers/001
+2. the pointwise head W is fit to Phi by bias-free least squares, W (e(y1) - e(y2)) ~ Phi_p (Rezk et al.
    app. D), so phi(x, y) scores a single response, as accuracy and reward-guided decoding need;
 3. W and Lambda are refined jointly by maximum likelihood (eq. 4) with an L2 penalty beta/2 ||lambda||^2 on
    the user vectors, which fixes the scale ambiguity Lambda^T Phi = Lambda^T R^-1 R Phi (§4.1).
@@ -91,7 +92,7 @@ def ridge_head(pair_features: Tensor, targets: Tensor, ridge: float) -> Tensor:
 
 def logistic_hessian(diffs: Tensor, owner: Tensor, lam: Tensor, beta: float) -> Tensor:
     """H_u = sum_{i of u} sigma'(lambda_u^T d_i) d_i d_i^T + beta I for every user at once: (U, J, J), float64
-    (papers/002 eq. 7)."""
+    (PReF eq. 7)."""
     d = diffs.double()
     s = torch.sigmoid((lam.double()[owner] * d).sum(-1))
     weighted = (s * (1.0 - s))[:, None] * d                                   # (P, J)
@@ -127,24 +128,24 @@ class PReF(PersonalizedRewardModel):
     @dataclass
     class Config(MethodConfig):
         rank: int | Literal["elbow"] = opt(
-            8, "J, the number of base reward functions (papers/001 app. F: 8 on PRISM), or 'elbow': the elbow "
-            "of the training matrix's singular-value spectrum (papers/002 §5.4, Figure 9).")
+            8, "J, the number of base reward functions (Rezk et al. App. F: 8 on PRISM), or 'elbow': the elbow "
+            "of the training matrix's singular-value spectrum (PReF §5.4, Figure 9).")
         spectrum_size: int = opt(20, "Leading singular values of the training sign matrix computed and "
                                  "reported (results.json diagnostics); rank: elbow searches among them.")
         init: Literal["svd", "random"] = opt("svd", "Algorithm 1's SVD initialization, or 'random' (the "
                                              "paper's 'No SVD' ablation).")
-        beta: float = opt(0.02, "L2 weight beta/2 ||lambda||^2 on user vectors (papers/002 Table 3: 0.02); "
+        beta: float = opt(0.02, "L2 weight beta/2 ||lambda||^2 on user vectors (PReF Table 3: 0.02); "
                           "0 is the 'No Reg.' ablation.")
-        lr: float = opt(1e-3, "Adam learning rate of the MLE refinement (papers/002 Table 3).")
-        batch_size: int = opt(32, "Training pairs per step (papers/002 Table 3: 32; 64 on PRISM).")
-        max_steps: int = opt(500, "Optimizer steps of the MLE refinement (papers/002 Table 3: 500; 1000 on "
+        lr: float = opt(1e-3, "Adam learning rate of the MLE refinement (PReF Table 3).")
+        batch_size: int = opt(32, "Training pairs per step (PReF Table 3: 32; 64 on PRISM).")
+        max_steps: int = opt(500, "Optimizer steps of the MLE refinement (PReF Table 3: 500; 1000 on "
                              "PRISM); -1: max_epochs decides.")
         max_epochs: int = opt(-1, "Epochs over the seen users' train pairs (-1: max_steps decides).")
         head_ridge: float = opt(1e-3, "Ridge of the least-squares fit of the head W to the SVD pair factors.")
         adapt_beta: float = opt(0.02, "L2 weight of new users' logistic regression (eq. 5); > 0 keeps the "
                                 "solution finite when a user's few pairs are separable.")
         acquisition: Literal["information", "hessian_norm"] = opt(
-            "information", "Active-learning score of a candidate pair d. 'hessian_norm': ||d||_{H^-1}, papers/002 "
+            "information", "Active-learning score of a candidate pair d. 'hessian_norm': ||d||_{H^-1}, PReF "
             "eq. 8 as written. 'information' (default): log(1 + sigma'(lambda^T d) ||d||^2_{H^-1}), the growth of "
             "log det H if d were answered -- eq. 7's Hessian with the candidate's own sigma' weight. Eq. 8 omits "
             "that weight, so once a user's answers are separable it prefers the largest-||d|| pairs, whose answers "
