@@ -3,9 +3,9 @@
     python benchmarks/bench_mrm.py                  # -> benchmarks/results/mrm_step.{json,md}, ~1 min
     python benchmarks/bench_mrm.py --quick --out /tmp/mrm_step.json
 
-One step of Algorithm 2 (papers/003) for a meta-batch of 64 users: episode split, inner loop from w0 on each
-user's support pairs, query losses, Robust Personalization Objective, backward through the inner steps
-(second order), Adam step on w0 and the basis.
+One step of Algorithm 2 of MRM (Cai et al., arXiv 2601.18731) for a meta-batch of 64 users: episode split, inner
+loop from w0 on each user's support pairs, query losses, Robust Personalization Objective, backward through the
+inner steps (second order), Adam step on w0 and the basis.
 
 - vectorized: exactly what ``MRM.training_step`` runs (``model.meta_losses`` -> ``model.outer_objective``),
   the inner loop as torch.func grad + vmap over padded, masked users;

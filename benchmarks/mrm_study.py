@@ -1,4 +1,4 @@
-"""MRM's claims (papers/003 Table 1-2, Figures 3 and 6) checked on the low-rank world: the committed study.
+"""MRM's claims (Cai et al., arXiv 2601.18731, Table 1-2, Figures 3 and 6) checked on the low-rank world.
 
     python benchmarks/mrm_study.py                 # ~1 hour on 2 CPU cores -> benchmarks/results/mrm_*.{md,json}
     python benchmarks/mrm_study.py --quick         # 2 seeds, no PersonalLLM-sized run (a smoke run)
@@ -7,7 +7,7 @@
 
 1. PRISM-like (1,200 users x 7 pairs, 5 seeds): MRM vs LoRe vs Global RM on unseen users at k = 1..5 few-shot
    pairs; worst-10% users with and without RPO; Table 2's ablations. On ``recipes/mrm_prism_calibrated.yaml``
-   (label noise set so that the Global RM scores papers/003 Table 1's 64.2%, methods re-tuned for it),
+   (label noise set so that the Global RM scores MRM Table 1's 64.2%, methods re-tuned for it),
    ``recipes/mrm_prism.yaml`` (nearly noise-free labels) and ``recipes/mrm_prism_minority.yaml`` (planted
    minority preferences).
 2. TL;DR-like (``recipes/mrm_tldr.yaml``, 40 users x 150 pairs, 5 seeds): MRM as published (§5.1.4) and tuned.
@@ -75,8 +75,8 @@ WORLD_TEMPERATURES = (1.0, 3.0, 7.0)
 REPORTABLE = ("mrm_prism_calibrated", "mrm_prism", "mrm_prism_minority", "mrm_worlds")
 PRISM_WORLDS = {
     "mrm_prism_calibrated": "mrm_prism's world with label noise set so that the Global RM's unseen accuracy is "
-                            "papers/003 Table 1's 64.2% on PRISM (Bradley-Terry temperature 4.5), methods "
-                            "re-tuned for it (MRM with eq. 7's summed loss)",
+                            "the 64.2% on PRISM of MRM's Table 1 (Cai et al., arXiv 2601.18731; Bradley-Terry "
+                            "temperature 4.5), methods re-tuned for it (MRM with eq. 7's summed loss)",
     "mrm_prism": "1,200 users (half unseen) x 7 noisy pairs of their own, K = 4 equally common true functions, "
                  "64-d features",
     "mrm_prism_minority": "mrm_prism's world and settings, but the 4 true functions are held by 70 / 20 / 7 / 3% "
@@ -130,7 +130,8 @@ def main() -> int:
             write(out_dir, part, meta, result, [
                 f"# MRM in a Reddit-TL;DR-like regime ({len(result.per_seed)} seeds)", "",
                 f"`{meta['command']}` — recipe `mrm_tldr`: 40 users (half unseen) x 150 pairs, unseen users adapted "
-                "on up to 50; `mrm_paper` uses papers/003 §5.1.4's TL;DR settings, `mrm` the PRISM-tuned inner loop.",
+                "on up to 50; `mrm_paper` uses the TL;DR settings of MRM (Cai et al., arXiv 2601.18731) §5.1.4, `mrm` "
+                "the PRISM-tuned inner loop.",
                 "", *accuracy_table(result.summary), "", *fewshot_table(result.summary, FEWSHOT_CORNER), ""])
         else:
             write(out_dir, part, meta, result, [
@@ -206,11 +207,10 @@ def true_basis_ceiling(run_dir: Path, ks: list[int]) -> dict:
     from plrm.data.datamodule import PreferenceDataModule
     from plrm.eval.metrics import summarize
     from plrm.eval.protocol import adapt_unseen, score_rows
-    from plrm.runner import _load_model, _load_run, _split_for_seed
+    from plrm.runner import Run
 
-    run_dir, recipe, prepared = _load_run(run_dir)
-    seed_dir = run_dir / "seed-0"
-    split = _split_for_seed(recipe, prepared, 0, stored=seed_dir / "split.parquet")
+    run = Run.open(run_dir)
+    prepared, split = run.prepared, run.split(0)
     dm = PreferenceDataModule(prepared, split, seed=0)
     rows = dm.test_rows(unseen=True)
     row_user = dm.row_user[torch.from_numpy(rows)]
@@ -225,7 +225,7 @@ def true_basis_ceiling(run_dir: Path, ks: list[int]) -> dict:
         return out
 
     grid = {}
-    mrm = _load_model(recipe, "mrm", prepared, split, seed_dir).eval()
+    mrm = run.load_method("mrm", 0)
     with torch.no_grad():
         for scale in (0.3, 1.0):
             mrm.basis.weight.copy_(directions * scale)
@@ -234,7 +234,7 @@ def true_basis_ceiling(run_dir: Path, ks: list[int]) -> dict:
                 for lr in (0.1, 0.3, 1.0):
                     mrm.config.inner_steps, mrm.config.inner_lr = steps, lr
                     grid[f"scale={scale} steps={steps} inner_lr={lr}"] = curve(mrm)
-    lore = _load_model(recipe, "lore", prepared, split, seed_dir).eval()
+    lore = run.load_method("lore", 0)
     with torch.no_grad():
         lore.basis.weight.copy_(directions)
     best = {k: max(g[k] for g in grid.values()) for k in ks}

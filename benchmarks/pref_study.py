@@ -1,4 +1,4 @@
-"""PReF's claims (papers/002 §5, Figure 3) checked on the low-rank world, five seeds: the committed study.
+"""PReF's claims (Shenfeld et al., arXiv 2503.06358, §5, Figure 3) checked on the low-rank world, five seeds.
 
     python benchmarks/pref_study.py                 # ~10 min on 2 CPU cores -> benchmarks/results/pref_*.{json,md,png}
     python benchmarks/pref_study.py --quick         # 2 seeds, budget 20 (a smoke run, written to --out-dir)
@@ -8,7 +8,7 @@
    user, answers from their held-out labels) comparing uncertainty-guided and random questions. Reported:
    unseen users' AUROC and accuracy with 10 answers; the spread over seeds of SVD vs random init; the
    interactive-session curves and the fewest answers at which the active strategy reaches random's
-   40-answer accuracy (papers/002: 15 vs 40).
+   40-answer accuracy (PReF: 15 vs 40).
 2. Sparse overlap (``recipes/pref_sparse.yaml``, PRISM-like, ~2 users per pair): PReF vs LoRe vs Global RM.
 
 Every number is computed from the runs' results.json / active_results.json, written next to this table.
@@ -108,8 +108,9 @@ def main() -> int:
              f"## Interactive sessions (`plrm adapt --run {dense.run_dir} --active --budget {budget}`)", "",
              "Unseen accuracy (%) after t answers; questions from each new user's 300-pair pool, answers from "
              "its held-out labels. `pref` scores candidates by the information gain "
-             "log(1 + σ'(λᵀd)·‖d‖²_{H⁻¹}) (plrm's default), `pref_eq8` by ‖d‖_{H⁻¹} (papers/002 eq. 8 as "
-             "written); both models are trained identically. Random selection at t is the k = t protocol.", ""]
+             "log(1 + σ'(λᵀd)·‖d‖²_{H⁻¹}) (plrm's default), `pref_eq8` by ‖d‖_{H⁻¹} (eq. 8 of PReF, "
+             "Shenfeld et al., arXiv 2503.06358, as written); both models are trained identically. Random "
+             "selection at t is the k = t protocol.", ""]
     ts = [t for t in SESSION_TS if t <= budget]
     lines += ["| method (strategy) | " + " | ".join(f"t={t}" for t in ts) + " |", "|---" * (len(ts) + 1) + "|"]
     for label, by in active["summary"].items():
@@ -154,12 +155,12 @@ def sparse_density(run_dir: Path) -> str:
     """Users, pairs and labels per pair of seed 0's training matrix."""
     from plrm.data.datamodule import PreferenceDataModule
     from plrm.data.splits import TRAIN
-    from plrm.runner import _load_run, _split_for_seed
+    from plrm.runner import Run
 
-    _, recipe, prepared = _load_run(run_dir)
-    seed = recipe.split.seeds[0]
-    split = _split_for_seed(recipe, prepared, seed, stored=run_dir / f"seed-{seed}" / "split.parquet")
-    pm = PreferenceDataModule(prepared, split).pair_matrix(split.rows(TRAIN))
+    run = Run.open(run_dir)
+    seed = run.seeds[0]
+    split = run.split(seed)
+    pm = PreferenceDataModule(run.prepared, split).pair_matrix(split.rows(TRAIN))
     users = len(set(pm.user_idx.tolist()))
     return (f"{users} seen users x {pm.n_pairs} item pairs, {len(pm.sign)} labels, "
             f"{len(pm.sign) / pm.n_pairs:.2f} users per pair, {100 * len(pm.sign) / (users * pm.n_pairs):.2f}% filled")

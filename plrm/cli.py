@@ -24,7 +24,7 @@ examples:
   plrm bench --recipe bench/quick                    every method x dataset x seed: report.md, results.json, plots
   plrm bench --recipe bench/lowrank --shard 0/4      one of 4 deterministic slices (e.g. a SLURM array task)
   plrm bench --merge bench/lowrank/shard-*           one report from the shards
-  plrm profile --dataset lowrank_world n_users=500    dataset statistics (papers/000 Table 2): report + plots
+  plrm profile --dataset lowrank_world n_users=500    statistics of arXiv 2502.19158 Table 2: report + plots
   plrm list                                          methods, datasets, backbones, plugins (and broken ones)
   plrm recipes list | show NAME | copy NAME DEST | keys
 """
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train every method of the recipe on the seen users' train pairs, adapt the "
                        "unseen users from k support pairs, evaluate seen / unseen / overall accuracy, the "
                        "few-shot curve and the oracles; writes the run directory (see plrm.runner).")
-    p.add_argument("--recipe", required=True, help="built-in recipe name (see `plrm recipes list`) or YAML path")
+    p.add_argument("--recipe", required=True, help="recipe name, built-in or from a plugin (see `plrm recipes "
+                                                   "list`), or YAML path")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     _add_overrides(p)
 
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="dataset statistics: users, pairs per user, divergence, MV-ACC, minorities",
                        description="Load a registered dataset (key=value options, as under `data:` in a recipe) and "
-                       "report what papers/000 §4.2 (Table 2) measures: samples, users, pairs per user (distribution), "
+                       "report what Dong et al. (arXiv 2502.19158) §4.2, Table 2, measures: samples, users, pairs "
+                       "per user (distribution), "
                        "items shared across users, preference divergence rate, highly-controversial rate (>= 30%% of "
                        "an item's users disagree with its majority), majority-vote accuracy per user (MV-ACC) and its "
                        "range, minority users (MV-ACC < 0.5), and the room for personalization (with the personal and "
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset options, e.g. n_users=500 path=/data/prism (a data. prefix is accepted too)")
 
     p = sub.add_parser("tax", help="personalization tax: RewardBench sections, non-personalized vs each user",
-                       description="papers/000 §4.3: score RewardBench (the reward_bench dataset) with one trained "
+                       description="Dong et al. (arXiv 2502.19158) §4.3: score RewardBench (the reward_bench "
+                       "dataset) with one trained "
                        "method of a run -- its non-personalized reward (the mean of the seen users' rewards) and "
                        "each seen user's personalized reward -- through the run's text backbone, and report Chat / "
                        "Chat Hard / Safety / Reasoning scores (RewardBench's weighting), the change per section and "
@@ -121,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "run from all their pairs in FILE (canonical schema: user_id, prompt, chosen, rejected; "
                        "features from chosen_emb/rejected_emb or the run's dataset) and save their state to "
                        "seed-*/<label>.users-<file stem>.ckpt. With --active: simulated interactive sessions "
-                       "(papers/002 Algorithm 2): every unseen user is asked --budget questions from their support "
+                       "(PReF, Shenfeld et al., arXiv 2503.06358, Algorithm 2): every unseen user is asked "
+                       "--budget questions from their support "
                        "pool, chosen by the method's uncertainty score (PReF: ||phi||_{H^-1}) or at random, is "
                        "re-fit after each answer and scored on their test pairs; writes active_results.json, "
                        "active_curve.png and the pairs asked (seed-*/<label>.active-<strategy>.parquet).")
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, help="parquet/jsonl/csv of new users' pairs (canonical schema)")
     g = p.add_argument_group("interactive sessions (--active)")
     g.add_argument("--active", action="store_true", help="run simulated interactive sessions")
-    g.add_argument("--budget", type=int, default=40, help="questions per user, T (default 40, papers/002 Fig. 3C)")
+    g.add_argument("--budget", type=int, default=40, help="questions per user, T (default 40, PReF Fig. 3C)")
     g.add_argument("--strategy", nargs="+", choices=["uncertainty", "random"], default=["uncertainty", "random"],
                    help="question selection strategies to compare (default: both)")
     g.add_argument("--answers", choices=["labels", "oracle"], default="labels",
@@ -162,15 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "needs or provides, and plugins that failed to load with their error.")
     p.add_argument("what", nargs="?", choices=["methods", "datasets", "backbones", "plugins"], default=None)
 
-    p = sub.add_parser("recipes", help="list, show (resolved), copy built-in recipes; list every recipe key",
-                       description="list: built-in recipes. show NAME [key=value ...]: the resolved recipe. "
+    p = sub.add_parser("recipes", help="list, show (resolved), copy recipes; list every recipe key",
+                       description="list: the built-in recipes and those installed plugins ship (entry points "
+                       "plrm.recipes), with where each comes from. show NAME [key=value ...]: the resolved recipe. "
                        "copy NAME DEST: a copy to edit. keys: every key with its default and help.")
     rs = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    rs.add_parser("list", help="built-in recipes with their descriptions")
+    rs.add_parser("list", help="built-in and plugin recipes with their origin and description, and plugin recipes "
+                               "left out (name clash, broken entry point)")
     q = rs.add_parser("show", help="print a recipe resolved (extends merged, overrides applied, defaults filled)")
     q.add_argument("name")
     _add_overrides(q)
-    q = rs.add_parser("copy", help="copy a built-in recipe (with its extends chain merged) to edit")
+    q = rs.add_parser("copy", help="copy a recipe (with its extends chain merged) to edit")
     q.add_argument("name")
     q.add_argument("dest")
     q = rs.add_parser("keys", help="every recipe key with its type, default and help")
@@ -197,6 +203,7 @@ def cmd_list(what: str | None) -> None:
     from rich.table import Table
 
     from plrm import registry
+    from plrm.recipe import plugin_recipes
 
     registry.ensure_builtins()
     console = Console(width=max(120, shutil.get_terminal_size().columns))
@@ -221,7 +228,7 @@ def cmd_list(what: str | None) -> None:
             table.add_row(name, str(origin), caps_text, description)
         if table.row_count or what != "plugins":
             console.print(table)
-    broken = [b for reg in registry.REGISTRIES.values() for b in reg.broken()]
+    broken = [b for reg in registry.REGISTRIES.values() for b in reg.broken()] + plugin_recipes().broken
     if broken:
         table = Table(title="broken plugins (not loaded)")
         for col in ("group", "name", "from", "error"):
@@ -234,14 +241,14 @@ def cmd_list(what: str | None) -> None:
 def cmd_embed(args) -> None:
     from plrm import registry
     from plrm.data.datamodule import PreparedData
-    from plrm.recipe import RecipeError, load_recipe
+    from plrm.recipe import RecipeError, load_recipe, load_source
 
     recipe = load_recipe(args.recipe, args.overrides)
     cls = registry.backbones.get(recipe.backbone.name)
     if not getattr(cls, "caches_features", False):
         raise RecipeError(f"backbone '{recipe.backbone.name}' has no feature cache to fill "
                           "(backbone frozen_encoder has one)")
-    data = registry.datasets.get(recipe.data.name)(recipe.data.config).load()
+    data = load_source(registry.datasets.get(recipe.data.name)(recipe.data.config), recipe.data.name)
     stats = PreparedData(data, cls(recipe.backbone.config)).backbone.stats()
     rate = f", {stats['texts_per_second']} texts/s" if stats["texts_per_second"] else ""
     print(f"encoded {stats['encoded']} of {stats['items']} unique items ({stats['from_cache']} from the cache"
@@ -282,12 +289,18 @@ def cmd_bench(args) -> int:
 def cmd_recipes(args) -> None:
     import yaml
 
-    from plrm.recipe import builtin_recipes, load_recipe, read_recipe, schema_rows
+    from plrm.recipe import all_recipes, load_recipe, plugin_recipes, read_recipe, schema_rows
 
     if args.action == "list":
-        for name, path in builtin_recipes().items():
-            desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
-            print(f"{name:40s} {desc}")
+        recipes = all_recipes()
+        origins = {name: "built-in" if r.origin.is_builtin else str(r.origin) for name, r in recipes.items()}
+        width, from_width = max(map(len, recipes)) + 2, max(map(len, origins.values())) + 2
+        print(f"{'name':{width}s}{'from':{from_width}s}description")
+        for name, recipe in recipes.items():
+            desc = (yaml.safe_load(recipe.path.read_text()) or {}).get("description", "")
+            print(f"{name:{width}s}{origins[name]:{from_width}s}{desc}")
+        for b in plugin_recipes().broken:  # what `plrm list` shows under broken plugins
+            print(f"left out: {b.group} entry point '{b.name}' of {b.origin}: {b.error}")
     elif args.action == "show":
         if "bench" in read_recipe(args.name):  # a benchmark recipe: resolved by its own schema
             from plrm.bench.spec import load_bench

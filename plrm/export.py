@@ -231,11 +231,13 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
     ``<label>.adapted-k<k>.ckpt`` exports the unseen users too) to the new directory ``out``."""
     from safetensors.torch import save_file
 
-    from plrm import __version__, registry, runner
-    from plrm.checkpoint import load_checkpoint
+    from plrm import __version__, registry
     from plrm.methods.base import PersonalizedRewardModel
+    from plrm.runner import RECIPE_FILE as RUN_RECIPE_FILE
+    from plrm.runner import Run
 
-    run_dir, recipe = runner._read_run(run_dir)
+    run = Run.open(run_dir)
+    recipe = run.recipe
     out = Path(out).expanduser()
     _check_out(out)
     label = _pick_label(recipe, method)
@@ -258,26 +260,21 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
             raise ExportError(f"--merge refused: the base model is {quant} quantized and merging the adapter into "
                               "quantized weights rounds it (the merged model would not give the same rewards); "
                               "export without --merge (adapter + base model), or train with quantization=none")
-    seeds = list(recipe.split.seeds)
-    seed = seeds[0] if seed is None else seed
-    if seed not in seeds:
-        raise ExportError(f"split seed {seed} is not in the run; its seeds: {seeds}")
-    seed_dir = run_dir / f"seed-{seed}"
-    ckpt_path = seed_dir / (checkpoint or f"{label}.ckpt")
-    if not ckpt_path.is_file():
-        have = sorted(p.name for p in seed_dir.glob("*.ckpt"))
-        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist; {seed_dir} has: {', '.join(have) or 'none'}")
-    state = load_checkpoint(ckpt_path)
+    seed = run.seeds[0] if seed is None else seed
+    if seed not in run.seeds:
+        raise ExportError(f"split seed {seed} is not in the run; its seeds: {run.seeds}")
+    ckpt_name = checkpoint or f"{label}.ckpt"
+    state = run.checkpoint(label, seed, ckpt_name)
     if "user_ids" in state:
-        raise ExportError(f"{ckpt_path.name} holds only new users' state (`plrm adapt --pairs`); export the run's "
+        raise ExportError(f"{ckpt_name} holds only new users' state (`plrm adapt --pairs`); export the run's "
                           f"{label}.ckpt or {label}.adapted-k<k>.ckpt")
     if state.get("label") not in (None, label):
-        raise ExportError(f"{ckpt_path.name} is a checkpoint of method '{state['label']}', not of '{label}'")
+        raise ExportError(f"{ckpt_name} is a checkpoint of method '{state['label']}', not of '{label}'")
     adapted = "k" in state
 
-    prepared = runner.prepare(recipe)
-    split = runner._split_for_seed(recipe, prepared, seed, stored=seed_dir / "split.parquet")
-    model = runner.build_model(recipe, label, prepared, len(split.user_ids))
+    prepared = run.prepared
+    split = run.split(seed)
+    model = run.build_method(label, seed)
     model.load_checkpoint_state(state["state_dict"])
     model.eval()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -306,7 +303,7 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        shutil.copyfile(run_dir / runner.RECIPE_FILE, tmp / RECIPE_FILE)
+        shutil.copyfile(run.dir / RUN_RECIPE_FILE, tmp / RECIPE_FILE)
         save_file({**tensors, **feature_tensors, USER_WEIGHTS: weights}, str(tmp / HEAD_FILE),
                   metadata={"format": "pt", "plrm_format": FORMAT})
         if hasattr(prepared.backbone, "tokenizer"):
@@ -328,7 +325,7 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "plrm_version": __version__,
             "method": {"name": comp.name, "label": label, "class": cls.__name__},
-            "source": {"run": str(run_dir), "seed": seed, "checkpoint": ckpt_path.name, "adapted": adapted},
+            "source": {"run": str(run.dir), "seed": seed, "checkpoint": ckpt_name, "adapted": adapted},
             "backbone": bb,
             "feature_dim": int(prepared.backbone.feature_dim),
             "feature_ops": feature_ops,
@@ -347,7 +344,7 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
         shutil.rmtree(tmp, ignore_errors=True)
     if show:
         n = int(trained.sum())
-        print(f"exported {label} ({comp.name}, seed {seed}, {ckpt_path.name}): {n} users, reward mean "
+        print(f"exported {label} ({comp.name}, seed {seed}, {ckpt_name}): {n} users, reward mean "
               f"{stats['mean']:.4g} std {stats['std']:.4g} -> {out}")
     return out
 

@@ -12,16 +12,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import importlib.resources
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
 
+from plrm import registry
 from plrm.config import check_value, default_of, help_of, opt, type_hints, type_name
 from plrm.errors import RecipeError  # noqa: F401  (re-exported: plrm.errors defines every error class)
+from plrm.registry import BrokenPlugin, Origin
+
+if TYPE_CHECKING:
+    from plrm.backbones.base import Backbone
+    from plrm.data.source import DatasetSource, EncoderRequest, PreferenceData
 
 
 # ---- fixed sections --------------------------------------------------------------------------------------
@@ -123,16 +131,107 @@ class Recipe:
 
 
 # ---- finding and reading recipe files -------------------------------------------------------------------
+RECIPE_GROUP = "plrm.recipes"
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    """A recipe known by name: its file and where it came from (plrm itself, or a plugin's distribution)."""
+
+    name: str
+    path: Path
+    origin: Origin
+
+
+@dataclass
+class PluginRecipes:
+    """The recipes plugins ship (``plrm.recipes`` entry points), and what was left out, with the reason: an entry
+    point that names no folder of recipes, or a recipe whose name a built-in or an earlier plugin already has."""
+
+    recipes: dict[str, RecipeFile]
+    broken: list[BrokenPlugin]  # shown by `plrm list` and `plrm recipes list`
+    shadowed: dict[str, list[RecipeFile]]  # name -> the plugin recipes left out for it
+
+
 def builtin_recipe_dir() -> Path:
     return Path(str(importlib.resources.files("plrm") / "recipes"))
 
 
-def builtin_recipes() -> dict[str, Path]:
-    root = builtin_recipe_dir()
+def _recipes_in(root: Path) -> dict[str, Path]:
+    """name (path below ``root`` without .yaml) -> file, for every YAML file under ``root``."""
     return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob("*.yaml"))}
 
 
+def builtin_recipes() -> dict[str, Path]:
+    return _recipes_in(builtin_recipe_dir())
+
+
+def _recipe_entry_points() -> list:
+    return registry.entry_points(RECIPE_GROUP)  # tests swap in fake entry points
+
+
+def recipe_folder(entry_point: Any) -> Path:
+    """The folder a ``plrm.recipes`` entry point names: ``package:folder`` is ``folder`` inside the importable
+    ``package`` (resolved with importlib.resources, so it works wherever pip put the package); a bare
+    ``package`` is the package's own folder. Raises what importing the package raises, or FileNotFoundError."""
+    package, _, folder = entry_point.value.partition(":")
+    root = importlib.resources.files(package.strip())
+    for part in filter(None, folder.strip().split("/")):
+        root = root / part
+    path = Path(str(root))
+    if not path.is_dir():  # also a package installed zipped: its files are not a folder on disk
+        raise FileNotFoundError(f"no folder {path} (ship the recipes as package data of {package.strip()})")
+    if not any(path.rglob("*.yaml")):
+        raise FileNotFoundError(f"{path} holds no *.yaml recipe (ship them as package data of {package.strip()})")
+    return path
+
+
+@functools.cache
+def plugin_recipes() -> PluginRecipes:
+    """Recipes of the installed plugins, read once per process. Each entry point is read on its own, like method
+    plugins (plrm.registry): one that fails is recorded with its distribution and error and the rest are used. A
+    built-in recipe, or one an earlier entry point brought, keeps its name; the later one is left out and the
+    clash recorded. ``PLRM_DISABLE_PLUGIN_AUTOLOAD`` and ``PLRM_PLUGINS`` apply as to every plugin group."""
+    found = PluginRecipes({}, [], {})
+    if registry.autoload_disabled():
+        return found
+    allow = registry.allowed_plugins()
+    builtin = builtin_recipes()
+    for ep in _recipe_entry_points():
+        if allow and ep.name not in allow:
+            continue
+        origin = registry.entry_point_origin(ep)
+        try:
+            folder = recipe_folder(ep)
+        except Exception as exc:  # a plugin's import error or missing folder must never break plrm
+            found.broken.append(BrokenPlugin(ep.name, RECIPE_GROUP, origin, (
+                f"{type(exc).__name__}: {exc} (fix or reinstall {origin.distribution}, or leave it out with "
+                "PLRM_PLUGINS=<names to load>)")))
+            continue
+        for name, path in _recipes_in(folder).items():
+            recipe = RecipeFile(name, path, origin)
+            if name in builtin or name in found.recipes:
+                owner = "the built-in recipe" if name in builtin else f"the one from {found.recipes[name].origin}"
+                found.shadowed.setdefault(name, []).append(recipe)
+                found.broken.append(BrokenPlugin(ep.name, RECIPE_GROUP, origin, (
+                    f"name clash: recipe '{name}' ({path}) would replace {owner}, which is used; rename the file")))
+                continue
+            found.recipes[name] = recipe
+    return found
+
+
+def all_recipes() -> dict[str, RecipeFile]:
+    """Every recipe known by name: the built-ins, then the plugins' (``plrm recipes list``)."""
+    builtin = Origin(registry.BUILTIN, registry.plrm_version())
+    return {**{n: RecipeFile(n, p, builtin) for n, p in builtin_recipes().items()}, **plugin_recipes().recipes}
+
+
+_clashes_said: set[str] = set()
+
+
 def find_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A recipe file: a path (tried relative to ``relative_to`` first, for ``extends``), else a built-in recipe's
+    name, else the name of a recipe a plugin ships (``plrm.recipes``)."""
     p = Path(name_or_path)
     candidates = [p] if p.is_absolute() else ([relative_to / p] if relative_to else []) + [p]
     for c in candidates:
@@ -140,15 +239,21 @@ def find_recipe(name_or_path: str, relative_to: Path | None = None) -> Path:
             return c
         if c.suffix == "" and c.with_suffix(".yaml").is_file():
             return c.with_suffix(".yaml")
-    known = builtin_recipes()
+    known = all_recipes()
     key = name_or_path.removesuffix(".yaml")
     if key in known:
-        return known[key]
+        left_out = plugin_recipes().shadowed.get(key, [])
+        if left_out and key not in _clashes_said:  # said once: extends chains look a name up repeatedly
+            _clashes_said.add(key)
+            others = ", ".join(str(r.origin) for r in left_out)
+            print(f"plrm: recipe '{key}' is the one from {known[key].origin}; the recipe of that name in {others} "
+                  "is left out (name clash)", file=sys.stderr)
+        return known[key].path
     hint = difflib.get_close_matches(key, list(known), n=1)
     did = f" Did you mean '{hint[0]}'?" if hint else ""
     raise RecipeError(
-        f"recipe '{name_or_path}' is neither a file nor a built-in recipe.{did} "
-        f"Built-in recipes: {', '.join(known)} (see `plrm recipes list`)")
+        f"recipe '{name_or_path}' is neither a file nor a known recipe (built-in or from a plugin).{did} "
+        f"Recipes: {', '.join(known)} (see `plrm recipes list`)")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -224,12 +329,13 @@ def resolve(raw: dict) -> dict:
 
 
 # ---- validation --------------------------------------------------------------------------------------------
-def _suggest(key: str, valid: list[str]) -> str:
+def did_you_mean(key: str, valid: list[str]) -> str:
+    """"; did you mean 'x'?" for the closest of ``valid`` to ``key``, else the list of valid keys."""
     hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(valid)}"
 
 
-def _build(cls: type, values: Any, path: str, problems: list[str], extra_valid: tuple[str, ...] = ()) -> Any:
+def build_section(cls: type, values: Any, path: str, problems: list[str], extra_valid: tuple[str, ...] = ()) -> Any:
     """Instantiate dataclass ``cls`` from ``values``, appending every problem (with key path) to ``problems``."""
     if values is None:
         values = {}
@@ -244,7 +350,7 @@ def _build(cls: type, values: Any, path: str, problems: list[str], extra_valid: 
         if key in extra_valid:
             continue
         if key not in fields:
-            problems.append(f"{path}.{key}: unknown key{_suggest(str(key), valid)}")
+            problems.append(f"{path}.{key}: unknown key{did_you_mean(str(key), valid)}")
             continue
         ok, coerced = check_value(value, hints[key])
         if not ok:
@@ -261,7 +367,9 @@ def _build(cls: type, values: Any, path: str, problems: list[str], extra_valid: 
         return None
 
 
-def _component(registry: Any, values: Any, path: str, problems: list[str], default_name: str | None = None):
+def build_component(registry: Any, values: Any, path: str, problems: list[str], default_name: str | None = None):
+    """A recipe's component section (``name`` + the registered class's options) as a :class:`Component`,
+    appending every problem (with key path) to ``problems``."""
     if not isinstance(values, dict):
         problems.append(f"{path}: must be a mapping with a 'name' key, got {values!r}")
         return None
@@ -274,7 +382,7 @@ def _component(registry: Any, values: Any, path: str, problems: list[str], defau
     except LookupError as exc:
         problems.append(f"{path}.name: {exc}")
         return None
-    config = _build(cls.Config, values, path, problems, extra_valid=("name",))
+    config = build_section(cls.Config, values, path, problems, extra_valid=("name",))
     return Component(name=name, config=config)
 
 
@@ -286,19 +394,20 @@ def validate(raw: dict, source: str = "recipe") -> Recipe:
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:
-            problems.append(f"{key}: unknown section{_suggest(str(key), list(TOP_LEVEL))}")
-    sections = {name: _build(cls, raw.get(name), name, problems) for name, cls in FIXED_SECTIONS.items()}
-    data = _component(registry.datasets, raw.get("data"), "data", problems) if "data" in raw else None
+            problems.append(f"{key}: unknown section{did_you_mean(str(key), list(TOP_LEVEL))}")
+    sections = {name: build_section(cls, raw.get(name), name, problems) for name, cls in FIXED_SECTIONS.items()}
+    data = build_component(registry.datasets, raw.get("data"), "data", problems) if "data" in raw else None
     if "data" not in raw:
         problems.append("data: required section is missing (which dataset to use; see `plrm list datasets`)")
-    backbone = _component(registry.backbones, raw.get("backbone", {}), "backbone", problems, default_name="precomputed")
+    backbone = build_component(registry.backbones, raw.get("backbone", {}), "backbone", problems,
+                               default_name="precomputed")
     methods: dict[str, Component] = {}
     raw_methods = raw.get("methods")
     if not isinstance(raw_methods, dict) or not raw_methods:
         problems.append("methods: required section is missing or empty (a mapping label -> {name: <method>, ...})")
     else:
         for label, values in raw_methods.items():
-            comp = _component(registry.methods, values if values is not None else {}, f"methods.{label}",
+            comp = build_component(registry.methods, values if values is not None else {}, f"methods.{label}",
                               problems, default_name=str(label))
             if comp is not None:
                 methods[str(label)] = comp
@@ -356,10 +465,34 @@ def build_dataset(dataset: str, overrides: list[str]):
         raise RecipeError(f"data.name: the dataset is '{dataset}', named on its own; drop the name= override")
     raw = resolve(apply_overrides({"data": {"name": dataset}}, dotted))
     problems: list[str] = []
-    component = _component(registry.datasets, raw["data"], "data", problems)
+    component = build_component(registry.datasets, raw["data"], "data", problems)
     if problems:
         raise RecipeError(f"dataset '{dataset}': {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return registry.datasets.get(component.name)(component.config)
+
+
+# ---- loading a dataset, with the item encoder it asks for ----------------------------------------------------
+def item_encoder(request: EncoderRequest, dataset: str = "dataset") -> Backbone:
+    """The backbone a dataset asks for with ``encoder_request()``, built through the backbone registry; its
+    options are checked like a recipe's ``backbone`` section."""
+    from plrm import registry
+
+    cls = registry.backbones.get(request.backbone)
+    problems: list[str] = []
+    config = build_section(cls.Config, dict(request.options), f"{dataset} encoder ({request.backbone})", problems)
+    if problems:
+        listing = "\n  ".join(problems)
+        raise RecipeError(f"dataset '{dataset}' asks for an item encoder plrm cannot build:\n  {listing}")
+    return cls(config)
+
+
+def load_source(source: DatasetSource, name: str | None = None) -> PreferenceData:
+    """``source.load()``, handing in the item encoder the dataset asks for (DatasetSource.encoder_request), so that
+    a dataset never builds a model itself. Every caller that loads a dataset goes through here."""
+    request = source.encoder_request()
+    if request is None:
+        return source.load()
+    return source.load(encoder=item_encoder(request, name or type(source).__name__))
 
 
 # ---- documentation from the schema ---------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Built-ins register with a decorator (``@methods.register("lore")``). Third-party
 points in the groups ``plrm.methods``, ``plrm.datasets`` and ``plrm.backbones``; the entry-point name is
 the registry key and its value points at the class. Plugins load lazily, each on its own: one that fails
 to import is recorded (name, distribution, version, error) and shown by ``plrm list``; the rest keep
-working. A plugin may not replace a built-in, nor another plugin, of the same name.
+working. A plugin may not replace a built-in, nor another plugin, of the same name. A fourth group,
+``plrm.recipes``, names a folder of recipes; plrm.recipe reads it under the same rules.
 
 Environment variables: ``PLRM_DISABLE_PLUGIN_AUTOLOAD=1`` loads no plugin; ``PLRM_PLUGINS=a,b`` loads only
 the entry points named there.
@@ -52,7 +53,8 @@ class BrokenPlugin:
     error: str
 
 
-def _plrm_version() -> str:
+def plrm_version() -> str:
+    """The installed plrm's version (the origin of built-in entries)."""
     from plrm import __version__
 
     return __version__
@@ -61,15 +63,36 @@ def _plrm_version() -> str:
 def _origin_of_module(module: str) -> Origin:
     top = module.split(".")[0]
     if top in ("plrm", "", "__main__"):
-        return Origin(BUILTIN, _plrm_version())
+        return Origin(BUILTIN, plrm_version())
     dists = md.packages_distributions().get(top, [])
     if not dists:
         return Origin(top, "?")
     return Origin(dists[0], md.version(dists[0]))
 
 
-def _entry_points(group: str) -> list[md.EntryPoint]:
+def entry_points(group: str) -> list[md.EntryPoint]:
+    """The installed distributions' entry points of ``group`` (e.g. ``plrm.methods``)."""
     return list(md.entry_points(group=group))
+
+
+PLUGIN_GROUPS = ("plrm.methods", "plrm.datasets", "plrm.backbones", "plrm.recipes")
+
+
+def autoload_disabled() -> bool:
+    """``PLRM_DISABLE_PLUGIN_AUTOLOAD=1``: no plugin of any group is loaded."""
+    return os.environ.get("PLRM_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0")
+
+
+def allowed_plugins() -> set[str]:
+    """The entry-point names ``PLRM_PLUGINS=a,b`` restricts loading to, in every group (empty: no restriction)."""
+    return {n.strip() for n in os.environ.get("PLRM_PLUGINS", "").split(",") if n.strip()}
+
+
+def entry_point_origin(ep: md.EntryPoint) -> Origin:
+    """The distribution (name, version) that declares entry point ``ep``, and its value."""
+    dist = getattr(ep, "dist", None)
+    return Origin(dist.metadata["Name"] if dist is not None else "unknown", dist.version if dist is not None else "?",
+                  ep.value)
 
 
 def closest(name: str, candidates: list[str] | tuple[str, ...]) -> str | None:
@@ -88,7 +111,7 @@ class Registry(Generic[T]):
         self._origins: dict[str, Origin] = {}
         self._broken: dict[str, BrokenPlugin] = {}
         self._plugins_loaded = False
-        self._entry_points_fn = _entry_points  # tests swap in fake entry points
+        self._entry_points_fn = entry_points  # tests swap in fake entry points
 
     # -- registration -------------------------------------------------------------------------------------
     def register(self, name: str) -> Callable[[T], T]:
@@ -130,23 +153,21 @@ class Registry(Generic[T]):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
-        if os.environ.get("PLRM_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0"):
+        if autoload_disabled():
             return
         ensure_builtins()  # built-ins first, so a plugin can never take a built-in's name
-        allow = {n.strip() for n in os.environ.get("PLRM_PLUGINS", "").split(",") if n.strip()}
+        allow = allowed_plugins()
         entry_points = self._entry_points_fn(self.group)
-        for name in sorted(allow - {ep.name for ep in entry_points}):
-            print(f"plrm: PLRM_PLUGINS names '{name}', but no installed {self.kind} plugin has that name",
-                  file=sys.stderr)
+        if allow:  # a name of another group's entry point (a recipes folder, say) is no typo
+            other_groups = {ep.name for group in PLUGIN_GROUPS if group != self.group
+                            for ep in self._entry_points_fn(group)}
+            for name in sorted(allow - other_groups - {ep.name for ep in entry_points}):
+                print(f"plrm: PLRM_PLUGINS names '{name}', but no installed {self.kind} plugin has that name",
+                      file=sys.stderr)
         for ep in entry_points:
             if allow and ep.name not in allow:
                 continue
-            dist = getattr(ep, "dist", None)
-            origin = Origin(
-                dist.metadata["Name"] if dist is not None else "unknown",
-                dist.version if dist is not None else "?",
-                ep.value,
-            )
+            origin = entry_point_origin(ep)
             if ep.name in self._entries and not self._entries_from(ep.name, origin):
                 existing = self._origins[ep.name]
                 what = "a built-in" if existing.is_builtin else f"the one from {existing}"

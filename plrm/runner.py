@@ -1,4 +1,5 @@
-"""The Python API behind the CLI: ``fit``, ``test`` and ``adapt`` take the same recipes (or a run directory).
+"""The Python API behind the CLI: ``fit``, ``test``, ``adapt`` and ``active`` take the same recipes (or a run
+directory), and :class:`Run` is the handle of a run directory.
 
 Run directory (``<run.output_dir>/<run.name>``)::
 
@@ -8,6 +9,9 @@ Run directory (``<run.output_dir>/<run.name>``)::
     seed-<s>/split.parquet the split of seed s (reused by test and adapt)
     seed-<s>/<label>.ckpt  each method's trained state (weights-only checkpoint)
     wandb/ csv/ tensorboard/  the tracker's files
+
+Every verb is one step applied to each method at each split seed (a :class:`Unit`) by :meth:`Run.each_unit`,
+the one seed x method loop; only the step differs (train, re-evaluate, adapt, interactive sessions).
 
 Distributed (``trainer.strategy=ddp`` with ``trainer.devices`` > 1 or ``trainer.num_nodes`` > 1): Lightning
 starts the other ranks at the first ``trainer.fit`` by running the same command again (or torchrun / SLURM
@@ -19,20 +23,31 @@ calls of the same process (more methods, more split seeds) reuse the processes a
 
 Notebook use::
 
-    import plrm.runner as run
-    result = run.fit("quickstart", ["run.name=demo"])
-    result.summary["lore"]["unseen"]["accuracy"]
+    import torch
+    import plrm.runner as runner
+
+    result = runner.fit("quickstart", ["run.name=demo"])
+    result.summary["lore"]["unseen"]["accuracy"]          # {'mean': ..., 'std': ..., 'n': ...}
+
+    run = runner.Run.open("runs/demo")                    # a finished run
+    run.results["summary"]["lore"]["unseen"]["accuracy"]  # results.json
+    model = run.load_method("lore", seed=0)               # trained state of split seed 0
+    batch = run.datamodule(0).batch(torch.arange(8))      # its first 8 pairs, each with its user
+    with torch.no_grad():
+        model.preference_logit(batch)                     # r_u(chosen) - r_u(rejected), shape (8,)
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +68,12 @@ from plrm.data.splits import VAL, Split, load_split, make_split
 from plrm.eval import report
 from plrm.eval.metrics import per_user_accuracy, summarize
 from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, per_user_frame, score_rows, sync_user_state
-from plrm.recipe import Recipe, RecipeError, load_recipe
+from plrm.recipe import Recipe, RecipeError, load_recipe, load_source
 from plrm.tracking import PlainProgress, finish, log_results, make_logger
 
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
+SPLIT_FILE = "split.parquet"
 
 
 @dataclass
@@ -81,7 +97,8 @@ def load_data(recipe: Recipe) -> PreparedData:
         torch.set_num_threads(recipe.trainer.num_threads)
         # Lightning's process launcher sets torch's threads to cores / processes unless OMP_NUM_THREADS is set
         os.environ.setdefault("OMP_NUM_THREADS", str(recipe.trainer.num_threads))
-    data = registry.datasets.get(recipe.data.name)(recipe.data.config).load()
+    # a dataset that needs an item encoder (Pref-LaMP's hard negatives) declares it; it is built and handed in here
+    data = load_source(registry.datasets.get(recipe.data.name)(recipe.data.config), recipe.data.name)
     if data.load_report is not None:  # a published source: what it read, kept and dropped, by rule
         print(data.load_report.render(), file=sys.stderr)
     backbone = registry.backbones.get(recipe.backbone.name)(recipe.backbone.config)
@@ -107,7 +124,9 @@ def prepare(recipe: Recipe) -> PreparedData:
     return PreparedData(data, backbone)
 
 
-def _split_for_seed(recipe: Recipe, prepared: PreparedData, seed: int, stored: Path | None) -> Split:
+def seed_split(recipe: Recipe, prepared: PreparedData, seed: int, stored: Path | None = None) -> Split:
+    """The split of ``seed``: read from ``stored`` (a run's split.parquet) or ``split.from_file`` when given,
+    else made from the recipe's fractions."""
     s = recipe.split
     need = max([s.k, *recipe.eval.k_list])
     args = dict(unseen_fraction=s.unseen_fraction, test_fraction=s.test_fraction, val_fraction=s.val_fraction)
@@ -119,12 +138,211 @@ def _split_for_seed(recipe: Recipe, prepared: PreparedData, seed: int, stored: P
 
 
 def build_model(recipe: Recipe, label: str, prepared: PreparedData, n_users: int):
+    """Method ``label`` of the recipe, untrained, for ``n_users`` users and the prepared backbone."""
     comp = recipe.methods[label]
     cls = registry.methods.get(comp.name)
     return cls(comp.config, n_users=n_users, feature_dim=prepared.backbone.feature_dim,
                encoder=prepared.backbone.encoder())
 
 
+def versions() -> dict[str, str]:
+    """Versions of plrm, Python and the libraries that decide the numbers (recorded with every result)."""
+    import datasets
+    import transformers
+
+    return {"plrm": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "lightning": L.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__}
+
+
+def provenance(recipe: Recipe) -> list[dict]:
+    """The plugin packages (name, version, entry point) behind the recipe's methods, dataset and backbone."""
+    return registry.plugin_provenance({"methods": sorted({c.name for c in recipe.methods.values()}),
+                                       "datasets": [recipe.data.name], "backbones": [recipe.backbone.name]})
+
+
+# ---- the run directory --------------------------------------------------------------------------------------
+class Run:
+    """A run directory: its recipe, splits, checkpoints and results. Get one with :meth:`create` (a new run,
+    as ``fit`` does) or :meth:`open` (a run ``plrm fit`` wrote)."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, prepared: PreparedData | None = None, rank: int = 0,
+                 world: int = 1, new: bool = False):
+        self.dir, self.recipe, self.rank, self.world = run_dir, recipe, rank, world
+        self._prepared = prepared
+        self._new = new  # splits are made afresh (and stored) rather than read back
+        self._split: tuple[int, Split] | None = None  # the last split used: one seed's row arrays at a time
+
+    @classmethod
+    def create(cls, recipe: str | dict | Recipe, overrides: list[str] | None = None,
+               prepared: PreparedData | None = None) -> Run:
+        """Start the run directory ``<run.output_dir>/<run.name>`` of ``recipe`` and write its recipe.yaml.
+        ``prepared``: the dataset and backbone already prepared, their needs checked (:func:`method_problems`).
+        Distributed, every rank creates the Run; only global rank 0 writes."""
+        _quiet_lightning()
+        recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+        run_dir = Path(recipe.run.output_dir).expanduser() / recipe.run.name
+        rank, world = distribution(recipe)
+        main = rank == 0  # the other ranks (started after it made run_dir) compute alongside
+        exists = main and run_dir.exists() and any(run_dir.iterdir())
+        if exists and not recipe.run.overwrite:
+            raise RecipeError(f"run directory {run_dir} already exists; choose another run.name=... "
+                              "or set run.overwrite=true")
+        run = cls(run_dir, recipe, prepared, rank, world, new=True)
+        run.prepared  # bad data fails here, before an old run is replaced or a new one starts
+        if exists:
+            shutil.rmtree(run_dir)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
+        return run
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> Run:
+        """The run ``plrm fit`` wrote in ``run_dir`` (its recipe is read; the data is prepared when first needed)."""
+        _quiet_lightning()
+        run_dir = Path(run_dir).expanduser()
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a plrm run directory (no {RECIPE_FILE}); "
+                                    "pass the directory that `plrm fit` printed")
+        return cls(run_dir, load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text())))
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run directory (global rank 0)."""
+        return self.rank == 0
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.recipe.split.seeds)
+
+    @property
+    def methods(self) -> list[str]:
+        """The method labels of the recipe, in its order."""
+        return list(self.recipe.methods)
+
+    @property
+    def prepared(self) -> PreparedData:
+        """The recipe's dataset and backbone, prepared on first use (:func:`prepare`)."""
+        if self._prepared is None:
+            self._prepared = prepare(self.recipe)
+        return self._prepared
+
+    @property
+    def results(self) -> dict:
+        """results.json: per-seed and aggregated metrics, versions, plugins."""
+        path = self.dir / RESULTS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.dir} has no {RESULTS_FILE}: its `plrm fit` has not finished "
+                                    "(it writes the results last)")
+        return json.loads(path.read_text())
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.dir / f"seed-{seed}"
+
+    def split(self, seed: int) -> Split:
+        """The split of ``seed``: ``seed-<s>/split.parquet``; in a run being created, made afresh and stored."""
+        if self._split is None or self._split[0] != seed:
+            if self._new:
+                split = seed_split(self.recipe, self.prepared, seed)
+                if self.main:
+                    self.seed_dir(seed).mkdir(exist_ok=True)
+                    split.save(self.seed_dir(seed) / SPLIT_FILE)
+            else:
+                split = seed_split(self.recipe, self.prepared, seed, stored=self.seed_dir(seed) / SPLIT_FILE)
+            self._split = (seed, split)
+        return self._split[1]
+
+    def users(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(user ids in the order of the methods' per-user rows, whether each is an unseen user) of ``seed``,
+        read from the stored split without loading the dataset."""
+        if self._split is not None and self._split[0] == seed:
+            return self._split[1].user_ids, self._split[1].unseen
+        table = pd.read_parquet(self.seed_dir(seed) / SPLIT_FILE, columns=["user_id", "unseen_user"])
+        user_ids = np.asarray(sorted(table["user_id"].unique()), dtype=object)  # the split's user vocabulary
+        return user_ids, np.isin(user_ids, table.loc[table["unseen_user"], "user_id"].unique())
+
+    def datamodule(self, seed: int) -> PreferenceDataModule:
+        """The pairs of ``seed``'s split as evaluation reads them (``.batch(rows)``, ``.test_rows(unseen)``)."""
+        return PreferenceDataModule(self.prepared, self.split(seed), seed=self.recipe.run.seed)
+
+    def _check_label(self, label: str) -> None:
+        if label not in self.recipe.methods:
+            raise LookupError(f"no method labelled {label!r} in {self.dir}; its methods: {', '.join(self.methods)}")
+
+    def checkpoint(self, label: str, seed: int, name: str | None = None) -> dict:
+        """The checkpoint ``name`` (a file in ``seed-<s>/``, default ``<label>.ckpt``): its state_dict and meta."""
+        self._check_label(label)
+        path = self.seed_dir(seed) / (name or f"{label}.ckpt")
+        if not path.is_file():
+            have = sorted(p.name for p in path.parent.glob("*.ckpt"))
+            raise FileNotFoundError(f"checkpoint {path} does not exist; {path.parent} has: {', '.join(have) or 'none'}")
+        return load_checkpoint(path)
+
+    def build_method(self, label: str, seed: int, prepared: PreparedData | None = None):
+        """Method ``label``, untrained, sized for ``seed``'s users; on ``prepared`` (other data through the run's
+        backbone, e.g. RewardBench) or the run's own data."""
+        self._check_label(label)
+        return build_model(self.recipe, label, prepared or self.prepared, len(self.users(seed)[0]))
+
+    def load_method(self, label: str, seed: int, checkpoint: str | None = None):
+        """Method ``label`` of split ``seed`` with the state of ``checkpoint`` (a file name in ``seed-<s>/``,
+        default ``<label>.ckpt``; e.g. ``<label>.adapted-k5.ckpt``), in eval mode."""
+        state = self.checkpoint(label, seed, checkpoint)["state_dict"]
+        model = self.build_method(label, seed)
+        model.load_checkpoint_state(state)
+        return model.eval()
+
+    def each_unit(self, step: Callable[[Unit], tuple[dict, pd.DataFrame | None] | None],
+                  oracles: bool = False) -> tuple[dict[int, dict], list[pd.DataFrame]]:
+        """The seed x method loop of every verb: ``step(unit)`` for each method (recipe order) at each split
+        seed. A step returns (metrics, per-user frame or None), or None to leave the method out of the seed's
+        results; ``oracles``: add the dataset's oracle scorers after each seed's methods. Returns
+        ({seed: {label: metrics}}, the per-user frames in order)."""
+        per_seed: dict[int, dict] = {}
+        frames: list[pd.DataFrame] = []
+        for seed in self.seeds:
+            split = self.split(seed)
+            data = self.datamodule(seed)
+            results: dict[str, dict] = {}
+            for label in self.methods:
+                outcome = step(Unit(self, seed, split, label, data))
+                if outcome is None:
+                    continue
+                results[label], per_user = outcome
+                if per_user is not None:
+                    frames.append(per_user)
+            if oracles:
+                for name, logits in self.prepared.data.oracle_logits.items():
+                    ev = evaluate_oracle(logits, data, self.recipe.eval.worst_fractions)
+                    results[name] = ev.metrics
+                    frames.append(ev.per_user.assign(method=name, seed=seed))
+            per_seed[seed] = results
+        return per_seed, frames
+
+
+@dataclass
+class Unit:
+    """One method at one split seed of a run: what a verb's step works on."""
+
+    run: Run
+    seed: int
+    split: Split
+    label: str
+    data: PreferenceDataModule  # the seed's evaluation datamodule, shared by its methods
+
+    @property
+    def seed_dir(self) -> Path:
+        return self.run.seed_dir(self.seed)
+
+    def load_method(self, checkpoint: str | None = None):
+        return self.run.load_method(self.label, self.seed, checkpoint)
+
+    def tag(self, per_user: pd.DataFrame) -> pd.DataFrame:
+        """Per-user rows of this unit, with its method label and split seed."""
+        return per_user.assign(method=self.label, seed=self.seed)
+
+
+# ---- Lightning ----------------------------------------------------------------------------------------------
 def _strategy(recipe: Recipe, model=None, world: int = 1):
     """The recipe's strategy; 'ddp' (or 'auto' over several processes, which Lightning makes ddp) for a method
     whose steps leave parameters without gradients becomes DDP that looks for them
@@ -168,24 +386,44 @@ def _full_parameters(trainer: L.Trainer):
     return contextlib.nullcontext()
 
 
-def _trainer(recipe: Recipe, model, logger, label: str, validate: bool, world: int = 1, dm=None) -> L.Trainer:
+def _gradient_clip_val(recipe: Recipe, label: str, model) -> float | None:
+    """The Trainer's gradient_clip_val. Lightning clips only under automatic optimization; a manual-optimization
+    method that clips in its own step (``clips_gradients``) gets trainer.gradient_clip_val as
+    ``model.gradient_clip_val``, and any other one refuses it rather than train unclipped."""
+    clip = recipe.trainer.gradient_clip_val
+    if model.automatic_optimization or clip is None:
+        return clip
+    if not getattr(model, "clips_gradients", False):
+        raise RecipeError(f"trainer.gradient_clip_val={clip}: methods.{label} ({type(model).__name__}) optimizes "
+                          "manually (backward passes inside its training step), where Lightning does not clip, and "
+                          "does not clip its own gradients (clips_gradients); set trainer.gradient_clip_val=null")
+    model.gradient_clip_val = clip
+    return None
+
+
+def make_trainer(recipe: Recipe, label: str, model, dm: PreferenceDataModule, logger=None, validate: bool = False,
+                 world: int = 1, title: str | None = None) -> L.Trainer:
+    """The Trainer that trains method ``label`` on ``dm``: the recipe's trainer settings, the method's data hooks
+    (plrm.data.hooks.MethodHooks) and its gradient clipping. ``title`` names it in plain progress lines."""
     t = recipe.trainer
     cfg = model.config
     show_bars = sys.stderr.isatty() if t.progress_bar == "auto" else t.progress_bar
+    clip = _gradient_clip_val(recipe, label, model)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(recipe, model, world),
         precision=t.precision, max_epochs=cfg.max_epochs, max_steps=cfg.max_steps,
         logger=logger if logger is not None else False,
-        callbacks=([MethodHooks(dm)] if dm is not None else []) + ([] if show_bars else [PlainProgress(label)]),
+        callbacks=[MethodHooks(dm)] + ([] if show_bars else [PlainProgress(title or label)]),
         enable_progress_bar=show_bars,
         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic, num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0,
-        gradient_clip_val=t.gradient_clip_val if model.automatic_optimization else None,
+        gradient_clip_val=clip,
         # the datamodule shards every global batch itself (same batches as one process, split protocol kept)
         use_distributed_sampler=False,
     )
 
 
+# ---- results --------------------------------------------------------------------------------------------------
 def _flat(label: str, metrics: dict) -> dict[str, float]:
     out = {}
     for group in report.GROUPS:
@@ -206,46 +444,24 @@ def _data_metrics(prepared: PreparedData) -> dict[str, float]:
     return out
 
 
-def _versions() -> dict[str, str]:
-    import datasets
-    import transformers
-
-    return {"plrm": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "lightning": L.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__}
-
-
-def _provenance(recipe: Recipe) -> list[dict]:
-    return registry.plugin_provenance({"methods": sorted({c.name for c in recipe.methods.values()}),
-                                       "datasets": [recipe.data.name], "backbones": [recipe.backbone.name]})
-
-
-def _finish_run(recipe: Recipe, run_dir: Path, per_seed: dict, frames: list[pd.DataFrame], file: str,
-                show: bool, backbone_stats: dict | None = None, write: bool = True,
-                data_report: dict | None = None) -> RunResult:
+def _finish_run(run: Run, per_seed: dict, frames: list[pd.DataFrame], file: str, show: bool,
+                backbone_stats: dict | None = None, data_report: dict | None = None) -> RunResult:
     summary = report.aggregate(per_seed)
     per_user = pd.concat(frames, ignore_index=True)
-    if not write:  # a distributed rank other than 0: it computed the same numbers, rank 0 writes them
-        return RunResult(run_dir, per_seed, summary, per_user)
-    report.write_json(run_dir / file, {
-        "recipe": recipe.raw, "versions": _versions(), "plugins": _provenance(recipe),
+    if not run.main:  # a distributed rank other than 0: it computed the same numbers, rank 0 writes them
+        return RunResult(run.dir, per_seed, summary, per_user)
+    report.write_json(run.dir / file, {
+        "recipe": run.recipe.raw, "versions": versions(), "plugins": provenance(run.recipe),
         "backbone": backbone_stats or {}, "data": data_report or {},
         "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary})
     if file == RESULTS_FILE:
-        tmp = run_dir / "per_user.parquet.tmp"
+        tmp = run.dir / "per_user.parquet.tmp"
         per_user.to_parquet(tmp, index=False)
-        tmp.replace(run_dir / "per_user.parquet")
+        tmp.replace(run.dir / "per_user.parquet")
     if show:
-        report.render(summary, recipe.split.k)
-        print(f"run directory: {run_dir}")
-    return RunResult(run_dir, per_seed, summary, per_user)
-
-
-def _oracles(prepared: PreparedData, dm: PreferenceDataModule, recipe: Recipe, seed: int,
-             results: dict, frames: list) -> None:
-    for name, logits in prepared.data.oracle_logits.items():
-        ev = evaluate_oracle(logits, dm, recipe.eval.worst_fractions)
-        results[name] = ev.metrics
-        frames.append(ev.per_user.assign(method=name, seed=seed))
+        report.render(summary, run.recipe.split.k)
+        print(f"run directory: {run.dir}")
+    return RunResult(run.dir, per_seed, summary, per_user)
 
 
 # ---- verbs ------------------------------------------------------------------------------------------------------
@@ -255,141 +471,93 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
 
     ``prepared``: the recipe's dataset and backbone already prepared (the benchmark runner reuses one across the
     cells of a dataset); its needs must already have been checked (:func:`method_problems`)."""
-    _quiet_lightning()
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    run_dir = Path(recipe.run.output_dir).expanduser() / recipe.run.name
-    rank, world = distribution(recipe)
-    main = rank == 0  # only global rank 0 writes; the others (started after it made run_dir) compute alongside
-    exists = main and run_dir.exists() and any(run_dir.iterdir())
-    if exists and not recipe.run.overwrite:
-        raise RecipeError(f"run directory {run_dir} already exists; choose another run.name=... "
-                          "or set run.overwrite=true")
-    prepared = prepared or prepare(recipe)  # bad data fails here, before an old run is replaced or a new one starts
-    if exists:
-        shutil.rmtree(run_dir)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
-    per_seed: dict[int, dict] = {}
-    frames: list[pd.DataFrame] = []
-    for seed in recipe.split.seeds:
-        seed_dir = run_dir / f"seed-{seed}"
-        split = _split_for_seed(recipe, prepared, seed, stored=None)
-        if main:
-            seed_dir.mkdir(exist_ok=True)
-            split.save(seed_dir / "split.parquet")
-        results: dict[str, dict] = {}
-        train_seed = recipe.run.seed + (seed if recipe.run.seed_per_split else 0)
-        for label, comp in recipe.methods.items():
-            L.seed_everything(train_seed, verbose=False)
-            model = build_model(recipe, label, prepared, len(split.user_ids))
-            dm = PreferenceDataModule(prepared, split, batch_size=comp.config.batch_size, seed=train_seed,
-                                      users_per_batch=model.users_per_batch)
-            logger = make_logger(recipe.logger, run_dir, name=f"seed-{seed}/{label}",
-                                 group=recipe.logger.group or recipe.run.name, run_name=recipe.run.name,
-                                 config={**recipe.raw, "label": label, "split_seed": seed}) if main else None
-            trainer = _trainer(recipe, model, logger, f"seed {seed} {label}", validate=bool((split.role == VAL).any()),
-                               world=world, dm=dm)
-            start = time.perf_counter()
-            trainer.fit(model, datamodule=dm)
-            train_seconds = time.perf_counter() - start
-            with _full_parameters(trainer):
-                sync_user_state(model)  # per-user state written outside autograd (e.g. MRM's seen users): rank 0's
-                if main:
-                    save_model(model, seed_dir / f"{label}.ckpt", {"method": comp.name, "label": label})
-                start = time.perf_counter()
-                ev = evaluate(model, dm, recipe.split.k, recipe.eval.k_list, recipe.eval.worst_fractions,
-                              recipe.eval.batch_size)
-            results[label] = {**ev.metrics, "adapts_new_users": model.adapts_new_users,
-                              "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
-            diagnostics = model.diagnostics()
-            if diagnostics:
-                results[label]["diagnostics"] = diagnostics
-            per_user = ev.per_user.assign(method=label, seed=seed)
-            frames.append(per_user)
-            log_results(logger, {**_flat(label, ev.metrics), **_data_metrics(prepared)}, {"eval/per_user": per_user})
-            finish(logger)
-        _oracles(prepared, dm, recipe, seed, results, frames)
-        per_seed[seed] = results
-    report_dict = prepared.data.load_report.to_dict() if prepared.data.load_report is not None else None
-    return _finish_run(recipe, run_dir, per_seed, frames, RESULTS_FILE, show and main, prepared.backbone.stats(),
-                       write=main, data_report=report_dict)
+    run = Run.create(recipe, overrides, prepared)
+    per_seed, frames = run.each_unit(_fit_unit, oracles=True)
+    rep = run.prepared.data.load_report
+    return _finish_run(run, per_seed, frames, RESULTS_FILE, show and run.main, run.prepared.backbone.stats(),
+                       data_report=rep.to_dict() if rep is not None else None)
 
 
-def _read_run(run_dir: str | Path) -> tuple[Path, Recipe]:
-    _quiet_lightning()
-    run_dir = Path(run_dir).expanduser()
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a plrm run directory (no {RECIPE_FILE}); "
-                                "pass the directory that `plrm fit` printed")
-    return run_dir, load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
-
-
-def _load_run(run_dir: str | Path) -> tuple[Path, Recipe, PreparedData]:
-    run_dir, recipe = _read_run(run_dir)
-    return run_dir, recipe, prepare(recipe)
-
-
-def _load_model(recipe: Recipe, label: str, prepared: PreparedData, split: Split, seed_dir: Path):
-    model = build_model(recipe, label, prepared, len(split.user_ids))
-    model.load_checkpoint_state(load_checkpoint(seed_dir / f"{label}.ckpt")["state_dict"])
-    return model
+def _fit_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
+    """Train one method on the seen users of one split, save it, and evaluate it (plrm.eval.protocol)."""
+    run, recipe, label, seed = unit.run, unit.run.recipe, unit.label, unit.seed
+    comp = recipe.methods[label]
+    train_seed = recipe.run.seed + (seed if recipe.run.seed_per_split else 0)
+    L.seed_everything(train_seed, verbose=False)
+    model = build_model(recipe, label, run.prepared, len(unit.split.user_ids))
+    dm = PreferenceDataModule(run.prepared, unit.split, batch_size=comp.config.batch_size, seed=train_seed,
+                              users_per_batch=model.users_per_batch)
+    logger = make_logger(recipe.logger, run.dir, name=f"seed-{seed}/{label}",
+                         group=recipe.logger.group or recipe.run.name, run_name=recipe.run.name,
+                         config={**recipe.raw, "label": label, "split_seed": seed}) if run.main else None
+    trainer = make_trainer(recipe, label, model, dm, logger, validate=bool((unit.split.role == VAL).any()),
+                           world=run.world, title=f"seed {seed} {label}")
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    train_seconds = time.perf_counter() - start
+    with _full_parameters(trainer):
+        sync_user_state(model)  # per-user state written outside autograd (e.g. MRM's seen users): rank 0's
+        if run.main:
+            save_model(model, unit.seed_dir / f"{label}.ckpt", {"method": comp.name, "label": label})
+        start = time.perf_counter()
+        ev = evaluate(model, dm, recipe.split.k, recipe.eval.k_list, recipe.eval.worst_fractions,
+                      recipe.eval.batch_size)
+    metrics = {**ev.metrics, "adapts_new_users": model.adapts_new_users,
+               "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start}
+    diagnostics = model.diagnostics()
+    if diagnostics:
+        metrics["diagnostics"] = diagnostics
+    per_user = unit.tag(ev.per_user)
+    log_results(logger, {**_flat(label, ev.metrics), **_data_metrics(run.prepared)}, {"eval/per_user": per_user})
+    finish(logger)
+    return metrics, per_user
 
 
 def test(run_dir: str | Path, show: bool = True) -> RunResult:
     """Re-evaluate a finished run from its checkpoints and stored splits (writes test_results.json)."""
-    run_dir, recipe, prepared = _load_run(run_dir)
-    per_seed, frames = {}, []
-    for seed in recipe.split.seeds:
-        seed_dir = run_dir / f"seed-{seed}"
-        split = _split_for_seed(recipe, prepared, seed, stored=seed_dir / "split.parquet")
-        results = {}
-        for label in recipe.methods:
-            model = _load_model(recipe, label, prepared, split, seed_dir)
-            dm = PreferenceDataModule(prepared, split, seed=recipe.run.seed)
-            ev = evaluate(model, dm, recipe.split.k, recipe.eval.k_list, recipe.eval.worst_fractions,
-                          recipe.eval.batch_size)
-            results[label] = {**ev.metrics, "adapts_new_users": model.adapts_new_users}
-            frames.append(ev.per_user.assign(method=label, seed=seed))
-        _oracles(prepared, dm, recipe, seed, results, frames)
-        per_seed[seed] = results
-    return _finish_run(recipe, run_dir, per_seed, frames, "test_results.json", show)
+    run = Run.open(run_dir)
+    per_seed, frames = run.each_unit(_test_unit, oracles=True)
+    return _finish_run(run, per_seed, frames, "test_results.json", show)
+
+
+def _test_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
+    recipe = unit.run.recipe
+    model = unit.load_method()
+    ev = evaluate(model, unit.data, recipe.split.k, recipe.eval.k_list, recipe.eval.worst_fractions,
+                  recipe.eval.batch_size)
+    return {**ev.metrics, "adapts_new_users": model.adapts_new_users}, unit.tag(ev.per_user)
 
 
 def adapt(run_dir: str | Path, k: int | None = None, show: bool = True) -> RunResult:
     """Fit the unseen users of a finished run from their first k support pairs with the trained checkpoints;
     saves ``seed-<s>/<label>.adapted-k<k>.ckpt`` and reports unseen accuracy (adapt_results.json)."""
-    run_dir, recipe, prepared = _load_run(run_dir)
-    k = k or recipe.split.k
-    per_seed, frames = {}, []
-    for seed in recipe.split.seeds:
-        seed_dir = run_dir / f"seed-{seed}"
-        split = _split_for_seed(recipe, prepared, seed, stored=seed_dir / "split.parquet")
-        if (split.support_rank >= 0).sum() and k > int(split.support_rank.max()) + 1:
-            raise RecipeError(f"k={k}: the unseen users of {seed_dir} have at most "
-                              f"{int(split.support_rank.max()) + 1} support pairs")
-        results = {}
-        for label in recipe.methods:
-            model = _load_model(recipe, label, prepared, split, seed_dir)
-            if model.adapts_new_users == "no":
-                results[label] = {"seen": None, "unseen": None, "overall": None, "fewshot": []}
-                continue
-            dm = PreferenceDataModule(prepared, split, seed=recipe.run.seed)
-            model.eval()
-            start = time.perf_counter()
-            adapt_unseen(model, dm, k)
-            seconds = time.perf_counter() - start
-            save_model(model, seed_dir / f"{label}.adapted-k{k}.ckpt", {"method": recipe.methods[label].name,
-                                                                         "label": label, "k": k})
-            rows = dm.test_rows(unseen=True)
-            logits = score_rows(model, dm, rows, recipe.eval.batch_size)
-            unseen, acc, cnt = summarize(logits, dm.row_user[torch.from_numpy(rows)], split.unseen_users,
-                                         dm.n_users, recipe.eval.worst_fractions)
-            results[label] = {"seen": None, "unseen": unseen, "overall": None, "fewshot": [{"k": k, **unseen}],
-                              "adapt_seconds": seconds}
-            frames.append(per_user_frame(dm, split.unseen_users, acc, cnt, "unseen", k).assign(method=label, seed=seed))
-        per_seed[seed] = results
-    return _finish_run(recipe, run_dir, per_seed, frames, "adapt_results.json", show)
+    run = Run.open(run_dir)
+    k = k or run.recipe.split.k
+    per_seed, frames = run.each_unit(lambda unit: _adapt_unit(unit, k))
+    return _finish_run(run, per_seed, frames, "adapt_results.json", show)
+
+
+def _adapt_unit(unit: Unit, k: int) -> tuple[dict, pd.DataFrame | None]:
+    recipe, split = unit.run.recipe, unit.split
+    if (split.support_rank >= 0).sum() and k > int(split.support_rank.max()) + 1:
+        raise RecipeError(f"k={k}: the unseen users of {unit.seed_dir} have at most "
+                          f"{int(split.support_rank.max()) + 1} support pairs")
+    model = unit.load_method()
+    if model.adapts_new_users == "no":
+        return {"seen": None, "unseen": None, "overall": None, "fewshot": []}, None
+    dm = unit.data
+    start = time.perf_counter()
+    adapt_unseen(model, dm, k)
+    seconds = time.perf_counter() - start
+    save_model(model, unit.seed_dir / f"{unit.label}.adapted-k{k}.ckpt",
+               {"method": recipe.methods[unit.label].name, "label": unit.label, "k": k})
+    rows = dm.test_rows(unseen=True)
+    logits = score_rows(model, dm, rows, recipe.eval.batch_size)
+    unseen, acc, cnt = summarize(logits, dm.row_user[torch.from_numpy(rows)], split.unseen_users, dm.n_users,
+                                 recipe.eval.worst_fractions)
+    metrics = {"seen": None, "unseen": unseen, "overall": None, "fewshot": [{"k": k, **unseen}],
+               "adapt_seconds": seconds}
+    return metrics, unit.tag(per_user_frame(dm, split.unseen_users, acc, cnt, "unseen", k))
 
 
 def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -> dict:
@@ -400,11 +568,12 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
     from plrm.data.files import PreferenceFiles
     from plrm.data.splits import support_only_split
 
-    run_dir, recipe = _read_run(run_dir)
+    run = Run.open(run_dir)
+    recipe = run.recipe
     new = PreferenceFiles(PreferenceFiles.Config(path=str(pairs))).load()
     backbone = registry.backbones.get(recipe.backbone.name)(recipe.backbone.config)
     if new.features is None and cap.FEATURES in backbone.provides:
-        new.features = prepare(recipe).data.features  # the run's own items (e.g. a synthetic world's)
+        new.features = run.prepared.data.features  # the run's own items (e.g. a synthetic world's)
     prepared = PreparedData(new, backbone)
     split = support_only_split(new.pairs.data.table)
     user_ids = split.user_ids
@@ -412,27 +581,26 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
     users = torch.arange(len(user_ids))
     stem = Path(pairs).stem
     out: dict = {"pairs": str(pairs), "n_users": len(user_ids), "n_pairs": len(split.row_user), "per_seed": {}}
-    for seed in recipe.split.seeds:
-        seed_dir = run_dir / f"seed-{seed}"
+    for seed in run.seeds:  # not Run.each_unit: these users are not the run's, nor is their split
         results = {}
         for label, comp in recipe.methods.items():
             model = build_model(recipe, label, prepared, len(user_ids))
             if model.adapts_new_users == "no":
                 results[label] = None
                 continue
-            model.load_shared_state(load_checkpoint(seed_dir / f"{label}.ckpt")["state_dict"])
+            model.load_shared_state(run.checkpoint(label, seed)["state_dict"])
             model.eval()
             model.adapt(support, users)
             with torch.no_grad():
                 fit, _ = per_user_accuracy(model.preference_logit(support), support["user_idx"], len(user_ids))
             path = None
             if model.user_state:  # a generic method (bt) has no per-user state to save
-                path = seed_dir / f"{label}.users-{stem}.ckpt"
+                path = run.seed_dir(seed) / f"{label}.users-{stem}.ckpt"
                 save_state({k: v for k, v in model.state_dict().items() if k in model.user_state}, path,
                            {"user_ids": [str(u) for u in user_ids], "method": comp.name})
             results[label] = {"support_accuracy": float(fit.mean()), "checkpoint": str(path) if path else None}
         out["per_seed"][str(seed)] = results
-    report.write_json(run_dir / f"adapt_{stem}.json", out)
+    report.write_json(run.dir / f"adapt_{stem}.json", out)
     if show:
         for seed, results in out["per_seed"].items():
             for label, r in results.items():
@@ -445,46 +613,23 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
 
 def active(run_dir: str | Path, budget: int = 40, strategies: tuple[str, ...] = ("uncertainty", "random"),
            answers: str = "labels", eval_at: list[int] | None = None, show: bool = True) -> dict:
-    """Simulated interactive sessions (papers/002 Algorithm 2) with the unseen users of a finished run: each
-    method with each strategy asks every unseen user ``budget`` questions from their support pool, re-fits
-    them after every answer and scores their test pairs. Writes ``active_results.json`` (curves per seed,
-    mean +- std, the answers uncertainty needs to match random at ``budget``), ``active_curve.png`` and
-    ``seed-<s>/<label>.active-<strategy>.parquet`` (which pair each user was asked at each t)."""
-    from plrm.eval.active import SessionError, answers_to_match, run_session
+    """Simulated interactive sessions (PReF, Shenfeld et al., arXiv 2503.06358, Algorithm 2) with the unseen users
+    of a finished run: each method with each strategy asks every unseen user ``budget`` questions from their
+    support pool, re-fits them after every answer and scores their test pairs. Writes ``active_results.json``
+    (curves per seed, mean +- std, the answers uncertainty needs to match random at ``budget``),
+    ``active_curve.png`` and ``seed-<s>/<label>.active-<strategy>.parquet`` (which pair each user was asked at
+    each t)."""
+    from plrm.eval.active import SessionError, answers_to_match
     from plrm.eval.plots import active_curves
 
-    run_dir, recipe, prepared = _load_run(run_dir)
+    run = Run.open(run_dir)
+    recipe = run.recipe
     eval_at = sorted(set(eval_at)) if eval_at else list(range(1, budget + 1))
-    per_seed: dict[str, dict] = {}
     skipped: dict[str, str] = {}
-    for seed in recipe.split.seeds:
-        seed_dir = run_dir / f"seed-{seed}"
-        split = _split_for_seed(recipe, prepared, seed, stored=seed_dir / "split.parquet")
-        dm = PreferenceDataModule(prepared, split, seed=recipe.run.seed)
-        results: dict[str, dict] = {}
-        for label in recipe.methods:
-            model = _load_model(recipe, label, prepared, split, seed_dir)
-            if model.adapts_new_users == "no":
-                skipped[label] = "the method cannot adapt new users"
-                continue
-            results[label] = {}
-            for strategy in strategies:
-                if strategy == "uncertainty" and not model.has_uncertainty:
-                    skipped[f"{label} ({strategy})"] = f"{type(model).__name__} has no uncertainty score"
-                    continue
-                start = time.perf_counter()
-                session = run_session(model, dm, budget, strategy, eval_at, recipe.eval.worst_fractions, answers,
-                                      recipe.eval.batch_size)
-                results[label][strategy] = {"curve": session.curve, "seconds": time.perf_counter() - start}
-                asked = pd.DataFrame({"user_id": np.repeat(session.user_ids.astype(str), budget),
-                                      "t": np.tile(np.arange(1, budget + 1), len(session.user_ids)),
-                                      "row": session.asked.ravel()})
-                tmp = seed_dir / f"{label}.active-{strategy}.parquet.tmp"
-                asked.to_parquet(tmp, index=False)
-                tmp.replace(seed_dir / f"{label}.active-{strategy}.parquet")
-        per_seed[str(seed)] = results
+    by_seed, _ = run.each_unit(lambda unit: _active_unit(unit, budget, strategies, answers, eval_at, skipped))
+    per_seed = {str(seed): results for seed, results in by_seed.items()}
     summary, matches = {}, {}
-    for label in recipe.methods:
+    for label in run.methods:
         runs = [r[label] for r in per_seed.values() if label in r]
         if not runs:
             continue
@@ -492,7 +637,7 @@ def active(run_dir: str | Path, budget: int = 40, strategies: tuple[str, ...] = 
         for strategy in runs[0]:
             curves = [r[strategy]["curve"] for r in runs]
             summary[label][strategy] = [
-                {"t": rows[0]["t"], **{m: report._mean_std([row[m] for row in rows]) for m in ("accuracy", "auroc")}}
+                {"t": rows[0]["t"], **{m: report.mean_std([row[m] for row in rows]) for m in ("accuracy", "auroc")}}
                 for rows in zip(*curves)]
         means = {s: [{"t": r["t"], "accuracy": r["accuracy"]["mean"]} for r in rows]
                  for s, rows in summary[label].items()}
@@ -501,12 +646,41 @@ def active(run_dir: str | Path, budget: int = 40, strategies: tuple[str, ...] = 
         raise SessionError("no method of the run can adapt new users: nothing to run a session with")
     out = {"budget": budget, "answers": answers, "strategies": list(strategies), "eval_at": eval_at,
            "per_seed": per_seed, "summary": summary, "answers_to_match": matches, "skipped": skipped,
-           "versions": _versions()}
-    report.write_json(run_dir / "active_results.json", out)
-    active_curves(summary, run_dir / "active_curve.png",
+           "versions": versions()}
+    report.write_json(run.dir / "active_results.json", out)
+    active_curves(summary, run.dir / "active_curve.png",
                   f"{recipe.run.name}: interactive sessions, answers from {answers}, "
-                  f"{len(recipe.split.seeds)} seed(s)")
+                  f"{len(run.seeds)} seed(s)")
     if show:
         report.render_active(summary, matches, skipped)
-        print(f"wrote {run_dir / 'active_results.json'} and {run_dir / 'active_curve.png'}")
+        print(f"wrote {run.dir / 'active_results.json'} and {run.dir / 'active_curve.png'}")
     return out
+
+
+def _active_unit(unit: Unit, budget: int, strategies: tuple[str, ...], answers: str, eval_at: list[int],
+                 skipped: dict[str, str]) -> tuple[dict, None] | None:
+    """One method's sessions with the unseen users of one split, per strategy; what cannot run goes to
+    ``skipped`` with the reason."""
+    from plrm.eval.active import run_session
+
+    recipe, label = unit.run.recipe, unit.label
+    model = unit.load_method()
+    if model.adapts_new_users == "no":
+        skipped[label] = "the method cannot adapt new users"
+        return None
+    results = {}
+    for strategy in strategies:
+        if strategy == "uncertainty" and not model.has_uncertainty:
+            skipped[f"{label} ({strategy})"] = f"{type(model).__name__} has no uncertainty score"
+            continue
+        start = time.perf_counter()
+        session = run_session(model, unit.data, budget, strategy, eval_at, recipe.eval.worst_fractions, answers,
+                              recipe.eval.batch_size)
+        results[strategy] = {"curve": session.curve, "seconds": time.perf_counter() - start}
+        asked = pd.DataFrame({"user_id": np.repeat(session.user_ids.astype(str), budget),
+                              "t": np.tile(np.arange(1, budget + 1), len(session.user_ids)),
+                              "row": session.asked.ravel()})
+        tmp = unit.seed_dir / f"{label}.active-{strategy}.parquet.tmp"
+        asked.to_parquet(tmp, index=False)
+        tmp.replace(unit.seed_dir / f"{label}.active-{strategy}.parquet")
+    return results, None

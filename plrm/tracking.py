@@ -67,15 +67,16 @@ def make_logger(cfg, run_dir: Path, name: str, group: str, config: dict, run_nam
     os.environ["WANDB_DATA_DIR"] = _USER_WANDB_DATA_DIR or str(run_dir / "wandb-staging")
     # Start the run here rather than through WandbLogger's kwargs, which pass wandb's deprecated `anonymous`.
     run = wandb.init(project=cfg.project, entity=cfg.entity, name=f"{run_name or group}/{name}", group=group,
-                     tags=list(cfg.tags), dir=str(run_dir), mode=mode, config=config, settings=_wandb_settings(),
+                     tags=list(cfg.tags), dir=str(run_dir), mode=mode, config=config, settings=wandb_settings(),
                      reinit="finish_previous")
     return WandbLogger(experiment=run)
 
 
-def _wandb_settings() -> Any:
+def wandb_settings() -> Any:
+    """The ``wandb.Settings`` of every plrm W&B run: silent (it never asks anything on a terminal) and without
+    the system monitor, which a short job does not need."""
     import wandb
 
-    # never ask anything on a terminal, and do not start the system monitor of a short job
     return wandb.Settings(silent=True, x_disable_stats=True)
 
 

@@ -1,6 +1,7 @@
 """The `plrm` command: help for every verb, exit codes and messages, W&B without credentials."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -49,7 +50,9 @@ def test_print_config_shows_defaults(capsys):
 
 def test_recipes_list_show_copy_keys(tmp_path, capsys):
     assert main(["recipes", "list"]) == 0
-    assert "quickstart" in capsys.readouterr().out
+    listing = capsys.readouterr().out.splitlines()
+    assert re.match(r"name +from +description$", listing[0])
+    assert any(re.match(r"quickstart +built-in +LoRe vs Global RM", line) for line in listing)
     assert main(["recipes", "copy", "quickstart", str(tmp_path)]) == 0
     copied = tmp_path / "quickstart.yaml"
     assert copied.is_file() and "plrm fit --recipe" in copied.read_text()

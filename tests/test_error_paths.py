@@ -9,9 +9,11 @@ from plrm import capabilities as cap
 from plrm import runner
 from plrm.backbones.precomputed import PrecomputedFeatures
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
+from plrm.data.hooks import attach_references
 from plrm.data.schema import DataValidationError
 from plrm.data.source import FeatureTable, PreferenceData, item_keys
 from plrm.data.splits import make_split
+from plrm.errors import RecipeError
 from plrm.methods.bt import GlobalBT
 from plrm.methods.lore import LoRe
 from plrm.methods.lore_alt import LoReAlt
@@ -66,8 +68,9 @@ def test_lore_alt_reference_must_be_a_bt_checkpoint(tmp_path):
     path = tmp_path / "lore.ckpt"
     torch.save({"state_dict": LoRe(LoRe.Config(rank=2), 3, 4).state_dict()}, path)
     config = LoReAlt.Config(rank=2, reference_checkpoint=str(path), reference_weight=1.0)
-    with pytest.raises(ValueError, match=r"not a `bt` checkpoint over 4-d features"):
-        LoReAlt(config, n_users=3, feature_dim=4)
+    model = LoReAlt(config, n_users=3, feature_dim=4)
+    with pytest.raises(RecipeError, match=r"lore.ckpt: not a `bt` checkpoint over 4-d features"):
+        attach_references(model)  # what the runner does before training (plrm.data.hooks.MethodHooks)
 
 
 def test_test_and_adapt_need_a_run_directory(tmp_path):

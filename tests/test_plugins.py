@@ -1,9 +1,11 @@
-"""Entry-point plugins: the example plugin plrm-shrinkage end to end, a broken plugin, and the registry's rules.
+"""Entry-point plugins: the example plugin plrm-shrinkage end to end, broken plugins, and the registry's rules.
 
 plugins/plrm-shrinkage must be installed (CI does: ``pip install -c constraints/cpu.txt ./plugins/plrm-shrinkage``);
-its absence is a failure, not a skip. The broken plugin is a real distribution (a package plus a
-``.dist-info`` folder) on PYTHONPATH, seen by ``importlib.metadata`` in a subprocess like any installed one.
-The registry rules use a fresh ``Registry`` with fake entry points through its ``_entry_points_fn`` hook.
+its absence is a failure, not a skip. The broken plugins are real distributions (a package plus a
+``.dist-info`` folder) on PYTHONPATH, seen by ``importlib.metadata`` in a subprocess like any installed one: a
+method whose import raises, a recipes folder whose package raises, and recipes of which one takes a built-in's
+name. The registry rules use a fresh ``Registry`` with fake entry points through its ``_entry_points_fn`` hook
+(tests/test_recipe.py does the same for recipe folders).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +22,15 @@ import pytest
 
 import plrm.runner
 from plrm import registry
+from plrm.cli import main
 from plrm.methods.base import PersonalizedRewardModel
 from plrm.methods.bt import GlobalBT
 from plrm.methods.lore import LoRe
+from plrm.recipe import all_recipes, find_recipe
 from plrm.registry import Registry, RegistryError
 
 REPO = Path(__file__).resolve().parents[1]
-PLUGIN_RECIPE = REPO / "plugins" / "plrm-shrinkage" / "recipes" / "shrinkage_quickstart.yaml"
+PLUGIN_RECIPE = "shrinkage_quickstart"  # shipped in the package, found through the plrm.recipes entry point
 PLRM = [sys.executable, "-m", "plrm.cli"]
 
 # Quickstart shrunk to a few seconds. Measured with these sizes (split seed 0): shrunk_individual seen 98.2%,
@@ -55,6 +60,30 @@ def test_example_plugin_is_installed_with_its_entry_point():
     ep = eps["shrunk_individual"]
     assert ep.value == "plrm_shrinkage.method:ShrunkIndividualRM"
     assert (ep.dist.metadata["Name"], ep.dist.version) == ("plrm-shrinkage", "0.1.0")
+    recipes = {ep.name: ep for ep in md.entry_points(group="plrm.recipes")}
+    assert recipes["shrinkage"].value == "plrm_shrinkage:recipes"
+
+
+def test_example_plugin_recipe_is_found_by_name_in_the_installed_package():
+    import plrm_shrinkage
+
+    path = find_recipe(PLUGIN_RECIPE)
+    assert path == Path(plrm_shrinkage.__file__).parent / "recipes" / "shrinkage_quickstart.yaml"
+    assert not (REPO / "plugins" / "plrm-shrinkage" / "recipes").exists()  # moved into the package
+    origin = all_recipes()[PLUGIN_RECIPE].origin
+    assert (origin.distribution, origin.version, origin.entry_point) == (
+        "plrm-shrinkage", "0.1.0", "plrm_shrinkage:recipes")
+    assert f"plrm fit --recipe {PLUGIN_RECIPE}\n" in path.read_text()  # its header says how to run it
+
+
+def test_example_plugin_recipe_shows_and_copies_by_name(tmp_path, capsys):
+    assert main(["recipes", "show", PLUGIN_RECIPE]) == 0
+    shown = capsys.readouterr().out
+    assert "name: shrinkage_quickstart" in shown and "user_l2: 0.01" in shown
+    assert main(["recipes", "copy", PLUGIN_RECIPE, str(tmp_path)]) == 0
+    copied = (tmp_path / "shrinkage_quickstart.yaml").read_text()
+    assert copied.startswith("# copied from plrm recipe 'shrinkage_quickstart' (extends merged)")
+    assert "shrunk_individual:" in copied and "\nextends:" not in copied
 
 
 def test_example_plugin_shows_in_plrm_list_with_its_package(plrm_list):
@@ -74,7 +103,7 @@ def test_example_plugin_origin_and_builtins_unchanged():
 
 
 def test_example_plugin_runs_from_its_recipe_and_is_recorded(tmp_path):
-    result = plrm.runner.fit(str(PLUGIN_RECIPE), ["logger.kind=none", f"run.output_dir={tmp_path}",
+    result = plrm.runner.fit(PLUGIN_RECIPE, ["logger.kind=none", f"run.output_dir={tmp_path}",
                                                   "trainer.progress_bar=false", "~methods.lore", *SMALL_WORLD],
                              show=False)
     written = json.loads((result.run_dir / "results.json").read_text())
@@ -94,7 +123,28 @@ def broken_plugin_path(tmp_path_factory, broken_plugin_writer) -> Path:
     """A directory that, on sys.path, holds an installed distribution whose entry point fails to import."""
     site = tmp_path_factory.mktemp("site")
     broken_plugin_writer(site)
+    write_recipe_plugins(site)
     return site
+
+
+def write_distribution(site: Path, name: str, version: str, entry_points: str) -> None:
+    """The ``.dist-info`` folder that makes ``importlib.metadata`` see an installed distribution."""
+    dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (dist_info / "entry_points.txt").write_text(entry_points)
+
+
+def write_recipe_plugins(site: Path) -> None:
+    """Two recipe plugins: 'clashing-recipes' ships quickstart (a built-in's name) and extra_quickstart;
+    'broken-recipes' names a folder of broken_plugin, whose import raises (conftest.write_broken_plugin)."""
+    folder = site / "clashing_recipes" / "recipes"
+    folder.mkdir(parents=True)
+    (site / "clashing_recipes" / "__init__.py").write_text("")
+    (folder / "quickstart.yaml").write_text("description: not the built-in quickstart\n")
+    (folder / "extra_quickstart.yaml").write_text("extends: quickstart\ndescription: quickstart from a plugin\n")
+    write_distribution(site, "clashing-recipes", "0.0.2", "[plrm.recipes]\nclashing = clashing_recipes:recipes\n")
+    write_distribution(site, "broken-recipes", "0.0.3", "[plrm.recipes]\nbroken_recipes = broken_plugin:recipes\n")
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +162,38 @@ def test_broken_plugin_is_listed_with_its_error(plrm_list):
     assert "lore" in plrm_list.stdout  # built-ins still list
 
 
+def test_broken_recipes_entry_point_and_recipe_clash_are_listed(plrm_list):
+    broken_table = plrm_list.stdout[plrm_list.stdout.index("broken plugins"):]
+    for text in ("plrm.recipes", "broken_recipes", "broken-recipes 0.0.3", "ImportError: boom: missing dependency",
+                 "clashing-recipes 0.0.2", "name clash: recipe 'quickstart'", "would replace the built-in recipe"):
+        assert text in broken_table
+
+
+def test_recipes_list_shows_plugin_recipes_with_their_origin_and_what_was_left_out(broken_plugin_path, tmp_path):
+    proc = run_cli(["recipes", "list"], pythonpath=broken_plugin_path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert re.match(r"name +from +description", lines[0])
+    assert any(re.match(r"shrinkage_quickstart +plrm-shrinkage 0\.1\.0 +Individual RM with shrinkage", ln)
+               for ln in lines)
+    assert any(re.match(r"extra_quickstart +clashing-recipes 0\.0\.2 +quickstart from a plugin", ln) for ln in lines)
+    assert any(re.match(r"quickstart +built-in +LoRe vs Global RM", ln) for ln in lines)  # the built-in kept its name
+    left_out = [ln for ln in lines if ln.startswith("left out: ")]
+    assert len(left_out) == 2
+    assert any("plrm.recipes entry point 'clashing' of clashing-recipes 0.0.2: name clash: recipe 'quickstart'" in ln
+               for ln in left_out)
+    assert any("plrm.recipes entry point 'broken_recipes' of broken-recipes 0.0.3: ImportError: boom" in ln
+               for ln in left_out)
+
+
 def test_broken_plugin_does_not_break_other_runs(broken_plugin_path, tmp_path):
     out = tmp_path / "runs"
     proc = run_cli(["fit", "--recipe", "quickstart", *TINY_QUICKSTART, f"run.output_dir={out}"],
                    pythonpath=broken_plugin_path, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a plugin recipe of the same name is left out, and the run says so once
+    assert proc.stderr.count("plrm: recipe 'quickstart' is the one from plrm ") == 1
+    assert "the recipe of that name in clashing-recipes 0.0.2 is left out (name clash)" in proc.stderr
     written = json.loads((out / "quickstart" / "results.json").read_text())
     assert set(written["summary"]) >= {"bt", "lore"}
     assert written["plugins"] == []
@@ -249,3 +326,16 @@ def test_plrm_plugins_loads_only_the_named_ones(monkeypatch):
     assert reg.names() == ["a", "bt", "lore"]
     assert reg.broken() == []
     assert (a.loads, b.loads) == (1, 0)
+
+
+def test_plrm_plugins_naming_another_groups_entry_point_is_no_typo(monkeypatch, capsys):
+    """PLRM_PLUGINS holds entry-point names of every group: a recipes folder's name is not reported by the
+    method registry as unknown; a name no group has is."""
+    monkeypatch.setenv("PLRM_PLUGINS", "a,shrinkage,nosuchplugin")
+    groups = {"plrm.methods": [FakeEntryPoint("a", PluginMethod)], "plrm.recipes": [FakeEntryPoint("shrinkage")]}
+    reg = fresh_registry([])
+    reg._entry_points_fn = lambda group: groups.get(group, [])
+    assert reg.names() == ["a", "bt", "lore"]
+    err = capsys.readouterr().err
+    assert "PLRM_PLUGINS names 'nosuchplugin', but no installed method plugin has that name" in err
+    assert "'shrinkage'" not in err and "'a'" not in err

@@ -7,9 +7,11 @@ import re
 import pytest
 import yaml
 
+import plrm.recipe as recipe_module
 from plrm.methods.lore import LoRe
 from plrm.recipe import (
     RecipeError,
+    all_recipes,
     builtin_recipes,
     find_recipe,
     load_recipe,
@@ -186,8 +188,8 @@ def test_extends_must_be_a_name(tmp_path):
 
 def test_extends_an_unknown_recipe(tmp_path):
     (tmp_path / "a.yaml").write_text("extends: quikstart\n")
-    assert "recipe 'quikstart' is neither a file nor a built-in recipe. Did you mean 'quickstart'?" in problems_of(
-        str(tmp_path / "a.yaml"))
+    assert ("recipe 'quikstart' is neither a file nor a known recipe (built-in or from a plugin). Did you mean "
+            "'quickstart'?") in problems_of(str(tmp_path / "a.yaml"))
 
 
 def test_not_yaml_or_not_a_mapping(tmp_path):
@@ -245,15 +247,138 @@ def test_find_recipe():
 
 
 def test_find_unknown_recipe_suggests_the_closest():
-    with pytest.raises(RecipeError, match=r"recipe 'quickstrat' is neither a file nor a built-in recipe\. "
-                                          r"Did you mean 'quickstart'\? Built-in recipes: .*quickstart"):
+    with pytest.raises(RecipeError, match=r"recipe 'quickstrat' is neither a file nor a known recipe \(built-in or "
+                                          r"from a plugin\)\. Did you mean 'quickstart'\? Recipes: .*quickstart"):
         find_recipe("quickstrat")
+
+
+# ---- recipes from plugins: plrm.recipes entry points (fake ones, naming real package folders) ------------------
+class FakeDist:
+    def __init__(self, name: str, version: str):
+        self.metadata = {"Name": name}
+        self.version = version
+
+
+class FakeEntryPoint:
+    """Duck-types importlib.metadata.EntryPoint for plrm.recipe: name, value ("package:folder"), dist."""
+
+    def __init__(self, name: str, value: str, dist: str = "recipe-plugin", version: str = "0.3.0"):
+        self.name, self.value, self.dist = name, value, FakeDist(dist, version)
+
+
+def write_package(root, package: str, recipes: dict[str, str], init: str = "") -> None:
+    """An importable package ``root/package`` with ``recipes/<name>.yaml`` files (names may hold a '/')."""
+    (root / package).mkdir()
+    (root / package / "__init__.py").write_text(init)
+    for name, text in recipes.items():
+        path = root / package / "recipes" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@pytest.fixture
+def recipe_plugins(monkeypatch, tmp_path):
+    """``recipe_plugins(*entry_points)`` makes these the installed plrm.recipes entry points; packages written
+    under tmp_path are importable. Package names differ per test: Python caches an imported package."""
+    monkeypatch.delenv("PLRM_PLUGINS", raising=False)
+    monkeypatch.delenv("PLRM_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(recipe_module, "_clashes_said", set())
+
+    def install(*entry_points: FakeEntryPoint) -> None:
+        monkeypatch.setattr(recipe_module, "_recipe_entry_points", lambda: list(entry_points))
+        recipe_module.plugin_recipes.cache_clear()
+
+    yield install
+    recipe_module.plugin_recipes.cache_clear()  # the next caller reads the real entry points again
+
+
+def test_plugin_recipe_is_found_by_name_with_its_origin(recipe_plugins, tmp_path):
+    write_package(tmp_path, "plugin_found", {"tiny_quickstart": "extends: quickstart\nrun: {name: tiny}\n",
+                                             "sub/nested": "extends: tiny_quickstart\n"})
+    recipe_plugins(FakeEntryPoint("found", "plugin_found:recipes"))
+    folder = tmp_path / "plugin_found" / "recipes"
+    assert find_recipe("tiny_quickstart") == folder / "tiny_quickstart.yaml"
+    assert find_recipe("sub/nested.yaml") == folder / "sub" / "nested.yaml"
+    origin = all_recipes()["tiny_quickstart"].origin
+    assert (str(origin), origin.entry_point, origin.is_builtin) == ("recipe-plugin 0.3.0", "plugin_found:recipes", False)
+    assert all_recipes()["quickstart"].origin.is_builtin
+    # a plugin recipe extends built-ins and is extended by name, like any recipe
+    recipe = load_recipe("sub/nested")
+    assert recipe.run.name == "tiny" and recipe.data.name == "lowrank_world"
+    assert recipe_module.plugin_recipes().broken == []
+
+
+def test_plugin_recipe_named_like_a_builtin_is_left_out_and_reported(recipe_plugins, tmp_path, capsys):
+    write_package(tmp_path, "plugin_clash", {"quickstart": "description: impostor\n", "own_recipe": "{}\n"})
+    recipe_plugins(FakeEntryPoint("clash", "plugin_clash:recipes", dist="impostor", version="9.9"))
+    (broken,) = recipe_module.plugin_recipes().broken
+    assert (broken.name, broken.group, str(broken.origin)) == ("clash", "plrm.recipes", "impostor 9.9")
+    assert broken.error == (f"name clash: recipe 'quickstart' ({tmp_path / 'plugin_clash' / 'recipes' / 'quickstart.yaml'})"
+                            " would replace the built-in recipe, which is used; rename the file")
+    assert find_recipe("quickstart") == BUILTIN["quickstart"]
+    assert find_recipe("own_recipe") == tmp_path / "plugin_clash" / "recipes" / "own_recipe.yaml"
+    find_recipe("quickstart")
+    err = capsys.readouterr().err
+    assert err.count("plrm: recipe 'quickstart' is the one from plrm ") == 1  # said once per process
+    assert "the recipe of that name in impostor 9.9 is left out (name clash)" in err
+
+
+def test_second_plugin_with_a_taken_recipe_name_is_left_out(recipe_plugins, tmp_path):
+    write_package(tmp_path, "plugin_first", {"shared_name": "description: first\n"})
+    write_package(tmp_path, "plugin_second", {"shared_name": "description: second\n"})
+    recipe_plugins(FakeEntryPoint("first", "plugin_first:recipes", dist="first-plugin"),
+                   FakeEntryPoint("second", "plugin_second:recipes", dist="second-plugin"))
+    assert find_recipe("shared_name") == tmp_path / "plugin_first" / "recipes" / "shared_name.yaml"
+    (broken,) = recipe_module.plugin_recipes().broken
+    assert str(broken.origin) == "second-plugin 0.3.0"
+    assert "name clash: recipe 'shared_name'" in broken.error
+    assert "would replace the one from first-plugin 0.3.0, which is used" in broken.error
+
+
+def test_broken_recipes_entry_points_are_recorded_and_the_rest_work(recipe_plugins, tmp_path):
+    write_package(tmp_path, "plugin_raises", {"never_read": "{}\n"}, init="raise ImportError('boom: no numpy')\n")
+    write_package(tmp_path, "plugin_no_folder", {})
+    write_package(tmp_path, "plugin_empty", {})
+    (tmp_path / "plugin_empty" / "recipes").mkdir()
+    write_package(tmp_path, "plugin_good", {"good_recipe": "{}\n"})
+    recipe_plugins(FakeEntryPoint("raises", "plugin_raises:recipes", dist="bad-recipes"),
+                   FakeEntryPoint("no_folder", "plugin_no_folder:recipes"),
+                   FakeEntryPoint("empty", "plugin_empty:recipes"),
+                   FakeEntryPoint("missing_package", "plugin_not_installed:recipes"),
+                   FakeEntryPoint("good", "plugin_good:recipes"))
+    errors = {b.name: b.error for b in recipe_module.plugin_recipes().broken}
+    assert set(errors) == {"raises", "no_folder", "empty", "missing_package"}
+    assert errors["raises"] == ("ImportError: boom: no numpy (fix or reinstall bad-recipes, or leave it out with "
+                                "PLRM_PLUGINS=<names to load>)")
+    assert errors["no_folder"].startswith(f"FileNotFoundError: no folder {tmp_path / 'plugin_no_folder' / 'recipes'} "
+                                          "(ship the recipes as package data of plugin_no_folder)")
+    assert errors["empty"].startswith(f"FileNotFoundError: {tmp_path / 'plugin_empty' / 'recipes'} holds no *.yaml "
+                                      "recipe")
+    assert errors["missing_package"].startswith("ModuleNotFoundError: No module named 'plugin_not_installed'")
+    assert find_recipe("good_recipe") == tmp_path / "plugin_good" / "recipes" / "good_recipe.yaml"
+    with pytest.raises(RecipeError, match="recipe 'never_read' is neither a file nor a known recipe"):
+        find_recipe("never_read")
+
+
+def test_plugin_environment_variables_apply_to_recipes(recipe_plugins, tmp_path, monkeypatch):
+    write_package(tmp_path, "plugin_env", {"env_recipe": "{}\n"})
+    recipe_plugins(FakeEntryPoint("env", "plugin_env:recipes"))
+    monkeypatch.setenv("PLRM_PLUGINS", "some_method")
+    recipe_module.plugin_recipes.cache_clear()
+    assert "env_recipe" not in all_recipes()
+    monkeypatch.setenv("PLRM_PLUGINS", "env")
+    recipe_module.plugin_recipes.cache_clear()
+    assert "env_recipe" in all_recipes()
+    monkeypatch.setenv("PLRM_DISABLE_PLUGIN_AUTOLOAD", "1")
+    recipe_module.plugin_recipes.cache_clear()
+    assert "env_recipe" not in all_recipes()
 
 
 def test_schema_rows_document_every_option():
     rows = {key: (type_name, default, help_text) for key, type_name, default, help_text in schema_rows()}
     assert rows["methods.<label>[lore].rank"] == (
-        "int", 10, "B, the number of basis reward functions (papers/004: cross-validated in {2,..,50}).")
+        "int", 10, "B, the number of basis reward functions (LoRe: cross-validated in {2,..,50}).")
     assert rows["split.k"][:2] == ("int", 9)
     assert rows["data[lowrank_world].labels"][1] == "extremes"
     assert rows["data[preference_files].path"][1] == "(required)"

@@ -9,6 +9,7 @@ import yaml
 
 from plrm import runner
 from plrm.data.schema import DataValidationError
+from plrm.methods.base import MethodConfig, PersonalizedRewardModel
 from plrm.recipe import RecipeError, load_recipe, read_recipe
 
 
@@ -48,6 +49,69 @@ def test_test_and_adapt_reproduce_fit_exactly(finished_run):
     assert (finished_run.run_dir / "seed-0" / "lore.adapted-k3.ckpt").is_file()
     k1 = runner.adapt(finished_run.run_dir, k=1, show=False).per_seed[0]
     assert k1["lore"]["unseen"]["accuracy"] == fitted["lore"]["fewshot"][0]["accuracy"]
+
+
+def test_run_reads_a_finished_run(finished_run):
+    """Run.open: recipe, seeds, methods, results.json, the stored split, and each method's trained state, which
+    evaluates on the seed's pairs to the numbers fit reported."""
+    from plrm.eval.protocol import evaluate
+
+    run = runner.Run.open(finished_run.run_dir)
+    assert run.seeds == [0] and run.methods == ["bt", "lore"]
+    assert run.results["per_seed"]["0"]["lore"]["unseen"] == finished_run.per_seed[0]["lore"]["unseen"]
+    user_ids, unseen = runner.Run.open(run.dir).users(0)  # from split.parquet alone, no dataset loaded
+    split = run.split(0)
+    stored = pd.read_parquet(run.dir / "seed-0" / "split.parquet")
+    assert list(split.user_ids[split.row_user]) == list(stored.user_id)
+    assert list(user_ids) == list(split.user_ids) and list(unseen) == list(split.unseen)
+    model = run.load_method("lore", 0)
+    r = run.recipe
+    ev = evaluate(model, run.datamodule(0), r.split.k, r.eval.k_list, r.eval.worst_fractions, r.eval.batch_size)
+    for group in ("seen", "unseen"):
+        assert ev.metrics[group] == finished_run.per_seed[0]["lore"][group], group
+
+
+def test_run_errors_name_what_is_missing(finished_run, tmp_path):
+    run = runner.Run.open(finished_run.run_dir)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*seed-0/lore.adapted-k9.ckpt does not exist; "
+                                                r".*seed-0 has: bt.ckpt, lore.ckpt"):
+        run.load_method("lore", 0, "lore.adapted-k9.ckpt")
+    with pytest.raises(LookupError, match="no method labelled 'mrm' in .*; its methods: bt, lore"):
+        run.load_method("mrm", 0)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "recipe.yaml").write_text((run.dir / "recipe.yaml").read_text())
+    with pytest.raises(FileNotFoundError, match=r"unfinished has no results.json: its `plrm fit` has not finished"):
+        runner.Run.open(unfinished).results
+
+
+class ManualStep(PersonalizedRewardModel):
+    """A method that optimizes manually (backward passes inside its training step, as alternating updates do)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+
+class ClippingManualStep(ManualStep):
+    clips_gradients = True  # clips inside its own step with self.gradient_clip_val
+
+
+def test_gradient_clipping_goes_where_it_is_applied_or_is_refused(tiny_overrides):
+    """trainer.gradient_clip_val: Lightning clips an automatic-optimization method; a manual-optimization method
+    that clips itself gets the value; any other manual-optimization method refuses it (never silently unclipped)."""
+    recipe = load_recipe("quickstart", tiny_overrides + ["trainer.gradient_clip_val=0.5"])
+    tiny = dict(config=MethodConfig(), n_users=2, feature_dim=4)
+    with pytest.raises(RecipeError, match=r"trainer.gradient_clip_val=0.5: methods.manual \(ManualStep\) optimizes "
+                                          r"manually .* does not clip its own gradients \(clips_gradients\); set "
+                                          r"trainer.gradient_clip_val=null"):
+        runner.make_trainer(recipe, "manual", ManualStep(**tiny), dm=None)
+    clipping = ClippingManualStep(**tiny)
+    assert runner.make_trainer(recipe, "clipping", clipping, dm=None).gradient_clip_val is None
+    assert clipping.gradient_clip_val == 0.5
+    assert runner.make_trainer(recipe, "automatic", PersonalizedRewardModel(**tiny), dm=None).gradient_clip_val == 0.5
+    unclipped = load_recipe("quickstart", tiny_overrides)
+    assert runner.make_trainer(unclipped, "manual", ManualStep(**tiny), dm=None).gradient_clip_val is None
 
 
 def test_adapt_rejects_k_beyond_the_support_pool(finished_run):

@@ -1,6 +1,6 @@
 """Text of items, their token ids, padding and pooling: shared by the transformer and frozen-encoder backbones.
 
-Reward position convention (DESIGN §4). A decoder reads the hidden state of the *last response token*;
+Reward position convention (README "Backbones"). A decoder reads the hidden state of the *last response token*;
 prompt and response are tokenized separately and their ids concatenated, and nothing is appended after the
 response (no EOS, no template suffix). The reward of every response prefix r(x, y<=t) is then the hidden
 state at position t of one forward pass, which reward-guided decoding needs. The prompt is rendered with the

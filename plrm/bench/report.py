@@ -21,12 +21,12 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from plrm import __version__  # noqa: E402
-from plrm.bench.run import DONE, FAILED, SKIPPED, SPEC_FILE, git_commit, read_records  # noqa: E402
+from plrm.bench.records import DONE, FAILED, SKIPPED, SPEC_FILE, broken_plugins, git_commit, read_records  # noqa: E402
 from plrm.bench.spec import BenchSpec, Unit, load_bench  # noqa: E402
 from plrm.eval import report as run_report  # noqa: E402
 from plrm.recipe import RecipeError  # noqa: E402
 
-_fmt = run_report._fmt  # "mean ± std" in %, "n/a" for a missing statistic: the same cells as `plrm fit` prints
+_fmt = run_report.format_stat  # "mean ± std" in %, "n/a" for a missing statistic: the same cells as `plrm fit` prints
 WORST = ("accuracy_worst_10pct", "accuracy_worst_20pct", "accuracy_worst_50pct")
 PLOTS = ("fewshot.png", "worst_users.png", "per_user.png", "accuracy_vs_time.png")
 
@@ -48,7 +48,7 @@ def cells(records: list[dict]) -> list[dict]:
         if done:
             cell["summary"] = run_report.aggregate({r["seed"]: {method: r["metrics"]} for r in done})[method]
             for key in ("wall_seconds", "peak_rss_mb", "peak_gpu_mb"):
-                cell[key] = run_report._mean_std([r.get(key) for r in done])
+                cell[key] = run_report.mean_std([r.get(key) for r in done])
         reasons = sorted({r["reason"] for r in recs if r["status"] == SKIPPED})
         if reasons:
             cell["skipped_reason"] = "; ".join(reasons)
@@ -308,7 +308,7 @@ def _log_wandb(spec: BenchSpec, cell_list: list[dict], oracle_rows: dict, out: P
     logger = (spec.cell.get("logger") or {})
     if logger.get("kind", "wandb") != "wandb":
         return
-    from plrm.tracking import _wandb_settings, wandb_mode
+    from plrm.tracking import wandb_mode, wandb_settings
 
     mode = wandb_mode(logger.get("mode", "auto"))
     if mode == "disabled":
@@ -328,7 +328,7 @@ def _log_wandb(spec: BenchSpec, cell_list: list[dict], oracle_rows: dict, out: P
     group = logger.get("group") or spec.bench.name
     run = wandb.init(project=logger.get("project", "plrm"), entity=logger.get("entity"), group=group,
                      name=f"{spec.bench.name}/summary", job_type="bench-summary", dir=str(out), mode=mode,
-                     config=spec.raw, settings=_wandb_settings(), reinit="finish_previous")
+                     config=spec.raw, settings=wandb_settings(), reinit="finish_previous")
     run.log({"bench/summary": table, **{f"bench/{p.removesuffix('.png')}": wandb.Image(str(out / p)) for p in plots}})
     run.finish()
 
@@ -364,8 +364,6 @@ def merge(dirs: list[str | Path], out: str | Path | None = None, show: bool = Tr
     if show and missing:
         print(f"plrm bench --merge: {len(missing)} unit(s) have no record in these directories (e.g. "
               f"{', '.join(missing[:3])}); the report covers the others")
-    from plrm.bench.run import broken_plugins
-
     return write(spec, records, out, broken=broken_plugins(), show=show, sources=[str(d) for d in dirs])
 
 

@@ -3,7 +3,8 @@
 Benchmark directory (``<bench.output_dir>/<bench.name>``, or ``.../shard-<i>-of-<N>`` for ``--shard i/N``)::
 
     bench.yaml                          the resolved benchmark recipe (``--merge`` checks shards agree on it)
-    cells/<dataset>/<method>/seed-<s>.json   one record per unit: done (metrics), skipped (reason), failed (error)
+    cells/<dataset>/<method>/seed-<s>.json   one record per unit (plrm.bench.records): done (metrics), skipped
+                                        (reason), failed (error)
     runs/<dataset>/<method>/seed-<s>/   the unit's ordinary run directory (checkpoint, split, per-user results)
                                         and log.txt (everything the run printed)
     results.json  report.md  *.png      written by plrm.bench.report at the end
@@ -21,7 +22,6 @@ import gc
 import json
 import re
 import resource
-import subprocess
 import sys
 import time
 import traceback
@@ -31,16 +31,22 @@ from pathlib import Path
 import torch
 
 from plrm import runner
+from plrm.bench import report
+from plrm.bench.records import (
+    DONE,
+    FAILED,
+    SKIPPED,
+    SPEC_FILE,
+    broken_plugins,
+    git_commit,
+    read_records,
+    write_record,
+)
 from plrm.bench.spec import BenchSpec, Unit, shard_units
 from plrm.data.datamodule import PreparedData
 from plrm.data.published import DataUnavailableError
-from plrm.eval import report as run_report
-from plrm.registry import REGISTRIES
 
-SPEC_FILE = "bench.yaml"
-CELLS_DIR = "cells"
 RUNS_DIR = "runs"
-DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 
 
 @dataclass
@@ -60,39 +66,7 @@ def bench_dir_of(spec: BenchSpec, shard: tuple[int, int], out_dir: str | Path | 
     return base if shard[1] == 1 else base / f"shard-{shard[0]}-of-{shard[1]}"
 
 
-def record_path(bench_dir: Path, unit: Unit) -> Path:
-    return bench_dir / CELLS_DIR / unit.dataset / unit.method / f"seed-{unit.seed}.json"
-
-
-def read_records(bench_dir: Path) -> dict[str, dict]:
-    """Every record under ``bench_dir/cells`` by unit key (a record that cannot be read is left out: its unit
-    simply runs again)."""
-    out = {}
-    for path in sorted((bench_dir / CELLS_DIR).glob("*/*/seed-*.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (json.JSONDecodeError, OSError):
-            continue
-        out[Unit(rec["dataset"], rec["method"], rec["seed"]).key] = rec
-    return out
-
-
 # ---- facts recorded with every result ------------------------------------------------------------------------
-def git_commit() -> str | None:
-    """The commit of the plrm checkout in use (None for an installed wheel or without git); '+dirty' if modified."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 class PeakMemory:
     """Peak resident memory of this process during a block (Linux: the high-water mark is reset first through
     /proc/self/clear_refs; elsewhere the process's lifetime peak), and peak CUDA memory when a GPU is in use."""
@@ -195,7 +169,7 @@ def run_unit(spec: BenchSpec, unit: Unit, bench_dir: Path, cache: _DataCache) ->
                   for g in ("seen", "unseen")},
         wall_seconds=time.perf_counter() - start, peak_rss_mb=mem.rss_mb, peak_rss_scope=mem.scope,
         peak_gpu_mb=mem.gpu_mb, run_dir=str(run_dir.relative_to(bench_dir)), recipe=recipe.raw,
-        versions=runner._versions(), plugins=runner._provenance(recipe), git_commit=git_commit(),
+        versions=runner.versions(), plugins=runner.provenance(recipe), git_commit=git_commit(),
         finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     return rec
 
@@ -206,16 +180,9 @@ def _finished(rec: dict | None, fingerprint: str, retry_failed: bool) -> bool:
     return rec["status"] in (DONE, SKIPPED) or (rec["status"] == FAILED and not retry_failed)
 
 
-def broken_plugins() -> list[dict]:
-    return [{"group": b.group, "name": b.name, "distribution": str(b.origin), "error": b.error}
-            for reg in REGISTRIES.values() for b in reg.broken()]
-
-
 def run_bench(spec: BenchSpec, shard: tuple[int, int] = (0, 1), out_dir: str | Path | None = None,
               show: bool = True) -> BenchOutcome:
     """Run the shard's units that have no current record; write records as they finish, then the report."""
-    from plrm.bench import report
-
     bench_dir = bench_dir_of(spec, shard, out_dir)
     bench_dir.mkdir(parents=True, exist_ok=True)
     spec_text = spec.to_yaml()
@@ -234,9 +201,7 @@ def run_bench(spec: BenchSpec, shard: tuple[int, int] = (0, 1), out_dir: str | P
     try:
         for n, unit in enumerate(todo, 1):
             rec = run_unit(spec, unit, bench_dir, cache)
-            path = record_path(bench_dir, unit)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            run_report.write_json(path, rec)
+            write_record(bench_dir, unit, rec)
             ran.append(unit.key)
             say(f"[{n}/{len(todo)}] {unit.key}: {_one_line(rec)}")
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns Ctrl-C during training into SystemExit(1)

@@ -36,10 +36,10 @@ from plrm.recipe import (
     FIXED_SECTIONS,
     Recipe,
     RecipeError,
-    _build,
-    _component,
-    _suggest,
     apply_overrides,
+    build_component,
+    build_section,
+    did_you_mean,
     read_recipe,
     resolve,
     validate,
@@ -162,19 +162,19 @@ def load_bench(name_or_path: str | dict, overrides: list[str] | None = None) -> 
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:
-            hint = _suggest(str(key), list(TOP_LEVEL))
+            hint = did_you_mean(str(key), list(TOP_LEVEL))
             what = " (a run recipe? use `plrm fit`)" if key in ("data", "methods") else ""
             problems.append(f"{key}: unknown top-level key{hint}{what}")
     if "bench" not in raw:
         problems.append("bench: required section is missing (which methods and datasets to run)")
-    bench = _build(BenchSection, raw.get("bench") or {}, "bench", problems)
+    bench = build_section(BenchSection, raw.get("bench") or {}, "bench", problems)
     cell = raw.get("cell") or {}
     if not isinstance(cell, dict):
         problems.append(f"cell: expected a mapping of run-recipe sections, got {type(cell).__name__}")
         cell = {}
     for key in cell:
         if key not in CELL_SECTIONS:
-            hint = _suggest(str(key), list(CELL_SECTIONS))
+            hint = did_you_mean(str(key), list(CELL_SECTIONS))
             why = " (data and methods come from bench.datasets / bench.methods and dataset_options / method_options)"
             problems.append(f"cell.{key}: not a section a benchmark shares{hint}"
                             f"{why if key in ('data', 'methods') else ''}")
@@ -186,7 +186,7 @@ def load_bench(name_or_path: str | dict, overrides: list[str] | None = None) -> 
             values = {}
         for name, opts in values.items():
             if name not in reg and name not in _broken_names(reg):
-                hint = _suggest(str(name), reg.names())
+                hint = did_you_mean(str(name), reg.names())
                 problems.append(f"{section}.{name}: unknown {reg.kind}{hint}")
             if opts is not None and not isinstance(opts, dict):
                 problems.append(f"{section}.{name}: expected a mapping of options, got {type(opts).__name__}")
@@ -216,7 +216,7 @@ def _missing_required(dataset: str, options: dict) -> list[str]:
     """Options of ``dataset`` that have no default and are not given."""
     problems: list[str] = []
     opts = {k: v for k, v in options.items() if k != "backbone"}
-    _component(registry.datasets, {"name": dataset, **opts}, "data", problems)
+    build_component(registry.datasets, {"name": dataset, **opts}, "data", problems)
     found = [re.match(r"data\.(\w+): required key is missing", p) for p in problems]
     other = [p for p, m in zip(problems, found) if not m and "required positional argument" not in p]
     return [] if other else [m.group(1) for m in found if m]

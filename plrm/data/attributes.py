@@ -1,4 +1,4 @@
-"""The attribute text world (DESIGN §7), P-SOUPS / Attributes-like: real text whose preferences are known.
+"""The attribute text world, P-SOUPS / Attributes-like: real text whose preferences are known (README "Data").
 
 Prompts are templated requests about everyday topics ("Give me advice on composting."), each a distinct
 (topic, request, lead-in) combination. Every prompt has ``n_responses`` responses, and each response is the
@@ -23,7 +23,8 @@ attribute varies within every prompt), and ``n_responses - 2`` more distinct ran
 A user prefers the poles of ``attributes_per_user`` attributes: w_u in R^A is zero elsewhere, with a random
 sign and a magnitude ~ U[0.5, 1.5] on each of theirs; their true reward is r_u(y) = w_u . a(y), with no noise.
 Signs are drawn per user, so user groups oppose each other and the population-mean weights are close to
-zero: the non-personalized oracle is near chance, far below the personal one (papers/000 §4.2).
+zero: the non-personalized oracle is near chance, far below the personal one (When Personalization Meets
+Reality, Dong et al., arXiv 2502.19158, §4.2).
 
 Pairs. Each user labels ``pairs_per_user`` pairs on distinct train prompts and ``test_pairs_per_user`` pairs
 on distinct test prompts (the 'split' column). A pair is a random pair of the prompt's responses among those

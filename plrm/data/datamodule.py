@@ -5,12 +5,14 @@ inputs for every unique item); a :class:`PreferenceDataModule` is then a cheap v
 batch size. A batch is a dict:
 
 ``user_idx`` (B,) int64, ``chosen`` / ``rejected`` backbone inputs of the two responses, ``row`` (B,) int64
-(the canonical row), ``pair_weight`` (B,) float32: the 1/|D_u| weight of papers/004 eq. 10, scaled to mean 1;
-training and validation batches also carry ``share`` (float, see below; 1.0 in one process).
+(the canonical row), ``pair_weight`` (B,) float32: the 1/|D_u| weight of LoRe (Bose et al., arXiv 2504.14439)
+eq. 10, scaled to mean 1; training and validation batches also carry ``share`` (float, see below; 1.0 in one
+process).
 
 Training batches are random pairs by default. A method that learns *per user task* (MRM's meta-batches of
-users, papers/003 Algorithm 2) sets ``users_per_batch``: each training batch is then every train pair of that
-many randomly drawn seen users (grouped by user; an epoch visits every seen user with train pairs once).
+users, MRM (Cai et al., arXiv 2601.18731) Algorithm 2) sets ``users_per_batch``: each training batch is then
+every train pair of that many randomly drawn seen users (grouped by user; an epoch visits every seen user with
+train pairs once).
 
 Distributed (DDP, ``world`` processes): ``batch_size`` (or ``users_per_batch``) stays the *global* batch. Every
 rank draws the same global batches (same seed) from the same rows -- seen users' train rows, validation rows --
@@ -34,7 +36,11 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, S
 from plrm.backbones.base import Backbone
 from plrm.data.source import PreferenceData
 from plrm.data.splits import SUPPORT, TEST, TRAIN, VAL, Split
-from plrm.distributed import rank_and_world, shard
+from plrm.distributed import (
+    rank_and_world,
+    shard,
+    to_device,  # noqa: F401  (its old home: plugins written before plrm.distributed)
+)
 from plrm.items import ItemIndex, item_keys
 
 
@@ -67,7 +73,8 @@ def build_item_index(data: PreferenceData) -> ItemIndex:
 
 @dataclass
 class PairMatrix:
-    """The users x item-pairs matrix of observed preferences (papers/002 Algorithm 1), as sparse entries.
+    """The users x item-pairs matrix of observed preferences (PReF, Shenfeld et al., arXiv 2503.06358,
+    Algorithm 1), as sparse entries.
 
     An item pair is a ``pair_id``: one prompt with two responses y1, y2 in a fixed (canonical) order, so that
     +1 means the user preferred y1 and -1 that they preferred y2, whichever came first in their row.

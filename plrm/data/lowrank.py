@@ -1,10 +1,10 @@
-"""The low-rank synthetic world (DESIGN §7), PersonalLLM-like as in papers/004 §5.
+"""The low-rank synthetic world, PersonalLLM-like as in LoRe (Bose et al., arXiv 2504.14439) §5.
 
 Prompts have ``n_responses`` responses each; every (prompt, response) item has a feature vector
 e ~ N(0, I_D). There are K true reward functions, linear in the features: f_k(e) = e . v_k with
 v_k ~ N(0, I_D). A user has weights w_u ~ Dirichlet(alpha) over them, so their true reward is
 r_u(e) = e . (V w_u). Each pair is the user's highest- vs lowest-scored response of a prompt
-(papers/004 §5: "we store the highest/lowest scored responses"), or, with ``labels: bradley_terry``,
+(LoRe §5: "we store the highest/lowest scored responses"), or, with ``labels: bradley_terry``,
 that pair labelled by a Bradley-Terry draw.
 
 Seen and unseen users are generated alike: ``pairs_per_user`` pairs on distinct train prompts (the split's
@@ -13,15 +13,15 @@ marks which).
 
 Overlap. By default each user judges their own best-vs-worst pair of each of their prompts (or, with
 ``pair_choice: random``, a random pair of their own), so an item pair is labeled by few users (sparse,
-PRISM-like). With ``users_per_pair`` set, the world is PReF's dense setting
-(papers/002 B.2: "we sample 50 users for each response pair"): a shared pool of item pairs -- one random
+PRISM-like). With ``users_per_pair`` set, the world is PReF's dense setting (PReF, Shenfeld et al.,
+arXiv 2503.06358, app. B.2: "we sample 50 users for each response pair"): a shared pool of item pairs -- one random
 response pair on each of M train prompts, M = n_users * pairs_per_user / users_per_pair -- from which every
 user labels ``pairs_per_user`` distinct pairs, and one random pair per test prompt that every user labels.
 The label is the user's truly preferred response of the pair (or a Bradley-Terry draw).
 
 Two oracles are scored on every row: the personal oracle (the user's own true reward) and the
 non-personalized oracle (the population-mean weights); the gap between them is the room for
-personalization (papers/000 §4.2).
+personalization (When Personalization Meets Reality, Dong et al., arXiv 2502.19158, §4.2).
 """
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ class LowRankWorld(DatasetSource):
     @dataclass
     class Config:
         n_users: int = opt(2000, "Users generated (split.unseen_fraction of them become unseen users).")
-        pairs_per_user: int = opt(45, "Train pairs per user, on distinct train prompts (papers/004: 45).")
+        pairs_per_user: int = opt(45, "Train pairs per user, on distinct train prompts (LoRe: 45).")
         n_train_prompts: int = opt(9000, "Prompts that train pairs are drawn from.")
         n_test_prompts: int = opt(1000, "Test prompts.")
         test_prompts_per_user: int | None = opt(
-            None, "Test pairs per user, on distinct test prompts (null: every test prompt, as papers/004).")
+            None, "Test pairs per user, on distinct test prompts (null: every test prompt, as LoRe).")
         n_responses: int = opt(8, "Responses per prompt (PersonalLLM: 8).")
-        feature_dim: int = opt(4096, "D, the feature dimension (papers/004 embeddings: 4096).")
+        feature_dim: int = opt(4096, "D, the feature dimension (LoRe's embeddings: 4096).")
         n_functions: int = opt(10, "K, the number of true reward functions (PersonalLLM: 10 reward models).")
         alpha: float = opt(0.01, "Dirichlet concentration of user weights: 0.001 very diverse, 0.1 near uniform.")
         function_prevalence: list[float] | None = opt(
@@ -92,11 +92,11 @@ class LowRankWorld(DatasetSource):
             "total concentration alpha * K, and with a small alpha a user leans on function k with probability "
             "about p_k, so [0.7, 0.2, 0.07, 0.03] plants two minority groups. null: all equally common.")
         users_per_pair: int | None = opt(
-            None, "Dense overlap (PReF's setting, papers/002 B.2: 50): users label a shared pool of random "
+            None, "Dense overlap (PReF's setting, app. B.2: 50): users label a shared pool of random "
             "response pairs, each pair by about this many users; null: every user labels their own best-vs-worst "
             "pair of each of their prompts (sparse overlap).")
         pair_choice: str = opt("extremes", "Without users_per_pair: which pair of a prompt a user labels. "
-                               "'extremes': their best vs worst response (papers/004 §5); 'random': a random "
+                               "'extremes': their best vs worst response (LoRe §5); 'random': a random "
                                "pair of their own (PRISM-like: hardly any pair is labeled twice).")
         labels: str = opt("extremes", "'extremes': the user's truly preferred response of the pair (the "
                           "highest vs lowest scored response unless users_per_pair is set); 'bradley_terry': "

@@ -7,7 +7,7 @@ out as the Hub publishes the repository, e.g. a ``git clone`` or ``snapshot_down
 explicit file list). :func:`resolve_files` turns them into local files through one code path: the Hub is only
 a way to obtain the directory, after which the same patterns select the same files.
 
-Nothing is dropped silently (DESIGN §3): a source drops a row only through :meth:`LoadReport.drop`, with a
+Nothing is dropped silently (README "Data"): a source drops a row only through :meth:`LoadReport.drop`, with a
 named rule; the report counts drops per reason and per user, is printed in the load summary, logged, and
 stored in ``results.json``. Malformed input raises :class:`~plrm.data.schema.DataValidationError` naming the
 file, the row and the column (:func:`require_columns`, :func:`malformed`).

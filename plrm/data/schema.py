@@ -1,4 +1,4 @@
-"""The canonical pairwise-preference schema (DESIGN §3) and its validation.
+"""The canonical pairwise-preference schema (README "Data") and its validation.
 
 One row per (user, prompt, chosen, rejected) judgement, in a ``datasets.Dataset``:
 

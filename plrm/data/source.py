@@ -2,11 +2,16 @@
 
 A dataset source is a registered class with a ``Config`` dataclass and a ``load()`` that returns
 :class:`PreferenceData`. Sources may be synthetic (known ground truth) or real (local files or the Hub).
+
+A dataset never builds a model. One that needs an item encoder while it loads (Pref-LaMP mines hard negatives
+by text similarity) declares it with ``encoder_request()`` and receives it built as ``load(encoder=...)``, from
+plrm.recipe.load_source, which every caller that loads a dataset goes through.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import datasets
 import numpy as np
@@ -105,6 +110,14 @@ class PreferenceData:
         return len(self.pairs)
 
 
+@dataclass(frozen=True)
+class EncoderRequest:
+    """The item encoder a dataset needs while it loads: a registered backbone and options of its ``Config``."""
+
+    backbone: str  # registry name, e.g. "frozen_encoder"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 class DatasetSource(Configured):
     """Base class of registered datasets. Subclasses set ``Config`` and implement ``load``.
 
@@ -113,6 +126,13 @@ class DatasetSource(Configured):
 
     licence: str = ""
     homepage: str = ""
+
+    def encoder_request(self) -> EncoderRequest | None:
+        """The item encoder ``load`` needs, or None (most datasets need none, and then ``load()`` takes no
+        argument). A source that asks for one implements ``load(encoder=...)``: the caller builds the backbone
+        through the registry (plrm.recipe.load_source) and passes it in; the source only calls its
+        ``prepare`` and ``inputs``."""
+        return None
 
     def load(self) -> PreferenceData:
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""Seeded user splits (DESIGN §3), written once into the run directory and reused by ``test`` and ``adapt``.
+"""Seeded user splits, written once into the run directory and reused by ``test`` and ``adapt``.
 
 Users are partitioned into seen and unseen; each user's pairs into train and test (or by the dataset's own
 ``split`` column). Seen users' train pairs train the model (minus ``val_fraction`` held out for

@@ -1,4 +1,5 @@
-"""Simulated interactive sessions with new users: which pair to ask next (papers/002 §4.2, Algorithm 2).
+"""Simulated interactive sessions with new users: which pair to ask next (PReF, Shenfeld et al., arXiv 2503.06358, §4.2,
+Algorithm 2).
 
 Every unseen user of a split has a *candidate pool*: their support pairs. A session asks each user ``budget``
 questions, one per round, all users at once:

@@ -1,4 +1,7 @@
-"""Per-user preference metrics (papers/004 eq. 15; papers/000 §5; papers/003 worst-k%).
+"""Per-user preference metrics, as the papers report them.
+
+LoRe (Bose et al., arXiv 2504.14439) eq. 15; When Personalization Meets Reality (Dong et al., arXiv 2502.19158)
+§5; the worst-k% users of MRM (Cai et al., arXiv 2601.18731).
 
 Accuracy is computed per user first (a pair is correct when its preference logit is > 0; a tie counts as
 wrong and is counted), then averaged over users -- the papers' headline number -- so a user with many pairs

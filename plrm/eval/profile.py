@@ -1,6 +1,7 @@
-"""Dataset profile: the characterization of papers/000 §4.2 and Table 2, written as JSON, Markdown and plots.
+"""Dataset profile: the characterization of Dong et al. §4.2 and Table 2, written as JSON, Markdown and plots.
 
-Definitions followed (papers/000 §4.2, Table 2 caption, §3.1):
+The paper is When Personalization Meets Reality (Dong et al., arXiv 2502.19158). Definitions followed (§4.2,
+Table 2 caption, §3.1):
 
 - An *item* is a ``pair_id``: one (x, y1, y2) triple. Its two responses are compared order-free: a user's vote
   is which of the two texts they chose, read on the canonical order (the lexicographically smaller text first),
@@ -52,10 +53,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from plrm.data.source import PreferenceData  # noqa: E402
 from plrm.errors import DataValidationError  # noqa: E402
 from plrm.items import ITEM_SEP  # noqa: E402
-from plrm.recipe import build_dataset  # noqa: E402
+from plrm.recipe import build_dataset, load_source  # noqa: E402
 
-HIGHLY_CONTROVERSIAL_SHARE = 0.3  # papers/000 Table 2: "at least 30% of users ... differ from the majority"
-MINORITY_MV_ACC = 0.5             # papers/000 §4.2: "below 50% (random performance)"
+HIGHLY_CONTROVERSIAL_SHARE = 0.3  # Dong et al. Table 2: "at least 30% of users ... differ from the majority"
+MINORITY_MV_ACC = 0.5             # Dong et al. §4.2: "below 50% (random performance)"
 NO_SHARED_ITEMS = "no item is labelled by two or more users"
 PERSONAL_ORACLE = "oracle/personal"
 POPULATION_ORACLE = "oracle/non-personalized"
@@ -173,7 +174,7 @@ def _repeat_consistency(votes: pd.DataFrame, n_users: int) -> float | None:
 
 
 def _room(data: PreferenceData, votes: pd.DataFrame, n_users: int, mv: dict | None, undefined: dict) -> dict:
-    """Room for personalization (papers/000 §4.2) and, where known, the oracles' accuracies and gap."""
+    """Room for personalization (Dong et al. §4.2) and, where known, the oracles' accuracies and gap."""
     users = votes["user"].to_numpy()
     oracle = {name: _per_user_mean(np.asarray(data.oracle_logits[name]) > 0, users, n_users)
               for name in (PERSONAL_ORACLE, POPULATION_ORACLE) if name in data.oracle_logits}
@@ -210,7 +211,7 @@ def _room(data: PreferenceData, votes: pd.DataFrame, n_users: int, mv: dict | No
 
 
 def profile(data: PreferenceData) -> dict:
-    """The dataset's profile (papers/000 §4.2, Table 2): a JSON-able dict; see the module docstring."""
+    """The dataset's profile (Dong et al. §4.2, Table 2): a JSON-able dict; see the module docstring."""
     table = data.pairs.data.table
     votes, user_ids = _votes(table)
     pairs_per_user = np.bincount(votes["user"].to_numpy(), minlength=len(user_ids))
@@ -285,7 +286,8 @@ def _markdown(stats: dict, title: str) -> str:
     ppu = stats["pairs_per_user"]
     lines = [
         f"# {title}", "",
-        "Dataset statistics as in papers/000 Table 2 (definitions: papers/000 §4.2; plrm/eval/profile.py).", "",
+        "Dataset statistics as in Table 2 of When Personalization Meets Reality (Dong et al., arXiv 2502.19158) "
+        "(definitions: its §4.2; plrm/eval/profile.py).", "",
         "| dataset | #Samples | #Users | %Cont. | %Highly Cont. | MV-ACC Range | Consistency |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| {stats['dataset']} | {stats['n_samples']:,} | {stats['n_users']:,} "
@@ -393,7 +395,7 @@ def write_report(stats: dict, out_dir: Path, title: str) -> list[Path]:
 # ---- from a dataset name ------------------------------------------------------------------------------------
 def run_profile(dataset: str, overrides: list[str], out_dir: str | None) -> dict:
     """Build, load and profile a registered dataset; write the report to ``out_dir`` (profiles/<dataset>)."""
-    data = build_dataset(dataset, overrides).load()
+    data = load_source(build_dataset(dataset, overrides), dataset)
     if data.load_report is not None:  # a published source: what it read, kept and dropped, by rule
         print(data.load_report.render(), file=sys.stderr)
     stats = profile(data)

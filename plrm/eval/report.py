@@ -15,12 +15,16 @@ from rich.table import Table
 GROUPS = ("seen", "unseen", "overall")
 
 
-def _mean_std(values: list) -> dict | None:
+def mean_std(values: list) -> dict | None:
+    """{mean, std, n} over the values that are not None or NaN (std with ddof=1; 0.0 for one value); None if
+    none is left."""
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return None
     arr = np.asarray(vals, dtype=np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
+
+
 
 
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
@@ -38,18 +42,20 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
                 agg[group] = None
                 continue
             keys = next(g for g in groups if g is not None).keys()
-            agg[group] = {k: _mean_std([g.get(k) if g else None for g in groups]) for k in keys}
+            agg[group] = {k: mean_std([g.get(k) if g else None for g in groups]) for k in keys}
         ks = sorted({row["k"] for r in runs for row in r.get("fewshot", [])})
-        agg["fewshot"] = {str(k): _mean_std([row["accuracy"] for r in runs for row in r.get("fewshot", [])
-                                             if row["k"] == k]) for k in ks}
+        agg["fewshot"] = {str(k): mean_std([row["accuracy"] for r in runs for row in r.get("fewshot", [])
+                                            if row["k"] == k]) for k in ks}
         for extra in ("train_seconds", "adapt_seconds"):
             if any(extra in r for r in runs):
-                agg[extra] = _mean_std([r.get(extra) for r in runs])
+                agg[extra] = mean_std([r.get(extra) for r in runs])
         out[entry] = agg
     return out
 
 
-def _fmt(stat: dict | None, pct: bool = True) -> str:
+def format_stat(stat: dict | None, pct: bool = True) -> str:
+    """A ``mean_std`` cell as printed: "mean ± std" (in % when ``pct``), the mean alone for one seed, "n/a"
+    for a missing statistic."""
     if stat is None:
         return "n/a"
     scale = 100.0 if pct else 1.0
@@ -67,8 +73,8 @@ def render(summary: dict[str, dict], k: int, worst: str = "accuracy_worst_10pct"
     for entry, agg in summary.items():
         def g(group, key="accuracy"):
             return (agg.get(group) or {}).get(key) if agg.get(group) else None
-        table.add_row(entry, _fmt(g("seen")), _fmt(g("unseen")), _fmt(g("overall")),
-                      _fmt(g("overall", worst)), _fmt(g("overall", "auroc")))
+        table.add_row(entry, format_stat(g("seen")), format_stat(g("unseen")), format_stat(g("overall")),
+                      format_stat(g("overall", worst)), format_stat(g("overall", "auroc")))
     console.print(table)
     ks = sorted({int(x) for agg in summary.values() for x in agg.get("fewshot", {})})
     if ks:
@@ -78,7 +84,7 @@ def render(summary: dict[str, dict], k: int, worst: str = "accuracy_worst_10pct"
             curve.add_column(f"k={k_i}", justify="right")
         for entry, agg in summary.items():
             if agg.get("fewshot"):
-                curve.add_row(entry, *[_fmt(agg["fewshot"].get(str(k_i))) for k_i in ks])
+                curve.add_row(entry, *[format_stat(agg["fewshot"].get(str(k_i))) for k_i in ks])
         console.print(curve)
 
 
@@ -97,7 +103,7 @@ def render_active(summary: dict, matches: dict, skipped: dict, console: Console 
     for label, by in summary.items():
         for strategy, rows in by.items():
             at = {row["t"]: row["accuracy"] for row in rows}
-            table.add_row(f"{label} ({strategy})", *[_fmt(at.get(t)) for t in ts])
+            table.add_row(f"{label} ({strategy})", *[format_stat(at.get(t)) for t in ts])
     console.print(table)
     for label, m in matches.items():
         if m is None:

@@ -1,5 +1,6 @@
-"""The personalization tax (papers/000 §4.3, Figure 4): what personalizing a reward model costs on general-purpose
-preferences, measured on RewardBench's sections (Chat, Chat Hard, Safety, Reasoning).
+"""The personalization tax ("When Personalization Meets Reality", Dong et al., arXiv 2502.19158, §4.3,
+Figure 4): what personalizing a reward model costs on general-purpose preferences, measured on RewardBench's
+sections (Chat, Chat Hard, Safety, Reasoning).
 
 For one trained method of a finished run (one split seed), every RewardBench row is scored
 
@@ -23,7 +24,6 @@ import pandas as pd
 import torch
 
 from plrm import registry
-from plrm.checkpoint import load_checkpoint
 from plrm.data.datamodule import PreparedData
 from plrm.data.sources.reward_bench import EXAMPLE_COUNTS, SECTION_SUBSETS, section_scores
 from plrm.errors import TaxError  # noqa: F401  (re-exported: plrm.errors defines every error class)
@@ -52,20 +52,20 @@ def personalization_tax(run_dir: str | Path, method: str | None = None, seed: in
     """Measure the tax of ``method`` (default: the run's only method) at split ``seed`` (default: the first) on
     RewardBench loaded with ``overrides`` (its options, e.g. ``path=/data/reward-bench``); write
     ``tax-<method>-seed<seed>.json`` / ``.md`` into the run directory (or ``out``) and return the payload."""
-    from plrm.runner import _read_run, build_model
+    from plrm.runner import Run
 
-    run_dir, recipe = _read_run(run_dir)
-    labels = list(recipe.methods)
+    run = Run.open(run_dir)
+    recipe = run.recipe
+    labels = run.methods
     if method is None:
         if len(labels) != 1:
-            raise TaxError(f"{run_dir} trained {labels}; choose one with --method")
+            raise TaxError(f"{run.dir} trained {labels}; choose one with --method")
         method = labels[0]
     if method not in recipe.methods:
-        raise TaxError(f"{run_dir} has no method '{method}'; it trained {labels}")
-    seed = recipe.split.seeds[0] if seed is None else seed
-    seed_dir = run_dir / f"seed-{seed}"
-    if not (seed_dir / f"{method}.ckpt").is_file():
-        raise TaxError(f"no checkpoint {seed_dir / f'{method}.ckpt'} (split seeds of the run: {recipe.split.seeds})")
+        raise TaxError(f"{run.dir} has no method '{method}'; it trained {labels}")
+    seed = run.seeds[0] if seed is None else seed
+    if not (run.seed_dir(seed) / f"{method}.ckpt").is_file():
+        raise TaxError(f"no checkpoint {run.seed_dir(seed) / f'{method}.ckpt'} (split seeds of the run: {run.seeds})")
     backbone = registry.backbones.get(recipe.backbone.name)(recipe.backbone.config)
     if "text" not in backbone.needs:
         raise TaxError(f"the run's backbone '{recipe.backbone.name}' reads precomputed features, so it cannot score "
@@ -73,12 +73,10 @@ def personalization_tax(run_dir: str | Path, method: str | None = None, seed: in
                        "transformer)")
     bench = build_dataset("reward_bench", list(overrides or [])).load()
     prepared = PreparedData(bench, backbone)
-    split = pd.read_parquet(seed_dir / "split.parquet", columns=["user_id", "unseen_user"])
-    user_ids = np.asarray(sorted(split["user_id"].unique()), dtype=object)  # the run's user vocabulary order
-    unseen = set(split.loc[split["unseen_user"], "user_id"])
-    seen = np.array([i for i, u in enumerate(user_ids) if u not in unseen], dtype=np.int64)
-    model = build_model(recipe, method, prepared, len(user_ids))
-    model.load_checkpoint_state(load_checkpoint(seed_dir / f"{method}.ckpt")["state_dict"])
+    user_ids, unseen = run.users(seed)  # the run's user vocabulary: the rows of the checkpoint's per-user state
+    seen = np.flatnonzero(~unseen)
+    model = run.build_method(method, seed, prepared)  # the run's method, scoring RewardBench's items
+    model.load_checkpoint_state(run.checkpoint(method, seed)["state_dict"])
     model.eval()
 
     z = embed_items(model, prepared, torch.arange(prepared.items.n_items))               # each unique item once
@@ -104,7 +102,7 @@ def personalization_tax(run_dir: str | Path, method: str | None = None, seed: in
     base_vec = np.array([base["sections"][s] for s in sections])
     change = user_scores - base_vec
     payload = {
-        "run": str(run_dir), "method": method, "seed": seed, "n_users": len(seen), "n_rows": len(subsets),
+        "run": str(run.dir), "method": method, "seed": seed, "n_users": len(seen), "n_rows": len(subsets),
         "non_personalized": base,
         "personalized": {s: {"mean": float(user_scores[:, j].mean()), "std": float(user_scores[:, j].std()),
                              "min": float(user_scores[:, j].min()), "max": float(user_scores[:, j].max())}
@@ -119,7 +117,7 @@ def personalization_tax(run_dir: str | Path, method: str | None = None, seed: in
                      for i, u in enumerate(seen)],
         "load": bench.load_report.to_dict() if bench.load_report is not None else {},
     }
-    target = Path(out).expanduser() if out else run_dir
+    target = Path(out).expanduser() if out else run.dir
     target.mkdir(parents=True, exist_ok=True)
     stem = f"tax-{method}-seed{seed}"
     run_report.write_json(target / f"{stem}.json", payload)
@@ -137,7 +135,8 @@ def markdown(p: dict) -> str:
     sections = list(p["personalized"])
     lines = [f"# Personalization tax of `{p['method']}` (split seed {p['seed']}) on RewardBench", "",
              f"{p['n_rows']:,} RewardBench rows scored by the non-personalized reward (the mean of the seen users' "
-             f"rewards) and by each of {p['n_users']:,} seen users' personalized rewards (papers/000 §4.3). Scores "
+             f"rewards) and by each of {p['n_users']:,} seen users' personalized rewards (Dong et al., arXiv "
+             "2502.19158, §4.3). Scores "
              "in %, RewardBench's section weighting.", "",
              "| section | non-personalized | personalized: mean ± std over users (min, max) | change: mean | "
              "change: worst user | users worse / better |", "|---|---|---|---|---|---|"]

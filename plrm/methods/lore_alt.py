@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from plrm.config import opt
+from plrm.errors import RecipeError
 from plrm.methods.lore import LoRe
 from plrm.registry import methods
 
@@ -52,8 +53,8 @@ class LoReAlt(LoRe):
     def load_reference(self, name: str, state_dict: dict) -> None:
         weight = state_dict.get("head_linear.weight")
         if weight is None or weight.shape != (1, self.feature_dim):
-            raise ValueError(f"reference_checkpoint {self.config.reference_checkpoint}: not a `bt` checkpoint over "
-                             f"{self.feature_dim}-d features")
+            raise RecipeError(f"reference_checkpoint {self.config.reference_checkpoint}: not a `bt` checkpoint over "
+                              f"{self.feature_dim}-d features")
         self.reference.weight.data.copy_(weight)
 
     def configure_optimizers(self):

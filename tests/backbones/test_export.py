@@ -12,12 +12,10 @@ import yaml
 from safetensors.torch import load_file
 
 from plrm import registry, runner
-from plrm.checkpoint import load_checkpoint
 from plrm.cli import main
-from plrm.data.datamodule import PreferenceDataModule
 from plrm.data.splits import TRAIN
 from plrm.export import ExportError, export, load_exported
-from plrm.recipe import load_recipe
+from plrm.runner import Run
 from tests.backbones.conftest import _text_recipe, write_length_pairs
 
 
@@ -48,13 +46,9 @@ class Reference:
     """The training code's model of a run (rebuilt as `plrm test` does) and its texts."""
 
     def __init__(self, run_dir, label, checkpoint=None):
-        recipe = load_recipe(str(run_dir / "recipe.yaml"))
-        self.prepared = runner.prepare(recipe)
-        self.split = runner._split_for_seed(recipe, self.prepared, 0, stored=run_dir / "seed-0" / "split.parquet")
-        self.model = runner.build_model(recipe, label, self.prepared, len(self.split.user_ids)).eval()
-        state = load_checkpoint(run_dir / "seed-0" / (checkpoint or f"{label}.ckpt"))["state_dict"]
-        self.model.load_checkpoint_state(state)
-        self.dm = PreferenceDataModule(self.prepared, self.split)
+        run = Run.open(run_dir)
+        self.prepared, self.split, self.dm = run.prepared, run.split(0), run.datamodule(0)
+        self.model = run.load_method(label, 0, checkpoint)
 
     @torch.no_grad()
     def rewards(self, rows: np.ndarray, side: str = "chosen") -> torch.Tensor:

@@ -25,11 +25,9 @@ def _lora_recipe(text_recipe, tmp_path, data, arch, quantization="none", epochs=
 
 def _rewards_from_checkpoint(run_dir, label="lore"):
     """Rebuild the model from the run directory alone and score every test pair of seed 0."""
-    recipe = load_recipe(str(run_dir / "recipe.yaml"))
-    prepared = runner.prepare(recipe)
-    split = runner._split_for_seed(recipe, prepared, 0, stored=run_dir / "seed-0" / "split.parquet")
-    model = runner._load_model(recipe, label, prepared, split, run_dir / "seed-0").eval()
-    dm = PreferenceDataModule(prepared, split)
+    run = runner.Run.open(run_dir)
+    model = run.load_method(label, 0)
+    dm = run.datamodule(0)
     batch = dm.batch(torch.arange(40))
     with torch.no_grad():
         return model.reward(batch["chosen"], batch["user_idx"])
@@ -93,7 +91,7 @@ def _prepared_backbone(tmp_path, length_pairs, **config):
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_4bit_gradients_after_an_eval_pass_equal_gradients_without_one(tmp_path, length_pairs, arch):
-    """DESIGN §1: on AVX512-BF16 CPUs the first no-grad forward repacks 4-bit weights; training afterwards
+    """On AVX512-BF16 CPUs the first no-grad forward repacks 4-bit weights; training afterwards
     crashes (Qwen2) or gets wrong gradients (LLaMA) unless plrm turns the repacking off."""
     pytest.importorskip("bitsandbytes")
     prepared = _prepared_backbone(tmp_path, length_pairs, model=f"tiny-random:{arch}", quantization="4bit",
@@ -124,7 +122,7 @@ def test_4bit_survives_lightnings_sanity_check(tmp_path, length_pairs):
 
 
 def test_decoder_reads_the_last_response_token_so_prefix_rewards_come_from_one_pass():
-    """DESIGN §4 reward position convention: prompt and response tokenized apart and concatenated, nothing
+    """The reward position convention (README "Backbones"): prompt and response tokenized apart and concatenated, nothing
     after the response; the feature of (x, y<=t) is the hidden state at y's t-th token of (x, y)."""
     from transformers import AutoModel, AutoTokenizer
 

@@ -15,8 +15,9 @@ from PIL import Image
 
 from plrm import cli
 from plrm.bench import run as bench_run
+from plrm.bench.records import FAILED, SKIPPED, read_records
 from plrm.bench.report import PLOTS, merge
-from plrm.bench.run import FAILED, SKIPPED, read_records, run_bench
+from plrm.bench.run import run_bench
 from plrm.bench.spec import Unit, load_bench, parse_shard, shard_units
 from plrm.recipe import RecipeError, builtin_recipes
 

@@ -29,10 +29,8 @@ def dense_run(tmp_path_factory):
 
 
 def session_parts(result, label: str):
-    run_dir, recipe, prepared = runner._load_run(result.run_dir)
-    split = runner._split_for_seed(recipe, prepared, 0, stored=run_dir / "seed-0" / "split.parquet")
-    dm = PreferenceDataModule(prepared, split)
-    return runner._load_model(recipe, label, prepared, split, run_dir / "seed-0"), dm
+    run = runner.Run.open(result.run_dir)
+    return run.load_method(label, 0), run.datamodule(0)
 
 
 @pytest.mark.parametrize("label", ["pref", "lore"])

@@ -1,4 +1,5 @@
-"""Dataset profile (plrm/eval/profile.py): papers/000 §4.2 / Table 2 statistics on hand-made and synthetic data."""
+"""Dataset profile (plrm/eval/profile.py): the §4.2 / Table 2 statistics of When Personalization Meets Reality
+(Dong et al., arXiv 2502.19158) on hand-made and synthetic data."""
 
 from __future__ import annotations
 

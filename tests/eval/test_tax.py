@@ -1,5 +1,5 @@
-"""The personalization tax (papers/000 §4.3) on the RewardBench fixture, from a run on the attribute text world with
-the offline MiniLM encoder."""
+"""The personalization tax (When Personalization Meets Reality, Dong et al., arXiv 2502.19158, §4.3) on the
+RewardBench fixture, from a run on the attribute text world with the offline MiniLM encoder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRe (papers/004): reward formula, eq. 11 adaptation, and recovery of the true subspace."""
+"""LoRe (Bose et al., arXiv 2504.14439): reward formula, eq. 11 adaptation, and recovery of the true subspace."""
 
 import numpy as np
 import pytest
@@ -96,7 +96,7 @@ def test_unseen_state_depends_only_on_support(tmp_path, tiny_overrides):
     """Adapting twice from the same k support pairs gives the same state; the test pairs never enter adapt."""
     recipe = load_recipe("quickstart", tiny_overrides)
     prepared = runner.prepare(recipe)
-    split = runner._split_for_seed(recipe, prepared, 0, None)
+    split = runner.seed_split(recipe, prepared, 0)
     model = runner.build_model(recipe, "lore", prepared, len(split.user_ids))
     dm = PreferenceDataModule(prepared, split)
     adapt_unseen(model, dm, 3)

@@ -121,7 +121,7 @@ def _prism_like(tmp_path, *extra):
 def test_user_batches_hold_every_train_pair_of_their_users_once_per_epoch(tmp_path):
     recipe = load_recipe("quickstart", _prism_like(tmp_path))
     prepared = runner.prepare(recipe)
-    split = runner._split_for_seed(recipe, prepared, 0, None)
+    split = runner.seed_split(recipe, prepared, 0)
     dm = PreferenceDataModule(prepared, split, users_per_batch=4, seed=0)
     batches = list(dm.train_dataloader())
     assert len(batches) == math.ceil(len(split.seen_users) / 4)
@@ -162,7 +162,7 @@ def test_no_meta_learning_trains_user_weights_and_fits_new_users_from_the_common
     recipe = load_recipe("quickstart", _prism_like(tmp_path, "~methods.bt", "methods.mrm.meta_learning=false",
                                                    "methods.mrm.max_epochs=2"))
     prepared = runner.prepare(recipe)
-    split = runner._split_for_seed(recipe, prepared, 0, None)
+    split = runner.seed_split(recipe, prepared, 0)
     torch.manual_seed(0)
     model = runner.build_model(recipe, "mrm", prepared, len(split.user_ids))
     assert model.users_per_batch is None and model.user_params.requires_grad

@@ -102,7 +102,7 @@ def tiny_dm(tiny_overrides):
 
     recipe = load_recipe("quickstart", tiny_overrides)
     prepared = runner.prepare(recipe)
-    return PreferenceDataModule(prepared, runner._split_for_seed(recipe, prepared, 0, None))
+    return PreferenceDataModule(prepared, runner.seed_split(recipe, prepared, 0))
 
 
 def test_random_init_ablation_keeps_the_random_parameters_but_reports_the_spectrum(tiny_overrides):

@@ -8,10 +8,10 @@ truth of every pair is known. A local copy (``data.path``) has the same layout; 
 published split is the start of its name (``train-*`` / ``test-*``).
 
 R. The scores of ``reward_models`` (default: all ten, in LoRe's order) form R [prompts, 8, K], the reward vector
-R(x, y) of papers/004 §5, used as published (raw, as LoRe's ``PersonalLLM/train_basis.py``). A missing score
-column is an error naming it.
+R(x, y) of LoRe (Bose et al., arXiv 2504.14439) §5, used as published (raw, as LoRe's
+``PersonalLLM/train_basis.py``). A missing score column is an error naming it.
 
-``mode: dirichlet`` (papers/004 §5 "Semi-synthetic Preference Dataset"; LoRe ``utils.py:simulate_user``):
+``mode: dirichlet`` (LoRe §5 "Semi-synthetic Preference Dataset"; LoRe ``utils.py:simulate_user``):
 ``n_users`` users with weights w ~ Dirichlet(alpha 1_K) (seeded), each scoring a response w . R(x, y). On each of
 their prompts a user's ``chosen`` is their highest-scored response and ``rejected`` the lowest ("we store the
 highest/lowest scored responses"). Each user judges ``pairs_per_user`` distinct train prompts (paper: 45) and
@@ -20,13 +20,13 @@ the split (``split.unseen_fraction``) decides who is unseen, and an unseen user'
 ``split.k`` of their train pairs (paper: 9). The paper's 1,000 seen + 1,000 unseen users are ``n_users: 2000``
 with ``unseen_fraction: 0.5``. ``user_id`` = ``dir{alpha}-u{index}``.
 
-``mode: archetypes`` (papers/000 §4.1, Table 2): each reward model of ``archetypes`` (null: all of
-``reward_models``) is one user, named after it, who prefers the response its own model scores higher. Each
-prompt's 8 responses are split into 4 disjoint pairs by a seeded random matching, and the first
-``pairs_per_prompt`` of them are labelled by every archetype (dense: every pair by every user). Paper 000 says only
-"8 different pre-trained reward models ... as archetypal users" and "333k samples"; 10,402 prompts x 4 pairs x 8
-users = 332,864 is how shared/datasets.md §3.3 reads that count. Which 8 models and which pairs the paper used are
-not published; the matching is plrm's choice.
+``mode: archetypes`` (When Personalization Meets Reality, Dong et al., arXiv 2502.19158, §4.1, Table 2): each
+reward model of ``archetypes`` (null: all of ``reward_models``) is one user, named after it, who prefers the
+response its own model scores higher. Each prompt's 8 responses are split into 4 disjoint pairs by a seeded random
+matching, and the first ``pairs_per_prompt`` of them are labelled by every archetype (dense: every pair by every
+user). Dong et al. say only "8 different pre-trained reward models ... as archetypal users" and "333k
+samples"; 10,402 prompts x 4 pairs x 8 users = 332,864 is how shared/datasets.md §3.3 reads that count. Which 8
+models and which pairs the paper used are not published; the matching is plrm's choice.
 
 Both modes: ``split`` and ``source_split`` are the published split of the row's prompt (every user's train pairs
 come from train prompts and their test pairs from test prompts); ``group_id`` = ``prompt_id``; ``pair_id`` =
@@ -36,7 +36,7 @@ subset of the published prompts (null: all of them).
 
 Oracles, as in the synthetic worlds (plrm/data/lowrank.py): 'oracle/personal' is the user's true reward difference
 w_u . (R(x, chosen) - R(x, rejected)), 'oracle/non-personalized' the same with the population's mean weights; the
-gap between them is the room for personalization (papers/000 §4.2). ``truth`` holds ``user_weights`` (U, K; one-hot
+gap between them is the room for personalization (Dong et al. §4.2). ``truth`` holds ``user_weights`` (U, K; one-hot
 rows for archetypes, in the order of ``user_ids``) and ``reward_models``.
 
 Dropped, counted per rule and user (unit: a judgement, one user labelling one prompt (dirichlet) or one response
@@ -181,22 +181,22 @@ class PersonalLLM(DatasetSource):
         repo_id: str = opt("namkoong-lab/PersonalLLM", "Hugging Face Hub dataset id.")
         mode: Literal["dirichlet", "archetypes"] = opt(
             "dirichlet", "'dirichlet': users with Dirichlet(alpha) weights over the reward models, best vs worst "
-            "response of each of their prompts (papers/004 §5); 'archetypes': each reward model is one user "
-            "labelling random response pairs (papers/000 §4.1).")
+            "response of each of their prompts (LoRe §5); 'archetypes': each reward model is one user "
+            "labelling random response pairs (Dong et al. §4.1).")
         reward_models: list[str] = opt(REWARD_MODELS, "Reward models whose scores form R (columns "
                                                       "response_{i}_{rm}); default: all ten, in LoRe's order.")
-        n_users: int = opt(2000, "dirichlet: users simulated (papers/004 Table 1: 1,000 seen + 1,000 unseen).")
-        alpha: float = opt(0.01, "dirichlet: concentration of the user weights (papers/004: 0.001 very diverse, "
+        n_users: int = opt(2000, "dirichlet: users simulated (LoRe Table 1: 1,000 seen + 1,000 unseen).")
+        alpha: float = opt(0.01, "dirichlet: concentration of the user weights (LoRe: 0.001 very diverse, "
                                  "0.01 moderately diverse, 0.1 near uniform).")
-        pairs_per_user: int = opt(45, "dirichlet: train prompts judged per user, distinct (papers/004: 45; an "
+        pairs_per_user: int = opt(45, "dirichlet: train prompts judged per user, distinct (LoRe: 45; an "
                                       "unseen user's few-shot support is the first split.k of them, paper: 9).")
         test_prompts_per_user: int | None = opt(
-            None, "dirichlet: test prompts judged per user, distinct (null: every test prompt, as papers/004; "
+            None, "dirichlet: test prompts judged per user, distinct (null: every test prompt, as LoRe; "
                   "2,000 users x 1,000 prompts of full text need about 10 GB of memory).")
         archetypes: list[str] | None = opt(
-            None, "archetypes: the reward models that are users (null: all of reward_models; papers/000 used 8, "
+            None, "archetypes: the reward models that are users (null: all of reward_models; Dong et al. used 8, "
                   "unnamed).")
-        pairs_per_prompt: int = opt(4, "archetypes: disjoint response pairs per prompt, 1 to 4 (papers/000: 4).")
+        pairs_per_prompt: int = opt(4, "archetypes: disjoint response pairs per prompt, 1 to 4 (Dong et al.: 4).")
         n_train_prompts: int | None = opt(None, "Use a seeded subset of this many train prompts (null: all 9,402).")
         n_test_prompts: int | None = opt(None, "Use a seeded subset of this many test prompts (null: all 1,000).")
         seed: int = opt(0, "Seed of the prompt subsets, user weights, users' prompts and response pairs.")

@@ -1,4 +1,7 @@
-"""Pref-LaMP (papers/001 §5-6): preferences between paper titles, built from the LaMP-5 files by a seeded builder.
+"""Pref-LaMP: preferences between paper titles, built from the LaMP-5 files by a seeded builder.
+
+Pref-LaMP is the benchmark of The Reward Model Selection Crisis in Personalized Alignment (Rezk et al., arXiv
+2512.23067) §5-6.
 
 Files. LaMP-5 (shared/datasets.md §5.1) is served from ciir.cs.umass.edu, not the Hub: ``LaMP_5/dev/dev_questions.json``
 and ``LaMP_5/dev/dev_outputs.json`` (and ``train_*``; ``lamp_splits`` picks them). ``<split>_questions.json`` is a
@@ -9,7 +12,7 @@ abstract of one of the author's papers, ``profile`` = the author's other papers.
 directory holding these files anywhere below it; a Hub mirror with the same file names works through
 ``data.repo_id``.
 
-Construction (papers/001 §5 "Dataset Construction": "(1) encode abstracts with Qwen3-Embedding-0.6B, (2) retrieve
+Construction (Rezk et al. §5 "Dataset Construction": "(1) encode abstracts with Qwen3-Embedding-0.6B, (2) retrieve
 top-k similar abstracts, (3) sample one retrieved abstract ... and use its title as y_l, (4) use original title as
 y_w"). A user is a LaMP-5 question (``user_id`` where the file has it); the user's papers are the profile papers
 plus, with ``include_question``, the question's own paper (abstract from ``input``, title = the gold ``output``).
@@ -26,11 +29,12 @@ What the paper states and what plrm chose (datasets.md §11: no Pref-LaMP artifa
 - paper: hard negatives by embedding nearest neighbours, one sampled negative per pair, chosen = the author's
   title; 485 training + 126 adaptation users, 48.8 / 49.2 preferences each (§6); Qwen3-Embedding-0.6B.
 - plrm: ``encoder`` defaults to the offline MiniLM (``offline:minilm``; any plrm frozen-encoder model works,
-  ``Qwen/Qwen3-Embedding-0.6B`` included), used through plrm's frozen-encoder backbone and its disk cache;
+  ``Qwen/Qwen3-Embedding-0.6B`` included), used through plrm's frozen-encoder backbone and its disk cache (the
+  dataset asks for that backbone with ``encoder_request()`` and gets it built: ``load(encoder=...)``);
   ``top_k: 5``; ``pool: all`` (every usable paper of the selected users, whoever wrote it); a pair per paper up
   to ``max_pairs_per_user: 50`` (the question's paper first, then a seeded sample; ~49 pairs per user in the paper
   suggests such a cap); ``min_papers: 10``; ``max_users`` (null: all) samples users after ``min_papers``;
-  ``include_question: true``; ``prompt_format: abstract``. The result re-creates, not reproduces, paper 001's data.
+  ``include_question: true``; ``prompt_format: abstract``. The result re-creates, not reproduces, the paper's data.
 
 Dropped, counted per rule and user (unit: papers, a profile entry or a question): a question without a gold
 output; an empty title or abstract; a profile entry repeating a paper id already in the user's profile; the papers
@@ -43,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import datasets
 import numpy as np
@@ -63,8 +67,12 @@ from plrm.data.published import (
     resolve_files,
 )
 from plrm.data.schema import DataValidationError
-from plrm.data.source import DatasetSource, PreferenceData
+from plrm.data.source import DatasetSource, EncoderRequest, PreferenceData
+from plrm.items import ItemIndex
 from plrm.registry import datasets as dataset_registry
+
+if TYPE_CHECKING:
+    from plrm.backbones.base import Backbone
 
 WHAT = "pref_lamp"
 LAMP5_INSTRUCTION = "Generate a title for the following abstract of a paper: "
@@ -195,18 +203,14 @@ class _Texts:
     provides: frozenset = frozenset({cap.TEXT})
 
 
-def embed_texts(texts: np.ndarray, model: str, max_length: int) -> np.ndarray:
-    """(N, D) features of ``texts`` from plrm's frozen-encoder backbone (its disk cache included). Each text is an
-    item with an empty prompt: an encoder reads [CLS] [SEP] text [SEP]; a decoder reads it without a chat template."""
+def embed_texts(texts: np.ndarray, encoder: Backbone) -> np.ndarray:
+    """(N, D) features of ``texts`` from ``encoder``, a backbone whose ``inputs`` are features (the frozen encoder
+    of PrefLaMP.encoder_request, with its disk cache). Each text is an item with an empty prompt: an encoder reads
+    [CLS] [SEP] text [SEP]; a decoder reads it without a chat template."""
     import torch
-
-    from plrm.backbones.base import ItemIndex
-    from plrm.backbones.frozen import FrozenEncoder
 
     n = len(texts)
     rows = pa.table({"prompt": pa.array([""] * n), "chosen": pa.array(list(texts)), "rejected": pa.array(list(texts))})
-    encoder = FrozenEncoder(FrozenEncoder.Config(model=model, max_length=max_length, normalize=True,
-                                                 chat_template="never"))
     index = np.arange(n, dtype=np.int64)
     encoder.prepare(_Texts(datasets.Dataset(datasets.table.InMemoryTable(rows))),
                     ItemIndex(keys=index.astype(np.uint64), chosen_item=index, rejected_item=index, first_row=index))
@@ -235,17 +239,17 @@ class PrefLaMP(DatasetSource):
                         "for the following abstract of a paper: ' followed by it.")
         min_papers: int = opt(10, "Drop users with fewer usable papers (plrm's choice; the paper does not say).")
         max_users: int | None = opt(None, "Keep a seeded sample of this many users after min_papers (null: all; "
-                                          "papers/001 §6: 485 training + 126 adaptation = 611).")
+                                          "Rezk et al. §6: 485 training + 126 adaptation = 611).")
         max_pairs_per_user: int | None = opt(50, "Pairs per user at most: the question's paper, then a seeded "
                                                  "sample of the profile (plrm's reading of the paper's ~49 per user; "
                                                  "null: every paper).")
-        top_k: int = opt(5, "Negatives are drawn from the top_k most similar abstracts (papers/001: 'top-k', k not "
-                            "given; plrm's choice).")
+        top_k: int = opt(5, "Negatives are drawn from the top_k most similar abstracts (Rezk et al.: 'top-k', k "
+                            "not given; plrm's choice).")
         pool: Literal["all", "other_users", "same_user"] = opt(
             "all", "Retrieval candidates: every usable paper of the selected users ('all', plrm's reading of the "
                    "paper), only other users' ('other_users') or only the user's own ('same_user').")
-        encoder: str = opt("offline:minilm", "Frozen-encoder model that embeds abstracts for retrieval (papers/001: "
-                                             "Qwen/Qwen3-Embedding-0.6B; any backbone.model value works).")
+        encoder: str = opt("offline:minilm", "Frozen-encoder model that embeds abstracts for retrieval (Rezk et "
+                                             "al.: Qwen/Qwen3-Embedding-0.6B; any backbone.model value works).")
         encoder_max_length: int = opt(256, "Tokens per abstract for retrieval (longer abstracts are cut).")
         seed: int = opt(0, "Seed of max_users, max_pairs_per_user and the negative drawn among the top_k.")
 
@@ -257,7 +261,15 @@ class PrefLaMP(DatasetSource):
                 if value is not None and value < 1:
                     raise ValueError(f"{key} must be >= 1, got {value}")
 
-    def load(self) -> PreferenceData:
+    def encoder_request(self) -> EncoderRequest:
+        """plrm's frozen encoder of ``encoder``: abstracts are embedded L2-normalized, without a chat template."""
+        c = self.config
+        return EncoderRequest("frozen_encoder", {"model": c.encoder, "max_length": c.encoder_max_length,
+                                                 "normalize": True, "chat_template": "never"})
+
+    def load(self, encoder: Backbone | None = None) -> PreferenceData:
+        """``encoder``: the backbone built from ``encoder_request()`` (plrm.recipe.load_source builds and passes it).
+        It is first needed after the files are read, so a missing copy of LaMP-5 is reported as such."""
         c = self.config
         patterns = [f"*{s}_{kind}.json" for s in c.lamp_splits for kind in ("questions", "outputs")]
         files = resolve_files(c, patterns, WHAT)
@@ -285,7 +297,7 @@ class PrefLaMP(DatasetSource):
         pool_users = pool["user_id"].to_numpy(dtype=object)
         report.drop(OVER_CAP, ~in_cap, pool_users)
         queries = np.flatnonzero(in_cap)
-        embeddings = self._embed(pool["abstract"])
+        embeddings = self._embed(pool["abstract"], encoder)
         negatives = hard_negatives(embeddings, queries, pd.factorize(pool["user_id"])[0],
                                    _normalized_codes(pool["title"]), _normalized_codes(pool["abstract"]), c.top_k,
                                    c.pool, rng)
@@ -300,7 +312,7 @@ class PrefLaMP(DatasetSource):
         sampled = f" (max_users={c.max_users})" if c.max_users is not None else ""
         report.note(f"users: {questions['user_id'].nunique():,} read, {len(eligible):,} with >= {c.min_papers} "
                     f"usable papers, {len(selected):,} selected{sampled}, {len(per_user):,} with pairs "
-                    f"({per_user.mean():.1f} pairs per user; papers/001 §6: 485 training + 126 adaptation users, "
+                    f"({per_user.mean():.1f} pairs per user; Rezk et al. §6: 485 training + 126 adaptation users, "
                     "~49 each)")
         report.note(f"hard negatives: one of the top-{c.top_k} of {len(pool):,} abstracts (pool: {c.pool}) by cosine "
                     f"similarity of {c.encoder} features")
@@ -342,10 +354,14 @@ class PrefLaMP(DatasetSource):
         rank = pool.assign(key=key).sort_values(["user_id", "key"]).groupby("user_id").cumcount()
         return (rank.sort_index() < cap_).to_numpy()
 
-    def _embed(self, abstracts: pd.Series) -> np.ndarray:
+    def _embed(self, abstracts: pd.Series, encoder: Backbone | None) -> np.ndarray:
         """Features of every pool abstract, each unique text encoded once."""
+        if encoder is None:
+            raise TypeError(f"{WHAT}: load() needs the item encoder it asks for ({self.encoder_request()}) to mine "
+                            "hard negatives; load the dataset with plrm.recipe.load_source(source), which builds it, "
+                            "or pass load(encoder=...)")
         unique, inverse = np.unique(abstracts.to_numpy(dtype=object).astype(str), return_inverse=True)
-        return embed_texts(unique, self.config.encoder, self.config.encoder_max_length)[inverse]
+        return embed_texts(unique, encoder)[inverse]
 
     def _table(self, pool: pd.DataFrame, queries: np.ndarray, negatives: np.ndarray) -> pa.Table:
         own, negative = pool.iloc[queries], pool.iloc[negatives]

@@ -28,8 +28,9 @@ chosen or rejected side) or is dropped by exactly one rule, applied in this orde
    2,400-character filter);
 3. ``chosen reply with no reply left to compare``: a chosen reply whose other replies all fell to rule 2;
 4. ``user with fewer than min_conversations conversations``: a user's remaining replies when fewer of their
-   conversations yield a pair than ``min_conversations`` (papers/003 §5.1.1 and papers/004 §5: users with at
-   least 6 dialogues; counted after rules 1-3, as the LoRe and MRM code do).
+   conversations yield a pair than ``min_conversations`` (MRM, Cai et al., arXiv 2601.18731, §5.1.1 and LoRe,
+   Bose et al., arXiv 2504.14439, §5: users with at least 6 dialogues; counted after rules 1-3, as the LoRe and
+   MRM code do).
 
 Malformed input (a missing column, a history that is not a list of messages, a message without its keys or
 with a wrong type, two user messages in one turn, a user repeated in the survey) raises naming file, row and
@@ -81,7 +82,7 @@ class Prism(DatasetSource):
     class Config(PublishedConfig):
         repo_id: str = opt("HannahRoseKirk/prism-alignment", "Hugging Face Hub dataset id of PRISM.")
         min_conversations: int = opt(6, "Keep users with at least this many conversations that yield a pair "
-                                        "(papers/003 §5.1.1, papers/004 §5: 6; 1 keeps every user).")
+                                        "(MRM §5.1.1, LoRe §5: 6; 1 keeps every user).")
         max_chars: int | None = opt(None, "Drop a pair when its user message + chosen or rejected reply exceed this "
                                           "many characters (P-RLHF: 2300; null: no length filter).")
         survey: bool = opt(True, "Read survey.jsonl as per-user side information (PreferenceData.user_info).")

@@ -6,8 +6,8 @@ file per preference profile, each row ``{"user_input", "completion_a", "completi
 response in ``completion_a`` (RLPHF ``training_reward_model.py``: "text_j is the preferred"; shared/datasets.md
 §4.2). ``data.path`` is the unzipped ``data/`` folder; a file is read as a JSON array or as JSON Lines.
 
-Mapping (shared/datasets.md §4.3 and §9, P-RLHF ``data/psoups_dataset.ipynb``, reused by papers/000 §4.1, whose
-Table 2 counts 53k comparisons from 6 users):
+Mapping (shared/datasets.md §4.3 and §9, P-RLHF ``data/psoups_dataset.ipynb``, reused by When Personalization Meets
+Reality (Dong et al., arXiv 2502.19158) §4.1, whose Table 2 counts 53k comparisons from 6 users):
 
 - ``user_id`` = the profile name (``P1A`` ... ``P3B``: the 3 dimensions x 2 opposite poles);
 - ``prompt`` = ``user_input`` with the profile's preference prompt (``PREFERENCE_PROMPTS``, verbatim from
@@ -15,7 +15,7 @@ Table 2 counts 53k comparisons from 6 users):
   P-RLHF does, and counted in a note;
 - ``chosen`` = ``completion_a``, ``rejected`` = ``completion_b``;
 - ``pair_id``: one id per (prompt, {completion, completion}) whatever the order, so opposite profiles that
-  judged the same two responses to the same question share it (with opposite labels: papers/000 §4.2's
+  judged the same two responses to the same question share it (with opposite labels: Dong et al. §4.2's
   ~100 % divergence).
 
 Rows dropped, counted per rule and profile, in P-RLHF's order: ``completion_a == completion_b``, then repeats
@@ -124,7 +124,7 @@ class PersonalizedSoups(DatasetSource):
                                                   f"(of {', '.join(PROFILES)}).")
         split_mode: Literal["prlhf", "none"] = opt(
             "prlhf", "'prlhf': P-RLHF's held-out 10% of all comparisons (shuffle + train_test_split, seed 123) "
-            "as the canonical 'split' column (papers/000 reuses P-RLHF's data); 'none': plrm's random per-user "
+            "as the canonical 'split' column (Dong et al. reuse P-RLHF's data); 'none': plrm's random per-user "
             "split (split.test_fraction).")
         prlhf_test_size: float = opt(0.1, "Held-out fraction of split_mode: prlhf (P-RLHF: 0.1).")
         prlhf_seed: int = opt(123, "Seed of split_mode: prlhf's shuffle and split (P-RLHF: 123).")

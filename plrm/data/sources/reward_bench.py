@@ -1,6 +1,7 @@
 """RewardBench (``allenai/reward-bench``, split ``filtered``): the general-purpose preference benchmark on which
-papers/000 §5 (App. B Table 3) measures the personalization tax, the change in Chat / Chat Hard / Safety /
-Reasoning accuracy when a reward model is personalized.
+When Personalization Meets Reality (Dong et al., arXiv 2502.19158) §5 (App. B Table 3) measures the
+personalization tax, the change in Chat / Chat Hard / Safety / Reasoning accuracy when a reward model is
+personalized.
 
 Read as published (shared/datasets.md §6): ``data/{split}-*.parquet`` with columns ``id, prompt, chosen,
 chosen_model, rejected, rejected_model, subset``, single-turn. Canonical rows, one per published row:

@@ -11,29 +11,30 @@ a file is the name of its folder (``train`` or ``validation``).
 Mapping (shared/datasets.md §2.3 and §9; the authors' loaders: LoRe ``RedditTLDR/prepare.py``, MRM
 ``scripts/preprocess_reddit.py``, P-RLHF ``prlhf/utils.py``):
 
-- ``user_id`` = ``worker`` (papers/004 §5, papers/003 §5.1.1: "annotator IDs serving as user identifiers");
+- ``user_id`` = ``worker`` (LoRe, Bose et al., arXiv 2504.14439, §5; MRM, Cai et al., arXiv 2601.18731,
+  §5.1.1: "annotator IDs serving as user identifiers");
 - ``chosen`` = ``summaries[choice].text``, ``rejected`` = ``summaries[1 - choice].text``;
 - ``prompt``: ``prompt_format: post`` is ``info.post`` (LoRe, MRM); ``template`` is P-RLHF's
   ``"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR: "`` (a line whose field is null is left out);
 - ``pair_id``: one id per (prompt, {summary, summary}), the same whichever summary the row shows first, so every
-  worker who judged the same two summaries of the same post shares it (papers/000 Table 2 measures the
-  disagreement on these items);
+  worker who judged the same two summaries of the same post shares it (When Personalization Meets Reality,
+  Dong et al., arXiv 2502.19158, Table 2 measures the disagreement on these items);
 - ``group_id`` = ``info.id`` (the post; per-user splits keep a post's comparisons together); a null id gets
   ``post-<hash of the prompt>``;
 - ``source_split`` = the Hub split (``train`` / ``validation``); with ``split_mode: hf_split`` the canonical
   ``split`` column maps train -> train and validation -> test, as LoRe's ``train_basis.py`` and MRM's
   ``build_reddit_dataset`` do; ``split_mode: none`` leaves the per-user train/test split to plrm (``split.*``:
-  random by post, papers/004 §5 "evenly divided into a training set and a test set").
+  random by post, LoRe §5 "evenly divided into a training set and a test set").
 
 Rows dropped, counted per rule and worker: comparisons without a Reddit post (the CNN/DailyMail rows of the
 validation split: ``info.post`` null; ``cnndm: article`` keeps them with the article as the post), summaries
 that are blank, and two identical summaries (P-RLHF skips them; no preference to learn). Then worker selection
-over the remaining comparisons (``workers``): all; the ``top_n`` workers by count (papers/000 §4.1: top 5,
+over the remaining comparisons (``workers``): all; the ``top_n`` workers by count (Dong et al. §4.1: top 5,
 following Park et al. 2024; ties broken by worker id); or the workers present in both Hub splits (LoRe's and
 MRM's code; both papers describe it as "workers with fewer than 50 annotations removed, 40 left", which is
 ``min_pairs``). LoRe's code also drops the two workers with the fewest train rows; plrm does not.
-``max_train_pairs_per_user`` keeps a seeded random sample of each worker's train comparisons (papers/004 §5 and
-papers/003 §5.1.1: 100 or 150 per seen user; unseen users few-shot on 50 of them: ``split.k`` <= 50 takes the
+``max_train_pairs_per_user`` keeps a seeded random sample of each worker's train comparisons (LoRe §5 and
+MRM §5.1.1: 100 or 150 per seen user; unseen users few-shot on 50 of them: ``split.k`` <= 50 takes the
 first k of the same pool).
 """
 
@@ -130,18 +131,18 @@ class RedditTLDR(DatasetSource):
                                                     "branch is a loading script datasets >= 4 cannot run).")
         workers: Literal["all", "top_n", "intersection_of_splits"] = opt(
             "intersection_of_splits", "Which workers become users: 'all'; 'top_n' (the top_n workers by number "
-            "of comparisons, papers/000 §4.1: 5); 'intersection_of_splits' (workers with comparisons in both Hub "
+            "of comparisons, Dong et al. §4.1: 5); 'intersection_of_splits' (workers with comparisons in both Hub "
             "splits: LoRe's and MRM's code; the papers report 40).")
-        top_n: int = opt(5, "Workers kept by workers: top_n (papers/000: 5; P-RLHF: 10 or 40).")
-        min_pairs: int = opt(0, "Drop workers with fewer comparisons than this, after the preset (papers/004 §5, "
-                                "papers/003 §5.1.1: 50).")
+        top_n: int = opt(5, "Workers kept by workers: top_n (Dong et al.: 5; P-RLHF: 10 or 40).")
+        min_pairs: int = opt(0, "Drop workers with fewer comparisons than this, after the preset (LoRe §5, "
+                                "MRM §5.1.1: 50).")
         split_mode: Literal["hf_split", "none"] = opt(
             "hf_split", "'hf_split': the Hub's train comparisons are each user's train pairs and validation "
             "the test pairs (the canonical 'split' column; LoRe and MRM code); 'none': plrm's random per-user "
             "split by post (split.test_fraction).")
         max_train_pairs_per_user: int | None = opt(
-            None, "Keep a seeded random sample of this many train comparisons per worker (papers/004 §5, "
-            "papers/003 §5.1.1: 100 or 150); test comparisons are never capped. Needs split_mode: hf_split.")
+            None, "Keep a seeded random sample of this many train comparisons per worker (LoRe §5, "
+            "MRM §5.1.1: 100 or 150); test comparisons are never capped. Needs split_mode: hf_split.")
         prompt_format: Literal["post", "template"] = opt(
             "post", "'post': the post text (LoRe, MRM); 'template': P-RLHF's 'SUBREDDIT: r/...\\nTITLE: ...\\n"
             "POST: ...\\nTL;DR: '.")

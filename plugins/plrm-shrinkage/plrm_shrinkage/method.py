@@ -11,7 +11,7 @@ This is the regularized multi-task model of Evgeniou & Pontil (KDD 2004), or the
 hierarchical Gaussian prior delta_u ~ N(0, I / (2 user_l2)). user_l2 -> infinity gives the global BT model;
 user_l2 = 0 gives one independent reward model per user (which overfits 45 pairs in 64 dimensions).
 New users: delta_new = argmin of the same loss on their few-shot pairs + adapt_l2 * ||delta_new||^2, with v
-frozen, solved for all new users at once by plrm.methods.peruser. A user with no pairs gets v.
+frozen, solved for all new users at once (fit_user_state, plrm.methods.peruser). A user with no pairs gets v.
 
 Shared: ``shared`` (v). Per user: ``delta`` (U, D). The head is user-specific over the raw features, so
 ``item_embedding`` stays the identity.
@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from plrm.config import opt
 from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel
-from plrm.methods.peruser import fit_per_user
 
 
 # Registered by the entry point `shrunk_individual` in pyproject.toml, not by plrm's decorator.
@@ -49,8 +48,8 @@ class ShrunkIndividualRM(PersonalizedRewardModel):
         self.shared = nn.Linear(feature_dim, 1)                           # v: (1, D), plus a bias
         self.delta = nn.Parameter(torch.zeros(n_users, feature_dim))      # (U, D); zeros = everyone is v
 
-    def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
-        return self.shared(z)[:, 0] + (z * self.delta[user_idx]).sum(-1)  # (N,)
+    def reward_with(self, z: Tensor, delta: Tensor) -> Tensor:
+        return self.shared(z)[:, 0] + (z * delta).sum(-1)                 # (v + delta_u)^T e + b: (N,)
 
     def regularization(self, batch: dict) -> Tensor:
         # Only the batch's users: the others' rows do not move this step.
@@ -63,15 +62,8 @@ class ShrunkIndividualRM(PersonalizedRewardModel):
 
     @torch.no_grad()
     def adapt(self, support: dict, users: Tensor) -> None:
-        """Fit delta for every user in ``users`` at once, v frozen (the bias cancels in pair differences)."""
-        z_chosen, z_rejected = self.embed_pairs(support)
-        feature_diff = z_chosen - z_rejected                              # (P, D)
-        v = self.shared.weight[0]                                         # (D,)
-        owner = torch.searchsorted(users, support["user_idx"])            # users must be sorted
-        fitted = fit_per_user(
-            torch.zeros(len(users), self.feature_dim, device=feature_diff.device),
-            owner,
-            lambda delta, pos: -nn.functional.logsigmoid((feature_diff[pos] * (v + delta)).sum(-1)),
-            steps=self.config.adapt_steps, lr=self.config.adapt_lr, l2=self.config.adapt_l2,
-        )                                                                 # (U_new, D)
-        self.delta.data[users] = fitted
+        """Fit delta for every user in ``users`` (sorted) at once, v frozen: the base class's fit_user_state
+        with this method's own reward_with (the bias cancels in each pair's r+ - r-)."""
+        init = torch.zeros(len(users), self.feature_dim, device=self.delta.device)   # zeros: start at v
+        self.delta.data[users] = self.fit_user_state(support, users, init, self.config.adapt_steps,
+                                                     self.config.adapt_lr, self.config.adapt_l2)

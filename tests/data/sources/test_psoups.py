@@ -193,4 +193,4 @@ def test_psoups_lore_recipe_runs_on_the_fixture_and_records_the_load_report(tmp_
     assert saved["data"]["drops_by_user"] == DROPS
     for method in ("bt", "lore"):
         assert result.per_seed[0][method]["seen"]["n_users"] == 6
-        assert result.per_seed[0][method]["unseen"] is None  # papers/000 evaluates P-SOUPS users as seen users
+        assert result.per_seed[0][method]["unseen"] is None  # Dong et al. (arXiv 2502.19158) evaluate P-SOUPS users as seen users
