@@ -488,7 +488,7 @@ def item_encoder(request: EncoderRequest, dataset: str = "dataset") -> Backbone:
 
 def load_source(source: DatasetSource, name: str | None = None) -> PreferenceData:
     """``source.load()``, handing in the item encoder the dataset asks for (DatasetSource.encoder_request), so that
-    a dataset never builds a model itself. Every caller that loads a dataset goes through here."""
+    a dataset never builds a model itself. The runner, ``plrm profile`` and ``plrm embed`` load through here."""
     request = source.encoder_request()
     if request is None:
         return source.load()

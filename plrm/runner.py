@@ -10,8 +10,10 @@ Run directory (``<run.output_dir>/<run.name>``)::
     seed-<s>/<label>.ckpt  each method's trained state (weights-only checkpoint)
     wandb/ csv/ tensorboard/  the tracker's files
 
-Every verb is one step applied to each method at each split seed (a :class:`Unit`) by :meth:`Run.each_unit`,
-the one seed x method loop; only the step differs (train, re-evaluate, adapt, interactive sessions).
+Every verb on the run's own users is one step applied to each method at each split seed (a :class:`Unit`) by
+:meth:`Run.each_unit`, the one seed x method loop; only the step differs (train, re-evaluate, adapt, interactive
+sessions). ``adapt_new_users`` is the exception: its users and pairs are not the run's (a file of new users, one
+support-only split shared by every seed), so it iterates the run's seeds and labels over its own data.
 
 Distributed (``trainer.strategy=ddp`` with ``trainer.devices`` > 1 or ``trainer.num_nodes`` > 1): Lightning
 starts the other ranks at the first ``trainer.fit`` by running the same command again (or torchrun / SLURM
@@ -267,7 +269,7 @@ class Run:
 
     def _check_label(self, label: str) -> None:
         if label not in self.recipe.methods:
-            raise LookupError(f"no method labelled {label!r} in {self.dir}; its methods: {', '.join(self.methods)}")
+            raise RecipeError(f"no method labelled {label!r} in {self.dir}; its methods: {', '.join(self.methods)}")
 
     def checkpoint(self, label: str, seed: int, name: str | None = None) -> dict:
         """The checkpoint ``name`` (a file in ``seed-<s>/``, default ``<label>.ckpt``): its state_dict and meta."""
@@ -392,6 +394,7 @@ def _gradient_clip_val(recipe: Recipe, label: str, model) -> float | None:
     ``model.gradient_clip_val``, and any other one refuses it rather than train unclipped."""
     clip = recipe.trainer.gradient_clip_val
     if model.automatic_optimization or clip is None:
+        model.gradient_clip_val = None
         return clip
     if not getattr(model, "clips_gradients", False):
         raise RecipeError(f"trainer.gradient_clip_val={clip}: methods.{label} ({type(model).__name__}) optimizes "

@@ -76,7 +76,7 @@ def test_run_errors_name_what_is_missing(finished_run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint .*seed-0/lore.adapted-k9.ckpt does not exist; "
                                                 r".*seed-0 has: bt.ckpt, lore.ckpt"):
         run.load_method("lore", 0, "lore.adapted-k9.ckpt")
-    with pytest.raises(LookupError, match="no method labelled 'mrm' in .*; its methods: bt, lore"):
+    with pytest.raises(RecipeError, match="no method labelled 'mrm' in .*; its methods: bt, lore"):
         run.load_method("mrm", 0)
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()

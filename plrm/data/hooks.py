@@ -55,6 +55,7 @@ class MethodHooks(L.Callback):
         # Lightning calls callbacks' setup after the datamodule's and before the module's optimizer is built,
         # so before_fit may still resize parameters (PReF's rank: elbow).
         if stage == "fit":
+            pl_module.data_hooks_attached = True
             attach_references(pl_module)
             pl_module.before_fit(SeenUsers(self.dm, pl_module.device))
 

@@ -5,7 +5,8 @@ A dataset source is a registered class with a ``Config`` dataclass and a ``load(
 
 A dataset never builds a model. One that needs an item encoder while it loads (Pref-LaMP mines hard negatives
 by text similarity) declares it with ``encoder_request()`` and receives it built as ``load(encoder=...)``, from
-plrm.recipe.load_source, which every caller that loads a dataset goes through.
+plrm.recipe.load_source, which every caller that may load such a dataset goes through (the runner, ``plrm
+profile``, ``plrm embed``).
 """
 
 from __future__ import annotations

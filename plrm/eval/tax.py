@@ -29,6 +29,7 @@ from plrm.data.sources.reward_bench import EXAMPLE_COUNTS, SECTION_SUBSETS, sect
 from plrm.errors import TaxError  # noqa: F401  (re-exported: plrm.errors defines every error class)
 from plrm.eval import report as run_report
 from plrm.eval.protocol import embed_items
+from plrm.methods.base import FACTORED
 from plrm.recipe import build_dataset
 
 
@@ -76,6 +77,10 @@ def personalization_tax(run_dir: str | Path, method: str | None = None, seed: in
     user_ids, unseen = run.users(seed)  # the run's user vocabulary: the rows of the checkpoint's per-user state
     seen = np.flatnonzero(~unseen)
     model = run.build_method(method, seed, prepared)  # the run's method, scoring RewardBench's items
+    if model.reward_shape != FACTORED:
+        raise TaxError(f"method '{method}' ({type(model).__name__}) conditions its encoder on the user: it has no "
+                       "user-independent item embedding whose users' rewards could be averaged into the "
+                       "non-personalized reward the tax compares against")
     model.load_checkpoint_state(run.checkpoint(method, seed)["state_dict"])
     model.eval()
 

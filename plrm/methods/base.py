@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from plrm import capabilities as cap
 from plrm.config import opt
+from plrm.errors import PlrmError
 from plrm.methods.losses import bradley_terry_nll
 from plrm.methods.peruser import fit_per_user
 
@@ -112,6 +113,8 @@ class PersonalizedRewardModel(L.LightningModule):
     # trainer.gradient_clip_val, set by the runner); any other manual-optimization method refuses that key.
     clips_gradients: ClassVar[bool] = False
     gradient_clip_val: float | None = None
+    # Set by plrm.data.hooks.MethodHooks when a Trainer will call the data hooks (see on_fit_start).
+    data_hooks_attached: bool = False
 
     @property
     def ddp_find_unused_parameters(self) -> bool:
@@ -190,6 +193,20 @@ class PersonalizedRewardModel(L.LightningModule):
         and before every validation epoch (MRM's inner steps from w0; VPL's posterior; a GPO context).
         Default: nothing (the seen users' state is what training learned)."""
 
+    def needs_data_hooks(self) -> bool:
+        """Whether training this method needs the hooks above (it defines ``before_fit`` or ``fit_seen_users``,
+        or names reference checkpoints): a Trainer without plrm.data.hooks.MethodHooks would then train it
+        wrongly, so :meth:`on_fit_start` refuses one."""
+        base = PersonalizedRewardModel
+        return (type(self).before_fit is not base.before_fit or type(self).fit_seen_users is not base.fit_seen_users
+                or bool(self.reference_checkpoints()))
+
+    def on_fit_start(self) -> None:
+        if self.needs_data_hooks() and not self.data_hooks_attached:
+            raise PlrmError(f"{type(self).__name__} needs the seen users' data during training (before_fit / "
+                            "fit_seen_users / reference checkpoints): train it with plrm (runner.fit) or add "
+                            "plrm.data.hooks.MethodHooks(datamodule) to the Trainer's callbacks")
+
     def reference_checkpoints(self) -> dict[str, str]:
         """Checkpoints of other runs this method needs, by name (LoRe-Alt's reference reward model): the runner
         loads each before training and hands its state dict to :meth:`load_reference`. Default: none."""
@@ -247,6 +264,24 @@ class PersonalizedRewardModel(L.LightningModule):
 
     def head(self, h: Tensor, user_idx: Tensor) -> Tensor:
         return self.user_reward(self.item_embedding(h), user_idx)
+
+    def token_rewards(self, items: Any, user_idx: Tensor) -> Tensor:
+        """r(y_t | x, y_<t) of every response token (B, T) for users (B,): the per-token reward of a token-level
+        method (GenARM: beta_r log pi_r(y_t | x, y_<t); P-DPO's implicit reward per token), which a token guide
+        for reward-guided decoding reads. Sequence-level methods leave it unimplemented and are guided through
+        :meth:`prefix_rewards`."""
+        raise NotImplementedError(f"{type(self).__name__} has no token-level reward (use prefix_rewards)")
+
+    def prefix_rewards(self, h: Tensor, user_idx: Tensor) -> Tensor:
+        """r_u(x, y_<=t) of every prefix from a causal backbone's hidden states h (B, T, D) -- the state at
+        position t is the last-token feature of the prompt and the response up to t -- for users (B,): (B, T).
+        One call of ``head`` on the flattened (B*T, D) states, what policy accuracy and reward-guided decoding
+        read (factored methods only)."""
+        if self.reward_shape != FACTORED:
+            raise NotImplementedError(f"{type(self).__name__} conditions the encoder on the user: its prefix "
+                                      "rewards come from its own forward pass, not from a head on hidden states")
+        b, t, d = h.shape
+        return self.head(h.reshape(b * t, d), user_idx.repeat_interleave(t)).view(b, t)  # (B*T,) -> (B, T)
 
     @torch.no_grad()
     def population_reward(self, z: Tensor, users: Tensor, max_entries: int = 2**24) -> Tensor:

@@ -87,8 +87,7 @@ class LoReAlt(LoRe):
         self.manual_backward(self.global_loss(user_loss, batch))
         user_opt.step()
         # 2) basis, user weights frozen
-        weights = self.user_weights(users).detach()
-        nll = self.nll((self.embedding_difference(batch) * weights).sum(-1), batch)
+        nll = self.nll(self.reward_with(self.embedding_difference(batch), self.user_logits[users].detach()), batch)
         basis_loss = nll + self.regularization(batch) + self.reference_penalty(batch)
         basis_opt.zero_grad()
         self.manual_backward(self.global_loss(basis_loss, batch))

@@ -1,8 +1,7 @@
 """Functional meta-learning over users with ``torch.func``: MAML's inner loop for a whole meta-batch at once.
 
 learn2learn (the library MAML code usually builds on) does not install on Python >= 3.11 (learnables/learn2learn#413),
-and
-its ``clone()`` / ``adapt()`` run one task at a time. Here a task is a user, and the inner loop of every user
+and its ``clone()`` / ``adapt()`` run one task at a time. Here a task is a user, and the inner loop of every user
 of a meta-batch runs as one program: ``torch.func.grad`` differentiates a user's support loss with respect to
 the *fast* parameters (the ones adapted per user), ``torch.func.vmap`` maps that over users, and users with
 different numbers of pairs are padded to a common length and masked. The result stays on the outer autograd

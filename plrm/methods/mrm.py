@@ -103,9 +103,11 @@ class MRM(EpisodicRewardModel):
                 raise ValueError("basis: none with meta_learning: false would train a whole MLP per user from "
                                  "its own few pairs; Table 2 removes one component at a time")
 
-    def __new__(cls, config: Config, *args, **kwargs):
-        # Table 2's ablation 3 is its own small class; recipes keep writing `basis: none` under `mrm`
-        return super().__new__(MRMNoBasis if cls is MRM and config.basis == "none" else cls)
+    def __new__(cls, config: Config | None = None, *args, **kwargs):
+        # Table 2's ablation 3 is its own small class; recipes keep writing `basis: none` under `mrm`. (config is
+        # None when copy / pickle rebuild an instance: its class is then already the right one.)
+        none = cls is MRM and config is not None and config.basis == "none"
+        return super().__new__(MRMNoBasis if none else cls)
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)

@@ -163,7 +163,7 @@ class PReF(PersonalizedRewardModel):
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
-        self.spectrum: list[float] = []  # leading singular values of the training matrix (set by setup)
+        self.spectrum: list[float] = []  # leading singular values of the training matrix (set by before_fit)
         self._set_rank(1 if config.rank == "elbow" else config.rank)  # elbow: resized in before_fit()
 
     def _set_rank(self, rank: int) -> None:

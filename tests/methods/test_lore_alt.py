@@ -84,6 +84,12 @@ def test_each_alternating_step_leaves_the_other_block_bit_identical(tiny_overrid
     trainer.fit(model, datamodule=PreferenceDataModule(prepared, split, batch_size=64))
     # Lightning counts every manual optimizer step: max_steps=4 is two batches of a user then a basis step
     assert [name for name, *_ in steps] == ["user", "basis"] * 2
+    # each optimizer holds exactly its own block: AdamW skips a parameter without a gradient (weight decay
+    # included), so bit-identity alone could pass with both blocks in both optimizers
+    user_opt, basis_opt = trainer.optimizers
+    held = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in (user_opt, basis_opt)]
+    assert held[0] == {id(model.user_logits)}
+    assert id(model.user_logits) not in held[1] and id(model.basis.weight) in held[1]
     for name, before, after in steps:
         moved, fixed = ("user_logits", "basis.weight") if name == "user" else ("basis.weight", "user_logits")
         assert torch.equal(before[fixed], after[fixed]), f"the {name} step changed {fixed}"

@@ -9,6 +9,7 @@ import torch
 
 from plrm import registry, runner
 from plrm.data.datamodule import PreferenceDataModule
+from plrm.data.hooks import MethodHooks
 from plrm.data.splits import TRAIN, make_split
 from plrm.methods import meta
 from plrm.methods.mrm import MRM
@@ -221,7 +222,7 @@ def test_meta_training_checkpoints_and_resumes_under_lightning(tmp_path):
     dm = PreferenceDataModule(prepared, split, users_per_batch=model.users_per_batch, seed=0)
     kwargs = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                   limit_val_batches=0, enable_checkpointing=False)
-    first = L.Trainer(max_epochs=1, default_root_dir=tmp_path, **kwargs)
+    first = L.Trainer(max_epochs=1, default_root_dir=tmp_path, callbacks=[MethodHooks(dm)], **kwargs)
     first.fit(model, datamodule=dm)
     ckpt = tmp_path / "mid.ckpt"
     first.save_checkpoint(ckpt)
@@ -241,7 +242,7 @@ def test_meta_training_checkpoints_and_resumes_under_lightning(tmp_path):
                                                 feature_dim=prepared.backbone.feature_dim)
     assert not torch.equal(resumed_model.w0, state["state_dict"]["w0"])
     probe = AtStart()
-    second = L.Trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=[probe], **kwargs)
+    second = L.Trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=[probe, MethodHooks(dm)], **kwargs)
     second.fit(resumed_model, datamodule=dm, ckpt_path=ckpt)
     assert probe.step == steps and second.global_step == 2 * steps
     for name in ("w0", "basis.weight", "user_params"):
@@ -250,3 +251,33 @@ def test_meta_training_checkpoints_and_resumes_under_lightning(tmp_path):
         for n, t in moments.items():
             assert torch.equal(probe.adam[key][n], t), (key, n)
     assert not torch.equal(resumed_model.w0, state["state_dict"]["w0"])  # and it trained on from there
+
+
+def test_a_plain_trainer_without_the_data_hooks_is_refused(tmp_path):
+    """MRM's seen users get their state from fit_seen_users; a Trainer that would never call it must not train
+    it silently wrong."""
+    import lightning as L
+
+    from plrm.errors import PlrmError
+
+    recipe = load_recipe("quickstart", _prism_like(tmp_path, "~methods.bt", "methods.mrm.max_epochs=1"))
+    prepared = runner.prepare(recipe)
+    split = runner.seed_split(recipe, prepared, 0)
+    model = runner.build_model(recipe, "mrm", prepared, len(split.user_ids))
+    dm = PreferenceDataModule(prepared, split, users_per_batch=model.users_per_batch)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False)
+    with pytest.raises(PlrmError, match=r"add plrm.data.hooks.MethodHooks\(datamodule\) to the Trainer's callbacks"):
+        trainer.fit(model, datamodule=dm)
+
+
+def test_mrm_copies_and_pickles_whatever_its_basis():
+    import copy
+    import pickle
+
+    for basis in ("linear", "none"):
+        model = MRM(MRM.Config(basis=basis, hidden=4), n_users=3, feature_dim=5)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert type(clone) is type(model)
+            for k, v in model.state_dict().items():
+                assert torch.equal(clone.state_dict()[k], v)

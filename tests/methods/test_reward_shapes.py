@@ -12,7 +12,9 @@ from torch import Tensor, nn
 from plrm import registry, runner
 from plrm.data.datamodule import PreferenceDataModule
 from plrm.data.splits import make_split
+from plrm.errors import ExportError
 from plrm.eval.protocol import score_rows
+from plrm.export import export
 from plrm.methods.base import FACTORED, MethodConfig, PersonalizedRewardModel
 from plrm.methods.bt import GlobalBT
 from plrm.methods.lore import LoRe
@@ -118,3 +120,44 @@ def test_conditioned_method_fits_evaluates_adapts_and_retests_through_the_runner
     assert again.per_seed[0]["cond"]["unseen"]["accuracy"] == pytest.approx(metrics["unseen"]["accuracy"])
     adapted = runner.adapt(result.run_dir, k=3, show=False)    # `plrm adapt`: the same k-shot state, the same score
     assert adapted.per_seed[0]["cond"]["unseen"]["accuracy"] == pytest.approx(metrics["unseen"]["accuracy"])
+    session = runner.active(result.run_dir, budget=3, strategies=("random",), show=False)  # interactive sessions
+    assert len(session["summary"]["cond"]["random"]) == 3
+    with pytest.raises(ExportError, match=r"has no export_head\(\)|not of the form W\[u\] . g\(h\)"):
+        export(result.run_dir, tmp_path / "exported", method="cond", show=False)  # not W[u] . g(h)
+
+
+def test_conditioned_method_joins_a_benchmark(conditioned, tmp_path):
+    from plrm.bench.run import run_bench
+    from plrm.bench.spec import load_bench
+
+    spec = load_bench("bench/quick", [
+        "dataset_options.lowrank_world.n_users=60", "dataset_options.lowrank_world.pairs_per_user=10",
+        "dataset_options.lowrank_world.n_train_prompts=300", "dataset_options.lowrank_world.n_test_prompts=20",
+        "dataset_options.lowrank_world.test_prompts_per_user=10", "dataset_options.lowrank_world.feature_dim=16",
+        "bench.methods=[user_shifted]", "bench.seeds=[0]", "bench.k=3", "bench.k_list=[1,3]",
+        "cell.logger.kind=none", f"bench.output_dir={tmp_path}"])
+    outcome = run_bench(spec, show=False)
+    assert [r["status"] for r in outcome.records] == ["done"]
+    assert outcome.records[0]["metrics"]["unseen"]["accuracy"] > 0.5
+
+
+def test_population_reward_is_refused_for_a_conditioned_method():
+    with pytest.raises(NotImplementedError, match="no item embedding to average users' rewards over"):
+        UserShiftedMLP(MethodConfig(), 3, 4).population_reward(torch.randn(2, 4), torch.arange(3))
+
+
+def test_prefix_rewards_are_the_head_at_every_position():
+    """prefix_rewards(h (B, T, D), users) reads the head at each position as if that position's state were the
+    last token's: position t of user b equals head(h[b, t], b)."""
+    torch.manual_seed(2)
+    model = LoRe(LoRe.Config(rank=3), n_users=4, feature_dim=5)
+    with torch.no_grad():
+        model.user_logits.normal_()
+    h, users = torch.randn(2, 6, 5), torch.tensor([3, 1])
+    out = model.prefix_rewards(h, users)
+    assert out.shape == (2, 6)
+    for b in range(2):
+        for t in range(6):
+            torch.testing.assert_close(out[b, t], model.head(h[b, t][None], users[b:b + 1])[0])
+    with pytest.raises(NotImplementedError, match="conditions the encoder on the user"):
+        UserShiftedMLP(MethodConfig(), 4, 5).prefix_rewards(h, users)
