@@ -66,7 +66,7 @@ from plrm import capabilities as cap
 from plrm.checkpoint import load_checkpoint, save_model, save_state
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
 from plrm.data.hooks import MethodHooks
-from plrm.data.splits import VAL, Split, load_split, make_split
+from plrm.data.splits import VAL, Split, load_split, make_split, stored_users
 from plrm.eval import report
 from plrm.eval.metrics import per_user_accuracy, summarize
 from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, per_user_frame, score_rows, sync_user_state
@@ -259,9 +259,7 @@ class Run:
         read from the stored split without loading the dataset."""
         if self._split is not None and self._split[0] == seed:
             return self._split[1].user_ids, self._split[1].unseen
-        table = pd.read_parquet(self.seed_dir(seed) / SPLIT_FILE, columns=["user_id", "unseen_user"])
-        user_ids = np.asarray(sorted(table["user_id"].unique()), dtype=object)  # the split's user vocabulary
-        return user_ids, np.isin(user_ids, table.loc[table["unseen_user"], "user_id"].unique())
+        return stored_users(self.seed_dir(seed) / SPLIT_FILE)
 
     def datamodule(self, seed: int) -> PreferenceDataModule:
         """The pairs of ``seed``'s split as evaluation reads them (``.batch(rows)``, ``.test_rows(unseen)``)."""

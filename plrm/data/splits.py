@@ -70,6 +70,14 @@ class Split:
         tmp.replace(path)
 
 
+def stored_users(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(user vocabulary, whether each user is unseen) of a saved ``split.parquet``, without the dataset: the same
+    user order as the split's (the rows of a method's per-user state)."""
+    table = pd.read_parquet(path, columns=["user_id", "unseen_user"])
+    _, user_ids = _user_codes(table["user_id"].to_numpy())
+    return user_ids, np.isin(user_ids, table.loc[table["unseen_user"], "user_id"].unique())
+
+
 def _user_codes(user_column) -> tuple[np.ndarray, np.ndarray]:
     codes, uniques = pd.factorize(pd.Series(user_column, dtype=object), sort=True)
     return codes.astype(np.int64), np.asarray(uniques, dtype=object)

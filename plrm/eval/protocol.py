@@ -64,68 +64,82 @@ def sync_user_state(model: PersonalizedRewardModel) -> None:
         torch.distributed.broadcast(state[name].data, src=0)
 
 
+def _item_chunks(model: PersonalizedRewardModel, prepared, items: torch.Tensor):
+    """The backbone inputs of ``items`` on the model's device, ITEM_CHUNK items at a time."""
+    for i in range(0, len(items), ITEM_CHUNK):
+        yield to_device(prepared.backbone.inputs(items[i:i + ITEM_CHUNK]), model.device)
+
+
 @torch.no_grad()
 def embed_items(model: PersonalizedRewardModel, prepared, items: torch.Tensor) -> torch.Tensor:
     """Item embeddings (len(items), Z) of the prepared backbone's items ``items``, encoded ITEM_CHUNK at a time."""
-    inputs = prepared.backbone.inputs
     if not len(items):
         return torch.empty(0, 1)
-    return torch.cat([model.item_embedding(model.encode(to_device(inputs(items[i:i + ITEM_CHUNK]), model.device)))
-                      for i in range(0, len(items), ITEM_CHUNK)])
-
-
-def _score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: np.ndarray,
-                max_pairs: int) -> torch.Tensor:
-    if model.reward_shape == CONDITIONED:
-        return _score_rows_conditioned(model, dm, rows, max_pairs)
-    prepared = dm.prepared
-    rows_t = torch.from_numpy(rows)
-    chosen, rejected = prepared.chosen_item[rows_t], prepared.rejected_item[rows_t]
-    items = torch.unique(torch.cat([chosen, rejected]))  # sorted
-    device = model.device
-    z = embed_items(model, prepared, items)
-    pos_c, pos_r = torch.searchsorted(items, chosen), torch.searchsorted(items, rejected)
-    users = dm.row_user[rows_t]
-    step = max(1, min(max_pairs, PAIR_CHUNK_BYTES // (2 * z.shape[1] * z.element_size())))
-    out = [model.pair_logit(z[pos_c[s:s + step]], z[pos_r[s:s + step]], users[s:s + step].to(device)).float().cpu()
-           for s in range(0, len(rows), step)]
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat([model.item_embedding(model.encode(x)) for x in _item_chunks(model, prepared, items)])
 
 
 @torch.no_grad()
 def item_statistics(model: PersonalizedRewardModel, prepared, items: torch.Tensor) -> torch.Tensor | None:
     """A conditioned method's user-independent item statistics (len(items), S), once per item, ITEM_CHUNK at a
     time; None when the method has none."""
-    inputs = prepared.backbone.inputs
     parts = []
-    for i in range(0, len(items), ITEM_CHUNK):
-        part = model.item_statistics(to_device(inputs(items[i:i + ITEM_CHUNK]), model.device))
+    for x in _item_chunks(model, prepared, items):
+        part = model.item_statistics(x)
         if part is None:
             return None
         parts.append(part)
     return torch.cat(parts) if parts else None
 
 
+@dataclass
+class _Rows:
+    """The rows to score as items: each row's chosen / rejected item, the unique items (sorted) and each row's
+    position among them, and each row's user."""
+
+    chosen: torch.Tensor   # (R,) item index
+    rejected: torch.Tensor
+    items: torch.Tensor    # (I,) sorted unique items of the rows
+    pos_c: torch.Tensor    # (R,) position of chosen in items
+    pos_r: torch.Tensor
+    users: torch.Tensor    # (R,)
+
+    @classmethod
+    def of(cls, dm: PreferenceDataModule, rows: np.ndarray) -> _Rows:
+        rows_t = torch.from_numpy(rows)
+        chosen, rejected = dm.prepared.chosen_item[rows_t], dm.prepared.rejected_item[rows_t]
+        items = torch.unique(torch.cat([chosen, rejected]))  # sorted
+        return cls(chosen, rejected, items, torch.searchsorted(items, chosen), torch.searchsorted(items, rejected),
+                   dm.row_user[rows_t])
+
+
+def _score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: np.ndarray,
+                max_pairs: int) -> torch.Tensor:
+    if model.reward_shape == CONDITIONED:
+        return _score_rows_conditioned(model, dm, rows, max_pairs)
+    r = _Rows.of(dm, rows)
+    device = model.device
+    z = embed_items(model, dm.prepared, r.items)
+    step = max(1, min(max_pairs, PAIR_CHUNK_BYTES // (2 * z.shape[1] * z.element_size())))
+    out = [model.pair_logit(z[r.pos_c[s:s + step]], z[r.pos_r[s:s + step]], r.users[s:s + step].to(device)).float()
+           .cpu() for s in range(0, len(rows), step)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
 def _score_rows_conditioned(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: np.ndarray,
                             max_pairs: int) -> torch.Tensor:
     """Rows of a user-conditioned reward: each chunk of (user, pair) rows is one forward of its chosen and
     rejected items under the rows' users; what does not depend on the user is computed once per unique item."""
-    prepared = dm.prepared
-    rows_t = torch.from_numpy(rows)
-    chosen, rejected = prepared.chosen_item[rows_t], prepared.rejected_item[rows_t]
-    items = torch.unique(torch.cat([chosen, rejected]))  # sorted
-    stats = item_statistics(model, prepared, items)                               # (I, S) or None
-    pos_c, pos_r = torch.searchsorted(items, chosen), torch.searchsorted(items, rejected)
-    users = dm.row_user[rows_t]
-    device = model.device
+    r = _Rows.of(dm, rows)
+    stats = item_statistics(model, dm.prepared, r.items)                          # (I, S) or None
+    inputs, device = dm.prepared.backbone.inputs, model.device
     step = max(1, min(max_pairs, ITEM_CHUNK // 2))  # 2 * step items per forward, as when embedding items
     out = []
     for s in range(0, len(rows), step):
         sl = slice(s, s + step)
-        pair_stats = None if stats is None else (stats[pos_c[sl]], stats[pos_r[sl]])
-        out.append(model.conditioned_pair_logit(to_device(prepared.backbone.inputs(chosen[sl]), device),
-                                                to_device(prepared.backbone.inputs(rejected[sl]), device),
-                                                users[sl].to(device), pair_stats).float().cpu())
+        pair_stats = None if stats is None else (stats[r.pos_c[sl]], stats[r.pos_r[sl]])
+        out.append(model.conditioned_pair_logit(to_device(inputs(r.chosen[sl]), device),
+                                                to_device(inputs(r.rejected[sl]), device),
+                                                r.users[sl].to(device), pair_stats).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

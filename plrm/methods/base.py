@@ -361,12 +361,15 @@ class PersonalizedRewardModel(L.LightningModule):
         if pair_inputs is None:
             pair_inputs = self.embedding_difference(support) if self.linear_in_features else self.embed_pairs(support)
         owner = torch.searchsorted(users, support["user_idx"])  # position of each pair's user in `users`
-        if isinstance(pair_inputs, tuple):
-            z_chosen, z_rejected = pair_inputs
-            logit = lambda state, pos: self.reward_with(z_chosen[pos], state) - self.reward_with(z_rejected[pos], state)  # noqa: E731,E501
-        else:
-            logit = lambda state, pos: self.reward_with(pair_inputs[pos], state)  # noqa: E731
-        return fit_per_user(init, owner, lambda state, pos: -F.logsigmoid(logit(state, pos)), steps=steps, lr=lr, l2=l2)
+
+        def pair_nll(state: Tensor, pos: Tensor) -> Tensor:  # state: each pair's user's parameters (P, ...)
+            if isinstance(pair_inputs, tuple):
+                logit = self.reward_with(pair_inputs[0][pos], state) - self.reward_with(pair_inputs[1][pos], state)
+            else:
+                logit = self.reward_with(pair_inputs[pos], state)
+            return -F.logsigmoid(logit)
+
+        return fit_per_user(init, owner, pair_nll, steps=steps, lr=lr, l2=l2)
 
     def loss(self, batch: dict) -> Tensor:
         return self.nll(self.preference_logit(batch), batch)
