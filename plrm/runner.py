@@ -184,6 +184,7 @@ class Run:
         recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
         run_dir = Path(recipe.run.output_dir).expanduser() / recipe.run.name
         rank, world = distribution(recipe)
+        check_methods(recipe)
         main = rank == 0  # the other ranks (started after it made run_dir) compute alongside
         exists = main and run_dir.exists() and any(run_dir.iterdir())
         if exists and not recipe.run.overwrite:
@@ -386,18 +387,34 @@ def _full_parameters(trainer: L.Trainer):
     return contextlib.nullcontext()
 
 
+def _check_clipping(recipe: Recipe, label: str, method, manual: bool) -> None:
+    """Lightning clips only under automatic optimization: a manual-optimization method (``method``: its class or
+    an instance) that does not clip in its own step (``clips_gradients``) refuses trainer.gradient_clip_val
+    rather than train unclipped."""
+    clip = recipe.trainer.gradient_clip_val
+    if clip is not None and manual and not getattr(method, "clips_gradients", False):
+        name = method.__name__ if isinstance(method, type) else type(method).__name__
+        raise RecipeError(f"trainer.gradient_clip_val={clip}: methods.{label} ({name}) optimizes manually (backward "
+                          "passes inside its training step), where Lightning does not clip, and does not clip its "
+                          "own gradients (clips_gradients); set trainer.gradient_clip_val=null")
+
+
+def check_methods(recipe: Recipe) -> None:
+    """What the recipe's method classes declare, checked against its trainer settings before anything is written
+    (a method that turns manual optimization on in its own __init__ is checked when its Trainer is built)."""
+    for label, comp in recipe.methods.items():
+        cls = registry.methods.get(comp.name)
+        _check_clipping(recipe, label, cls, getattr(cls, "manual_optimization", False))
+
+
 def _gradient_clip_val(recipe: Recipe, label: str, model) -> float | None:
-    """The Trainer's gradient_clip_val. Lightning clips only under automatic optimization; a manual-optimization
-    method that clips in its own step (``clips_gradients``) gets trainer.gradient_clip_val as
-    ``model.gradient_clip_val``, and any other one refuses it rather than train unclipped."""
+    """The Trainer's gradient_clip_val: the recipe's under automatic optimization; a manual-optimization method
+    that clips in its own step gets it as ``model.gradient_clip_val`` (and the Trainer None)."""
+    _check_clipping(recipe, label, model, not model.automatic_optimization)
     clip = recipe.trainer.gradient_clip_val
     if model.automatic_optimization or clip is None:
         model.gradient_clip_val = None
         return clip
-    if not getattr(model, "clips_gradients", False):
-        raise RecipeError(f"trainer.gradient_clip_val={clip}: methods.{label} ({type(model).__name__}) optimizes "
-                          "manually (backward passes inside its training step), where Lightning does not clip, and "
-                          "does not clip its own gradients (clips_gradients); set trainer.gradient_clip_val=null")
     model.gradient_clip_val = clip
     return None
 

@@ -266,3 +266,24 @@ def test_training_seed_follows_the_split_seed_only_when_asked(tmp_path, tiny_ove
     runner.fit("quickstart", tiny_overrides + ["split.seeds=[0,1]", "run.seed=7", f"run.seed_per_split={per_split}",
                                                "methods.bt.max_epochs=1", "methods.lore.max_epochs=1"], show=False)
     assert seeds == expected
+
+
+class DeclaredManualStep(PersonalizedRewardModel):
+    """Manual optimization declared on the class, as LoRe-Alt does: the recipe is checked before any work."""
+
+    manual_optimization = True
+
+
+def test_a_declared_manual_method_refuses_gradient_clipping_before_the_run_directory_exists(
+        monkeypatch, tiny_overrides, tmp_path):
+    from plrm import registry
+
+    monkeypatch.setitem(registry.methods._entries, "declared_manual", DeclaredManualStep)
+    monkeypatch.setitem(registry.methods._origins, "declared_manual", registry.methods.origin("bt"))
+    overrides = [o for o in tiny_overrides if not o.startswith("methods.")] + [
+        "methods={m: {name: declared_manual}}", "trainer.gradient_clip_val=0.5", "run.name=clipped"]
+    with pytest.raises(RecipeError, match=r"trainer.gradient_clip_val=0.5: methods.m \(DeclaredManualStep\) "
+                                          r"optimizes manually"):
+        runner.fit("quickstart", overrides, show=False)
+    assert not (tmp_path / "clipped").exists()
+    assert not DeclaredManualStep(PersonalizedRewardModel.Config(), 2, 3).automatic_optimization

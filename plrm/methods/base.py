@@ -109,6 +109,9 @@ class PersonalizedRewardModel(L.LightningModule):
     # 'factored': reward = user_reward(item_embedding(encode(items)), u); 'conditioned': the user changes the
     # encoder's forward, the method implements conditioned_reward (see the module docstring).
     reward_shape: ClassVar[Literal["factored", "conditioned"]] = FACTORED
+    # True: the training step runs its own backward passes and optimizer steps (Lightning manual optimization);
+    # declared on the class so a recipe's trainer settings are checked against it before anything runs.
+    manual_optimization: ClassVar[bool] = False
     # A manual-optimization method that clips its own gradients (with self.gradient_clip_val, the recipe's
     # trainer.gradient_clip_val, set by the runner); any other manual-optimization method refuses that key.
     clips_gradients: ClassVar[bool] = False
@@ -135,6 +138,8 @@ class PersonalizedRewardModel(L.LightningModule):
         self.n_users = n_users
         self.feature_dim = feature_dim
         self.encoder = encoder if encoder is not None else nn.Identity()
+        if self.manual_optimization:
+            self.automatic_optimization = False
         self.save_hyperparameters({"method": type(self).__name__, "config": dataclasses.asdict(config),
                                    "n_users": n_users, "feature_dim": feature_dim})
 

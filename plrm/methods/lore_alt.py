@@ -28,6 +28,7 @@ from plrm.registry import methods
 class LoReAlt(LoRe):
     """LoRe with alternating user-weight / basis steps and an optional reference-RM penalty."""
 
+    manual_optimization = True  # a user step, then a basis step, each with its own optimizer
     clips_gradients = True  # the basis step clips with trainer.gradient_clip_val (self.gradient_clip_val)
 
     @dataclass
@@ -42,7 +43,6 @@ class LoReAlt(LoRe):
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
-        self.automatic_optimization = False
         self.reference = None
         if config.reference_checkpoint:  # r_ref: (1, D), filled by load_reference before training
             self.reference = nn.Linear(feature_dim, 1, bias=False).requires_grad_(False)
