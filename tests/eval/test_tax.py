@@ -113,3 +113,16 @@ def test_a_feature_run_cannot_pay_a_text_tax(tmp_path, tiny_overrides):
     with pytest.raises(TaxError, match="backbone 'precomputed' reads precomputed features, so it cannot score "
                                        "RewardBench's text"):
         personalization_tax(run, "lore", overrides=[f"path={RB}"], show=False)
+
+
+def test_a_user_conditioned_method_has_no_tax_to_pay(text_run, tmp_path, monkeypatch):
+    """The tax compares users' rewards with their mean over one item embedding; a method that conditions its
+    encoder on the user has none, and says so before anything is written."""
+    from plrm.methods.bt import GlobalBT
+
+    monkeypatch.setattr(GlobalBT, "reward_shape", "conditioned")
+    out = tmp_path / "tax-out"
+    with pytest.raises(TaxError, match=r"method 'bt' \(GlobalBT\) conditions its encoder on the user: it has no "
+                                       "user-independent item embedding"):
+        personalization_tax(text_run, "bt", overrides=[f"path={RB}"], out=out, show=False)
+    assert not out.exists()
