@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{stats['n_samples']:,} pairs, {stats['n_users']:,} users -> "
                   f"{args.out or 'profiles/' + args.dataset}/profile.md")
         elif args.verb == "tax":
-            from plrm.eval.tax import personalization_tax
+            from plrm.tax import personalization_tax
 
             personalization_tax(args.run, args.method, args.seed, args.overrides, args.out, args.worst)
         elif args.verb == "embed":

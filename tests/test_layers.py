@@ -38,9 +38,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # load_source build a dataset and the item encoder it asks for: it assembles all three kinds of component,
     # so it sits above them. Only the runner and the commands import it.
     ("recipe", ("plrm.recipe",)),
-    ("eval", ("plrm.eval",)),  # protocol, metrics, report, plots, active (the active-learning session)
+    ("eval", ("plrm.eval",)),  # protocol, metrics, report, plots, active (the active-learning session), profile
     ("runner", ("plrm.runner",)),
-    ("commands", ("plrm.bench", "plrm.eval.tax", "plrm.eval.profile", "plrm.export")),
+    ("commands", ("plrm.bench", "plrm.tax", "plrm.export")),
     ("cli", ("plrm.cli",)),
 ]
 

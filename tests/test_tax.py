@@ -12,9 +12,9 @@ import torch
 
 from plrm import cli, runner
 from plrm.data.sources.reward_bench import section_scores
-from plrm.eval.tax import TaxError, personalization_tax, section_matrix
+from plrm.tax import TaxError, personalization_tax, section_matrix
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RB = REPO / "tests" / "data" / "sources" / "fixtures" / "reward_bench"
 SECTIONS = ["Chat", "Chat Hard", "Safety", "Reasoning"]
 
