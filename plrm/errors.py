@@ -49,3 +49,20 @@ class TaxError(PlrmError, ValueError):
 
 class ExportError(PlrmError, ValueError):
     """A run that cannot be exported as asked, or an export directory that cannot be read."""
+
+
+class CheckpointError(PlrmError, ValueError):
+    """A checkpoint that cannot be used: damaged, not written by plrm, holding objects plrm will not unpickle, or
+    belonging to another run than the one that reads it. The message names the file and what to do."""
+
+
+def refit_command(run_dir) -> str:
+    """The command that fits a run again into its own directory, replacing it: the run's recipe.yaml with the
+    directory spelled out (the recipe's own run.output_dir/run.name may name another place if the run was moved)."""
+    import shlex
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    return (f"plrm fit --recipe {shlex.quote(str(run_dir / 'recipe.yaml'))} "
+            f"run.output_dir={shlex.quote(str(run_dir.parent))} run.name={shlex.quote(run_dir.name)} "
+            "run.overwrite=true")

@@ -4,8 +4,9 @@ Built-ins register with a decorator (``@methods.register("lore")``). Third-party
 points in the groups ``plrm.methods``, ``plrm.datasets`` and ``plrm.backbones``; the entry-point name is
 the registry key and its value points at the class. Plugins load lazily, each on its own: one that fails
 to import is recorded (name, distribution, version, error) and shown by ``plrm list``; the rest keep
-working. A plugin may not replace a built-in, nor another plugin, of the same name. A fourth group,
-``plrm.recipes``, names a folder of recipes; plrm.recipe reads it under the same rules.
+working. "Fails" includes ``SystemExit`` (a module that runs argparse or ``sys.exit`` when imported); only
+``KeyboardInterrupt`` passes through. A plugin may not replace a built-in, nor another plugin, of the same
+name. A fourth group, ``plrm.recipes``, names a folder of recipes; plrm.recipe reads it under the same rules.
 
 Environment variables: ``PLRM_DISABLE_PLUGIN_AUTOLOAD=1`` loads no plugin; ``PLRM_PLUGINS=a,b`` loads only
 the entry points named there.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as md
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -76,6 +78,13 @@ def entry_points(group: str) -> list[md.EntryPoint]:
 
 
 PLUGIN_GROUPS = ("plrm.methods", "plrm.datasets", "plrm.backbones", "plrm.recipes")
+_GROUP_KINDS = {"plrm.methods": "method", "plrm.datasets": "dataset", "plrm.backbones": "backbone",
+                "plrm.recipes": "recipes"}
+_said_unknown: set[tuple[str, Callable]] = set()  # (name, entry-point lookup) warned about already
+
+
+def _normalized(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
 def autoload_disabled() -> bool:
@@ -98,6 +107,87 @@ def entry_point_origin(ep: md.EntryPoint) -> Origin:
 def closest(name: str, candidates: list[str] | tuple[str, ...]) -> str | None:
     found = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return found[0] if found else None
+
+
+class PluginLoadError(Exception):
+    """A plugin's entry point could not be loaded: ``cause`` is what its import raised (``SystemExit`` included),
+    ``printed`` what it wrote to stdout/stderr while failing (argparse's usage line, say), kept out of plrm's
+    output."""
+
+    def __init__(self, cause: BaseException, printed: str = ""):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+        self.printed = printed
+
+
+class _HeldStream:
+    """Stands in for sys.stdout/sys.stderr while a plugin imports: what is written is held back, and given to the
+    real stream when the import succeeds (dropped when it fails: the error keeps it). Once released it writes
+    straight through, so a logging handler that captured it during the import still reaches the terminal."""
+
+    def __init__(self, real):
+        self._real = real
+        self._held: list[str] | None = []
+
+    def write(self, text: str) -> int:
+        if self._held is None:
+            return self._real.write(text)
+        self._held.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._held is None:
+            self._real.flush()
+
+    def release(self, show: bool) -> str:
+        text, self._held = "".join(self._held or []), None
+        if show and text:
+            self._real.write(text)
+        return text
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...: the real stream's
+        return getattr(self._real, name)
+
+
+def run_isolated(load: Callable[[], T]) -> T:
+    """``load()`` (code of a plugin: importing it, reading its entry point), with every failure turned into
+    :class:`PluginLoadError`: any exception, and ``SystemExit`` too (a module that parses the command line or
+    calls ``sys.exit`` when imported would otherwise end plrm with a usage line that never names the plugin).
+    Only ``KeyboardInterrupt`` (the user's Ctrl-C) passes through. What it prints is shown when it succeeds,
+    kept for the error when it fails."""
+    out, err = _HeldStream(sys.stdout), _HeldStream(sys.stderr)
+    sys.stdout, sys.stderr = out, err
+    try:
+        return load()
+    except (KeyboardInterrupt, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001  (SystemExit included, on purpose)
+        printed = out.release(False) + err.release(False)
+        raise PluginLoadError(exc, printed) from exc
+    finally:
+        if sys.stdout is out:
+            sys.stdout = out._real
+        if sys.stderr is err:
+            sys.stderr = err._real
+        out.release(True)  # what a successful (or interrupted) import printed; a no-op after a failure
+        err.release(True)
+
+
+def load_isolated(ep: md.EntryPoint) -> Any:
+    """``ep.load()`` under :func:`run_isolated`: the entry point's object, or :class:`PluginLoadError`."""
+    return run_isolated(ep.load)
+
+
+def plugin_failure(exc: BaseException, origin: Origin, printed: str = "") -> str:
+    """The one-line description of a plugin that failed to load, as ``plrm list`` shows it: what its import raised
+    (and, for an exit, the last line it printed), then what to do."""
+    if isinstance(exc, SystemExit):
+        said = next((ln.strip() for ln in reversed(printed.splitlines()) if ln.strip()), "")
+        what = f"raised SystemExit({exc.code!r}) at import" + (f" after printing {said!r}" if said else "")
+        what += " (a plugin module must not exit or parse the command line when it is imported)"
+    else:
+        what = f"{type(exc).__name__}: {exc}"
+    return f"{what} (fix or reinstall {origin.distribution}, or leave it out with PLRM_PLUGINS=<names to load>)"
 
 
 class Registry(Generic[T]):
@@ -158,12 +248,8 @@ class Registry(Generic[T]):
         ensure_builtins()  # built-ins first, so a plugin can never take a built-in's name
         allow = allowed_plugins()
         entry_points = self._entry_points_fn(self.group)
-        if allow:  # a name of another group's entry point (a recipes folder, say) is no typo
-            other_groups = {ep.name for group in PLUGIN_GROUPS if group != self.group
-                            for ep in self._entry_points_fn(group)}
-            for name in sorted(allow - other_groups - {ep.name for ep in entry_points}):
-                print(f"plrm: PLRM_PLUGINS names '{name}', but no installed {self.kind} plugin has that name",
-                      file=sys.stderr)
+        if allow:
+            self._say_unknown_allowed(allow, entry_points)
         for ep in entry_points:
             if allow and ep.name not in allow:
                 continue
@@ -177,12 +263,13 @@ class Registry(Generic[T]):
                 )
                 continue  # checked before import: a clashing plugin's code never runs
             try:
-                obj = ep.load()
-            except Exception as exc:  # a plugin's import error must never break plrm
-                self._broken[ep.name] = BrokenPlugin(
-                    ep.name, self.group, origin,
-                    f"{type(exc).__name__}: {exc} (fix or reinstall {origin.distribution}, or leave it out "
-                    "with PLRM_PLUGINS=<names to load>)")
+                obj = load_isolated(ep)
+            except PluginLoadError as exc:  # a plugin's import error must never break plrm
+                self._broken[ep.name] = BrokenPlugin(ep.name, self.group, origin, plugin_failure(exc.cause, origin,
+                                                                                                  exc.printed))
+                if allow:  # asked for by name: say at once that it is not there, and why
+                    print(f"plrm: PLRM_PLUGINS names '{ep.name}', a {self.kind} plugin of {origin}, which failed "
+                          f"to load: {self._broken[ep.name].error}", file=sys.stderr)
                 continue
             if self._entries.get(ep.name) is obj:  # the plugin also used the decorator: same object
                 self._origins[ep.name] = origin
@@ -191,6 +278,29 @@ class Registry(Generic[T]):
                 self._add(ep.name, obj, origin)
             except RegistryError as exc:
                 self._broken[ep.name] = BrokenPlugin(ep.name, self.group, origin, str(exc))
+
+    def _say_unknown_allowed(self, allow: set[str], entry_points: list) -> None:
+        """Warn (once per name and view of the installed plugins, not once per registry) about each name of
+        ``PLRM_PLUGINS`` that is no entry point of any plugin group. A name of another group's entry point (a
+        recipes folder, say) is no typo; a distribution's name is answered with its entry points' names."""
+        by_group = {group: list(entry_points) if group == self.group else list(self._entry_points_fn(group))
+                    for group in dict.fromkeys((self.group, *PLUGIN_GROUPS))}
+        known = {ep.name for eps in by_group.values() for ep in eps}
+        for name in sorted(allow - known):
+            key = (name, self._entry_points_fn)
+            if key in _said_unknown:
+                continue
+            _said_unknown.add(key)
+            of_dist = sorted({ep.name for eps in by_group.values() for ep in eps
+                              if _normalized(entry_point_origin(ep).distribution) == _normalized(name)})
+            if of_dist:
+                text = (f"PLRM_PLUGINS names '{name}', which is a distribution, not an entry point; name its entry "
+                        f"points instead: {', '.join(of_dist)}")
+            else:
+                others = [_GROUP_KINDS.get(g, g) for g in PLUGIN_GROUPS if _GROUP_KINDS.get(g, g) != self.kind]
+                text = (f"PLRM_PLUGINS names '{name}', but no installed {self.kind} plugin has that name (nor does "
+                        f"any {', '.join(others[:-1])} or {others[-1]} plugin; see `plrm list`)")
+            print(f"plrm: {text}", file=sys.stderr)
 
     def _entries_from(self, name: str, origin: Origin) -> bool:
         """Whether the entry ``name`` was registered (by decorator) from ``origin``'s own distribution."""
@@ -255,6 +365,18 @@ methods: Registry = Registry("method", "plrm.methods", _method_base)
 datasets: Registry = Registry("dataset", "plrm.datasets", _dataset_base)
 backbones: Registry = Registry("backbone", "plrm.backbones", _backbone_base)
 REGISTRIES = {"methods": methods, "datasets": datasets, "backbones": backbones}
+
+
+def forget_plugins() -> None:
+    """Drop every plugin entry and broken-plugin record of the registries, so the next lookup reads the installed
+    entry points again (tests that install a plugin mid-process; built-ins stay). Clear importlib.metadata's
+    path caches too (``importlib.invalidate_caches()``) when the files on sys.path changed."""
+    for reg in REGISTRIES.values():
+        for name in [n for n, o in reg._origins.items() if not o.is_builtin]:
+            del reg._entries[name], reg._origins[name]
+        reg._broken.clear()
+        reg._plugins_loaded = False
+    _said_unknown.clear()
 
 
 def ensure_builtins() -> None:

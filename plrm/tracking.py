@@ -3,7 +3,8 @@
 W&B with no API key and a closed stdin does not prompt, it fails (``UsageError: No API key configured``), so
 plrm decides the mode itself before wandb is touched: the recipe's ``logger.mode`` if not 'auto', else
 ``WANDB_MODE``, else 'online' when an API key is configured (``WANDB_API_KEY`` or a ~/.netrc entry for the
-W&B host, where ``wandb login`` stores it), else 'offline', said once on stderr.
+W&B host, where ``wandb login`` stores it), else 'offline', said once on stderr. A run that asks for 'online'
+without credentials is refused before it starts (:func:`check_logger`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
+from plrm.errors import RecipeError
+
 _said_offline = False
 _USER_WANDB_DATA_DIR = os.environ.get("WANDB_DATA_DIR")
 
@@ -24,11 +27,37 @@ _USER_WANDB_DATA_DIR = os.environ.get("WANDB_DATA_DIR")
 def has_wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
     try:
-        return netrc.netrc().authenticators(host) is not None
+        return netrc.netrc(_netrc_path()).authenticators(_wandb_host()) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+def check_logger(section: Any) -> None:
+    """Refuse, before anything is written, a W&B logger that would fail once the run has started:
+    ``logger.kind=wandb`` whose mode resolves to 'online' (``logger.mode=online``, or 'auto' with
+    ``WANDB_MODE=online``) while no W&B credentials exist here. ``section``: the recipe's logger section (kind,
+    mode, ...). Reads only the environment and ~/.netrc: wandb is not imported."""
+    if getattr(section, "kind", None) != "wandb":
+        return
+    configured = getattr(section, "mode", "auto")
+    mode = configured if configured != "auto" else os.environ.get("WANDB_MODE", "").strip()
+    if mode not in ("online", "run") or has_wandb_credentials():
+        return
+    source = "logger.mode=online" if configured == "online" else f"logger.mode=auto with WANDB_MODE={mode}"
+    raise RecipeError(
+        f"{source} needs W&B credentials, and none are configured here (no WANDB_API_KEY, no entry for "
+        f"{_wandb_host()} in {_netrc_path()}). Run `wandb login`, or set WANDB_API_KEY, or log without an "
+        "account: logger.mode=offline (upload later with `wandb sync`), or logger.kind=csv")
+
+
+def _wandb_host() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+
+
+def _netrc_path() -> str:
+    """Where ``wandb login`` keeps the key: $NETRC if set (wandb honours it), else ~/.netrc."""
+    return os.environ.get("NETRC") or str(Path("~/.netrc").expanduser())
 
 
 def wandb_mode(configured: str) -> str:
@@ -86,8 +115,8 @@ def log_results(logger: Logger | None, metrics: dict[str, float], tables: dict[s
         return
     logger.log_metrics({k: v for k, v in metrics.items() if v is not None})
     if hasattr(logger, "log_table"):  # WandbLogger: one W&B table per evaluation
-        for key, frame in tables.items():
-            logger.log_table(key=key, dataframe=frame)
+        for key, frame in tables.items():  # W&B tables take None for a missing value, not pandas' <NA>
+            logger.log_table(key=key, dataframe=frame.astype(object).where(frame.notna(), None))
 
 
 def finish(logger: Logger | None) -> None:

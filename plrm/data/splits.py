@@ -18,10 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from plrm.errors import (
-    DataValidationError,
-    SplitError,  # noqa: F401  (re-exported: plrm.errors defines every error class)
-)
+from plrm.errors import DataValidationError, SplitError, refit_command
 
 TRAIN, VAL, SUPPORT, TEST = 0, 1, 2, 3
 ROLE_NAMES = ("train", "val", "support", "test")
@@ -70,10 +67,45 @@ class Split:
         tmp.replace(path)
 
 
+SPLIT_COLUMNS = ("user_id", "unseen_user", "role", "support_rank")
+
+
+def read_split_table(path: Path, columns: list[str] | tuple[str, ...] = SPLIT_COLUMNS) -> pa.Table:
+    """The ``columns`` of a stored ``split.parquet``; a file that is damaged (truncated, overwritten, not
+    parquet) or lacks one of them raises :class:`SplitError` naming it, never pyarrow's own error."""
+    path = Path(path)
+    if not path.is_file():
+        raise SplitError(f"split file {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (ArrowInvalid, OSError, ...: one message for every unreadable file)
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SplitError(f"split file {path} is damaged (it cannot be read as parquet: {reason}); "
+                         f"{_split_advice(path)}") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise SplitError(f"split file {path} is not a split plrm wrote: it has no column "
+                         f"{', '.join(map(repr, missing))} (its columns: {', '.join(table.column_names)}); "
+                         f"{_split_advice(path)}")
+    return table.select(list(columns))
+
+
+def _split_advice(path: Path) -> str:
+    """What to do about a run's unreadable split: it is the record of which users and pairs were held out, so it
+    cannot be rebuilt from a damaged copy."""
+    run_dir = path.parent.parent
+    if path.name == "split.parquet" and path.parent.name.startswith("seed-") and (run_dir / "recipe.yaml").is_file():
+        return (f"the run's split cannot be rebuilt from it. Restore the file from a backup, or re-run the fit: "
+                f"`{refit_command(run_dir)}` (it replaces {run_dir})")
+    return "pass a split.parquet that plrm wrote, or a JSON file of user lists"
+
+
 def stored_users(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(user vocabulary, whether each user is unseen) of a saved ``split.parquet``, without the dataset: the same
     user order as the split's (the rows of a method's per-user state)."""
-    table = pd.read_parquet(path, columns=["user_id", "unseen_user"])
+    table = read_split_table(path, ["user_id", "unseen_user"]).to_pandas()
     _, user_ids = _user_codes(table["user_id"].to_numpy())
     return user_ids, np.isin(user_ids, table.loc[table["unseen_user"], "user_id"].unique())
 
@@ -185,7 +217,11 @@ def load_split(path: Path, pairs_table: pa.Table, seed: int, split_args: dict, n
         raise SplitError(f"split file {path} does not exist")
     row_user, user_ids = _user_codes(pairs_table["user_id"].to_numpy(zero_copy_only=False))
     if path.suffix == ".json":
-        spec = json.loads(path.read_text())
+        try:
+            spec = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SplitError(f"{path} is not valid JSON ({exc}); expected an object with 'unseen_users' (and "
+                             "optionally 'seen_users')") from None
         if not isinstance(spec, dict) or "unseen_users" not in spec:
             raise SplitError(f"{path}: expected a JSON object with 'unseen_users' (and optionally 'seen_users')")
         known = set(user_ids.tolist())
@@ -200,7 +236,7 @@ def load_split(path: Path, pairs_table: pa.Table, seed: int, split_args: dict, n
                                  f"e.g. {unlisted[:5]}")
         return make_split(pairs_table, seed, need_support=need_support, source=source,
                           unseen_user_ids=set(map(str, spec["unseen_users"])), **split_args)
-    table = pq.read_table(path)
+    table = read_split_table(path)
     if table.num_rows != pairs_table.num_rows:
         raise SplitError(f"{path}: the split has {table.num_rows} rows but the data has {pairs_table.num_rows}; "
                          "was it written for another dataset or dataset configuration?")
