@@ -1,7 +1,8 @@
 """Typed option declarations shared by the recipe schema, methods, datasets and backbones.
 
-Every option is declared once, as a dataclass field made with :func:`opt`, carrying its default and its
-help text. Recipe validation, ``plrm recipes keys`` and the docs all read them from here.
+Every option is declared once, as a dataclass field made with :func:`opt`, carrying its default, its help
+text and, optionally, the values it accepts (a range, a set of choices, "not empty") and whether it names an
+input file. Recipe validation, ``plrm recipes keys`` and the docs all read them from here.
 """
 
 from __future__ import annotations
@@ -13,12 +14,120 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 
-def opt(default: Any = MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002 - "help" is the natural name
-    """A dataclass field with help text. Mutable defaults (lists) are copied per instance."""
+@dataclass(frozen=True)
+class Bounds:
+    """The values an option accepts beyond its type, declared with :func:`opt`.
+
+    Numbers are checked against ``min`` / ``max`` (inclusive) and ``gt`` / ``lt`` (exclusive); a value in
+    ``also`` is accepted outside that range (``also=(-1,)``: -1 means "no limit"). Strings are checked against
+    ``choices``. A list is checked item by item against all of these, and must not be empty with ``nonempty``
+    (a string with ``nonempty`` must not be ""). ``None`` (an option that may be null) is never out of range.
+    """
+
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+    choices: tuple[Any, ...] | None = None
+    nonempty: bool = False
+    also: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.min is not None and self.gt is not None:
+            raise TypeError("opt(): give min (inclusive) or gt (exclusive), not both")
+        if self.max is not None and self.lt is not None:
+            raise TypeError("opt(): give max (inclusive) or lt (exclusive), not both")
+
+    @property
+    def has_range(self) -> bool:
+        return any(b is not None for b in (self.min, self.max, self.gt, self.lt))
+
+    def range_text(self) -> str:
+        """'>= 1', '> 0', 'in [0, 1)', '-1 or >= 1', "one of 'a', 'b'" (empty when nothing is declared)."""
+        low = (f"[{self.min}" if self.min is not None else f"({self.gt}" if self.gt is not None else None)
+        high = (f"{self.max}]" if self.max is not None else f"{self.lt})" if self.lt is not None else None)
+        if low and high:
+            text = f"in {low}, {high}"
+        elif low:
+            text = (">= " if low[0] == "[" else "> ") + low[1:]
+        elif high:
+            text = ("<= " if high[-1] == "]" else "< ") + high[:-1]
+        else:
+            text = ""
+        if self.choices is not None:
+            text = " or ".join(filter(None, [text, "one of " + ", ".join(repr(c) for c in self.choices)]))
+        if text and self.also:
+            text = " or ".join([*(repr(a) for a in self.also), text])
+        return text
+
+    def describe(self, is_list: bool = False) -> str:
+        """The whole constraint in words, as ``plrm recipes keys`` shows it beside the type."""
+        text = self.range_text()
+        if is_list:
+            return ", ".join(filter(None, ["not empty" if self.nonempty else "", f"each {text}" if text else ""]))
+        return ", ".join(filter(None, ["not empty" if self.nonempty else "", text]))
+
+    def _item_problem(self, value: Any) -> str | None:
+        if value is None or value in self.also:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok = ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                  and (self.gt is None or value > self.gt) and (self.lt is None or value < self.lt))
+            if not ok or (self.choices is not None and not self.has_range and value not in self.choices):
+                return f"must be {self.range_text()}, got {value!r}"
+        elif isinstance(value, str):
+            if self.choices is not None and value not in self.choices:
+                return f"must be {self.range_text()}, got {value!r}"
+        return None
+
+    def problems(self, value: Any) -> list[tuple[str, str]]:
+        """(where, what) for each way ``value`` breaks these bounds: where is "" for the value itself or "[i]" for
+        item i of a list; what reads "must be >= 1, got 0". Empty when the value is fine."""
+        if isinstance(value, (list, tuple)):
+            if self.nonempty and not value:
+                return [("", "must not be empty")]
+            return [(f"[{i}]", p) for i, v in enumerate(value) if (p := self._item_problem(v))]
+        if self.nonempty and value == "":
+            return [("", "must not be empty")]
+        p = self._item_problem(value)
+        return [("", p)] if p else []
+
+
+def opt(default: Any = MISSING, help: str = "", *,  # noqa: A002 - "help" is the natural name
+        min: float | None = None, max: float | None = None,  # noqa: A002 - the natural names of the bounds
+        gt: float | None = None, lt: float | None = None, choices: tuple | list | None = None,
+        nonempty: bool = False, also: tuple = (), path: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with help text, and the values it accepts beyond its type (see :class:`Bounds`).
+
+    ``min`` / ``max``: inclusive bounds of a number; ``gt`` / ``lt``: exclusive ones; ``also``: values accepted
+    outside that range (``opt(-1, ..., min=1, also=(-1,))``: -1 or >= 1); ``choices``: the strings accepted;
+    ``nonempty``: a list (or string) that must not be empty. On a list option the bounds and choices apply to
+    each item. ``path=True`` marks an option that names an input file or folder (a string or a list of them): a
+    relative path written in a recipe file is taken relative to that file's folder. Recipe validation reports a
+    value out of bounds with its key path, e.g. ``methods.lore.rank: must be >= 1, got 0``. Mutable defaults
+    (lists) are copied per instance.
+    """
+    bounds = Bounds(min=min, max=max, gt=gt, lt=lt, choices=None if choices is None else tuple(choices),
+                    nonempty=nonempty, also=tuple(also))
+    metadata: dict[str, Any] = {"help": help}
+    if bounds != Bounds():
+        metadata["bounds"] = bounds
+    if path:
+        metadata["path"] = True
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def bounds_of(f: dataclasses.Field) -> Bounds | None:
+    """The values option ``f`` accepts beyond its type, or None when :func:`opt` declared none."""
+    return f.metadata.get("bounds")
+
+
+def is_path(f: dataclasses.Field) -> bool:
+    """Whether option ``f`` names an input file or folder (``opt(..., path=True)``)."""
+    return bool(f.metadata.get("path", False))
 
 
 def help_of(f: dataclasses.Field) -> str:

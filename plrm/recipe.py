@@ -14,7 +14,10 @@ import dataclasses
 import difflib
 import functools
 import importlib.resources
+import re
 import sys
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,7 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from plrm import registry
-from plrm.config import check_value, default_of, help_of, opt, type_hints, type_name
+from plrm.config import bounds_of, check_value, default_of, help_of, is_path, opt, type_hints, type_name
 from plrm.errors import RecipeError  # noqa: F401  (re-exported: plrm.errors defines every error class)
 from plrm.registry import BrokenPlugin, Origin
 
@@ -33,34 +36,54 @@ if TYPE_CHECKING:
 
 
 # ---- fixed sections --------------------------------------------------------------------------------------
+SEED_MAX = 2**32 - 1  # Lightning's seed_everything and numpy take seeds in [0, 2**32)
+
+
 @dataclass
 class RunSection:
-    name: str = opt("run", "Run name: the run directory is <output_dir>/<name>.")
-    output_dir: str = opt("runs", "Where run directories are written.")
-    seed: int = opt(0, "Seed of model initialisation and data order (split seeds are split.seeds).")
+    name: str = opt("run", "Run name: the run directory is <output_dir>/<name>.", nonempty=True)
+    output_dir: str = opt("runs", "Where run directories are written.", nonempty=True)
+    seed: int = opt(0, "Seed of model initialisation and data order (split seeds are split.seeds).",
+                    min=0, max=SEED_MAX)
     seed_per_split: bool = opt(False, "Seed model initialisation and data order with run.seed + the split seed, "
                                "so the spread over split.seeds includes training randomness, not only the split's.")
-    overwrite: bool = opt(False, "Replace an existing run directory of the same name instead of failing.")
+    overwrite: bool = opt(False, "Replace an existing run of the same name instead of failing. Only a plrm run (a "
+                          "folder with plrm-run.json) is ever replaced, and only once the new run is complete: it is "
+                          "built in <output_dir>/.<name>.plrm-staging and swapped in at the end.")
+    resume: bool = opt(False, "Continue the incomplete run of this name (a killed or failed `plrm fit` of the same "
+                       "recipe): finished (seed, method) units are kept, the interrupted one continues from "
+                       "seed-<s>/<label>.last.ckpt; a run that does not exist yet is started. Same as --resume.")
+    checkpoint_every_n_steps: int = opt(
+        200, "While a method trains, write its resumable checkpoint (seed-<s>/<label>.last.ckpt) every this many "
+        "training batches (0: only at epoch ends), and always at epoch ends.", min=0)
+    checkpoint_interval: float = opt(
+        30.0, "At most one resumable checkpoint per this many seconds (0: every one that is due); a full-batch "
+        "method runs an epoch in milliseconds.", min=0)
 
 
 @dataclass
 class SplitSection:
-    seeds: list[int] = opt([0], "Split seeds; the whole protocol repeats per seed and reports mean +- std.")
-    unseen_fraction: float = opt(0.5, "Fraction of users held out as unseen (few-shot) users.")
+    seeds: list[int] = opt([0], "Split seeds; the whole protocol repeats per seed and reports mean +- std.",
+                           nonempty=True, min=0, max=SEED_MAX)
+    unseen_fraction: float = opt(0.5, "Fraction of users held out as unseen (few-shot) users.", min=0, lt=1)
     test_fraction: float = opt(
-        0.5, "Fraction of each user's pairs held out for test; ignored where the dataset has a 'split' column.")
-    val_fraction: float = opt(0.0, "Fraction of each seen user's train pairs held out for validation.")
-    k: int = opt(9, "Support pairs per unseen user for the headline unseen accuracy.")
+        0.5, "Fraction of each user's pairs held out for test; ignored where the dataset has a 'split' column.",
+        min=0, lt=1)
+    val_fraction: float = opt(0.0, "Fraction of each seen user's train pairs held out for validation.", min=0, lt=1)
+    k: int = opt(9, "Support pairs per unseen user for the headline unseen accuracy.", min=1)
     from_file: str | None = opt(
         None, "Reuse a split: a split.parquet written by an earlier run, or a JSON file "
-        "{'seen_users': [...], 'unseen_users': [...]} such as a paper's published user split.")
+        "{'seen_users': [...], 'unseen_users': [...]} such as a paper's published user split. A relative path "
+        "written in a recipe file is relative to that file's folder.", path=True)
 
 
 @dataclass
 class EvalSection:
-    k_list: list[int] = opt([1, 3, 9], "Few-shot curve: support sizes k at which unseen users are adapted and tested.")
-    worst_fractions: list[float] = opt([0.1, 0.2, 0.5], "Report the mean accuracy of the worst q of users for each q.")
-    batch_size: int = opt(262144, "Pairs scored per chunk during evaluation (memory vs speed).")
+    k_list: list[int] = opt([1, 3, 9], "Few-shot curve: support sizes k at which unseen users are adapted and tested.",
+                            nonempty=True, min=1)
+    worst_fractions: list[float] = opt([0.1, 0.2, 0.5], "Report the mean accuracy of the worst q of users for each q.",
+                                       gt=0, max=1)
+    batch_size: int = opt(262144, "Pairs scored per chunk during evaluation (memory vs speed).", min=1)
 
 
 @dataclass
@@ -68,19 +91,19 @@ class TrainerSection:
     accelerator: str = opt("cpu", "Lightning accelerator: cpu, gpu, auto.")
     devices: Any = opt(1, "Lightning devices per node: a count, a list of ids, or 'auto'. With strategy ddp and "
                           "accelerator cpu, the number of processes (gloo).")
-    num_nodes: int = opt(1, "Machines of a distributed run (torchrun or SLURM start one process per device).")
+    num_nodes: int = opt(1, "Machines of a distributed run (torchrun or SLURM start one process per device).", min=1)
     strategy: str = opt(
         "auto", "Lightning strategy: auto (one process), ddp (one process per device, on every node; batch_size "
         "stays the global batch, each rank trains on its part of it and evaluates its part of the rows), fsdp "
         "(ddp that also shards the parameters of a large trainable backbone: CUDA GPUs only, a CPU request is "
         "refused), or any other Lightning strategy name.")
     precision: str = opt("32-true", "Lightning precision string, e.g. 32-true, bf16-mixed.")
-    gradient_clip_val: float | None = opt(None, "Clip gradient norm to this value (null: no clipping).")
+    gradient_clip_val: float | None = opt(None, "Clip gradient norm to this value (null: no clipping).", gt=0)
     deterministic: bool = opt(False, "torch deterministic algorithms.")
-    log_every_n_steps: int = opt(10, "Logging interval in training steps.")
+    log_every_n_steps: int = opt(10, "Logging interval in training steps.", min=1)
     progress_bar: bool | Literal["auto"] = opt(
         "auto", "Progress bars: true, false, or 'auto' (bars on a terminal, plain log lines in batch jobs).")
-    num_threads: int | None = opt(None, "torch intra-op threads on CPU (null: torch's default).")
+    num_threads: int | None = opt(None, "torch intra-op threads on CPU (null: torch's default).", min=1)
 
 
 @dataclass
@@ -201,12 +224,11 @@ def plugin_recipes() -> PluginRecipes:
         if allow and ep.name not in allow:
             continue
         origin = registry.entry_point_origin(ep)
-        try:
-            folder = recipe_folder(ep)
-        except Exception as exc:  # a plugin's import error or missing folder must never break plrm
-            found.broken.append(BrokenPlugin(ep.name, RECIPE_GROUP, origin, (
-                f"{type(exc).__name__}: {exc} (fix or reinstall {origin.distribution}, or leave it out with "
-                "PLRM_PLUGINS=<names to load>)")))
+        try:  # a plugin's import error (SystemExit included) or missing folder must never break plrm
+            folder = registry.run_isolated(lambda ep=ep: recipe_folder(ep))
+        except registry.PluginLoadError as exc:
+            found.broken.append(BrokenPlugin(ep.name, RECIPE_GROUP, origin,
+                                             registry.plugin_failure(exc.cause, origin, exc.printed)))
             continue
         for name, path in _recipes_in(folder).items():
             recipe = RecipeFile(name, path, origin)
@@ -278,19 +300,109 @@ def _deep_merge(base: dict, child: dict) -> dict:
     return out
 
 
-def read_recipe(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict:
-    """The raw recipe with its ``extends`` chain merged (base first)."""
+Origins = dict[tuple[str, ...], Path]  # key path of a value -> folder of the recipe file that set it
+
+
+def _leaf_keys(data: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Key paths of every value of ``data`` that is not itself a mapping."""
+    out = []
+    for k, v in data.items():
+        keys = (*prefix, str(k))
+        if isinstance(v, dict):
+            out += _leaf_keys(v, keys)  # an empty mapping merges into the base without replacing anything
+        else:
+            out.append(keys)
+    return out
+
+
+def read_recipe_with_origins(name_or_path: str, _seen: tuple[Path, ...] = ()) -> tuple[dict, Origins]:
+    """:func:`read_recipe`, and for each value the folder of the recipe file it comes from (where a relative
+    path option written there is resolved, :func:`resolve_paths`)."""
     path = find_recipe(name_or_path, _seen[-1].parent if _seen else None).resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise RecipeError(f"recipe 'extends' forms a cycle: {chain}")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
+    origins = {keys: path.parent for keys in _leaf_keys(data)}
     if parent is None:
-        return data
+        return data, origins
     if not isinstance(parent, str):
         raise RecipeError(f"{path}: 'extends' must be a recipe name or path, got {parent!r}")
-    return _deep_merge(read_recipe(parent, (*_seen, path)), data)
+    base, base_origins = read_recipe_with_origins(parent, (*_seen, path))
+    return _deep_merge(base, data), {**forget_origins(base_origins, list(origins)), **origins}
+
+
+def read_recipe(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict:
+    """The raw recipe with its ``extends`` chain merged (base first)."""
+    return read_recipe_with_origins(name_or_path, _seen)[0]
+
+
+def override_keys(overrides: list[str]) -> list[tuple[str, ...]]:
+    """The key path each ``key=value`` / ``~key`` override sets or deletes (``a.b[0]`` -> ('a', 'b', '0'))."""
+    keys = []
+    for o in overrides:
+        key = o.lstrip("~").removeprefix("+").split("=", 1)[0].strip()
+        keys.append(tuple(filter(None, re.split(r"[.\[\]]+", key))))
+    return keys
+
+
+def forget_origins(origins: Origins, keys: list[tuple[str, ...]]) -> Origins:
+    """``origins`` without the values that ``keys`` replace: the keys themselves, what lies below them, and a value
+    of which one of them replaces a part (a list item)."""
+    def replaced(known: tuple[str, ...]) -> bool:
+        return any(known[:len(k)] == k or k[:len(known)] == known for k in keys)
+    return {known: folder for known, folder in origins.items() if not replaced(known)}
+
+
+def _absolute(value: Any, folder: Path) -> Any:
+    if isinstance(value, str):
+        return str(folder / value) if value and not Path(value).expanduser().is_absolute() else value
+    if isinstance(value, list):
+        return [_absolute(v, folder) for v in value]
+    return value  # not a path: validation reports its type
+
+
+def resolve_paths_of(values: Any, cls: type, keys: tuple[str, ...], origins: Origins) -> None:
+    """In place: every path option (``opt(..., path=True)``) of dataclass ``cls`` in the mapping ``values`` (found
+    at key path ``keys``) that a recipe file set to a relative path becomes that file's folder / the path. Values
+    without an origin (command-line overrides, recipes given as dicts) are left as they are: relative to the
+    working directory."""
+    if not isinstance(values, dict) or not dataclasses.is_dataclass(cls):
+        return
+    for f in dataclasses.fields(cls):
+        folder = origins.get((*keys, f.name))
+        if is_path(f) and f.name in values and folder is not None:
+            values[f.name] = _absolute(values[f.name], folder)
+
+
+def component_config_class(reg: Any, values: Any, default_name: str | None) -> type | None:
+    """The ``Config`` of the registry entry a component section names (``name``, else ``default_name``); None
+    when it names none that can be loaded (validation reports that)."""
+    name = values.get("name", default_name) if isinstance(values, dict) else None
+    try:
+        return reg.get(name).Config if name is not None else None
+    except Exception:  # an unknown or broken name: validation reports it
+        return None
+
+
+def resolve_paths(raw: dict, origins: Origins) -> None:
+    """In place: the relative path options of a run recipe, resolved against the folder of the recipe file that
+    wrote each of them (:func:`resolve_paths_of`); the sections' classes are found as validation finds them."""
+    from plrm import registry
+
+    registry.ensure_builtins()
+    for name, cls in FIXED_SECTIONS.items():
+        resolve_paths_of(raw.get(name), cls, (name,), origins)
+    for section, reg, default in (("data", registry.datasets, None), ("backbone", registry.backbones, "precomputed")):
+        cls = component_config_class(reg, raw.get(section), default)
+        if cls is not None:
+            resolve_paths_of(raw[section], cls, (section,), origins)
+    methods = raw.get("methods")
+    for label, values in (methods.items() if isinstance(methods, dict) else ()):
+        cls = component_config_class(registry.methods, values, str(label))
+        if cls is not None:
+            resolve_paths_of(values, cls, ("methods", str(label)), origins)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -336,7 +448,12 @@ def did_you_mean(key: str, valid: list[str]) -> str:
 
 
 def build_section(cls: type, values: Any, path: str, problems: list[str], extra_valid: tuple[str, ...] = ()) -> Any:
-    """Instantiate dataclass ``cls`` from ``values``, appending every problem (with key path) to ``problems``."""
+    """Instantiate dataclass ``cls`` from ``values``, appending every problem (with key path) to ``problems``.
+
+    Each value is checked against its type, then against the bounds its :func:`~plrm.config.opt` declares
+    (``methods.lore.rank: must be >= 1, got 0``). Only a section without problems is built: its ``__post_init__``
+    may reject a combination of values, and a ``check(self) -> list[str]`` method, if the class has one, may add
+    cross-field problems, each starting with the option's name (reported as ``<path>.<message>``)."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -345,6 +462,7 @@ def build_section(cls: type, values: Any, path: str, problems: list[str], extra_
     hints = type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     valid = list(fields) + list(extra_valid)
+    before = len(problems)
     kwargs = {}
     for key, value in values.items():
         if key in extra_valid:
@@ -356,15 +474,25 @@ def build_section(cls: type, values: Any, path: str, problems: list[str], extra_
         if not ok:
             problems.append(f"{path}.{key}: expected {type_name(hints[key])}, got {value!r}")
             continue
-        kwargs[key] = coerced
+        bounds = bounds_of(fields[key])
+        out_of_bounds = bounds.problems(coerced) if bounds is not None else []
+        problems += [f"{path}.{key}{where}: {what}" for where, what in out_of_bounds]
+        if not out_of_bounds:
+            kwargs[key] = coerced
     for name, f in fields.items():
-        if name not in kwargs and default_of(f) is dataclasses.MISSING:
+        if name not in kwargs and name not in values and default_of(f) is dataclasses.MISSING:
             problems.append(f"{path}.{name}: required key is missing ({help_of(f)})")
+    if len(problems) > before:  # a Config's own checks would only repeat (or trip over) what is reported
+        return None
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:  # a Config's __post_init__ may reject a combination of values
         problems.append(f"{path}: {exc}")
         return None
+    check = getattr(type(obj), "check", None)
+    if callable(check):  # cross-field checks: messages start with the option's name ("max_steps: ...")
+        problems += [f"{path}.{message}" for message in check(obj)]
+    return obj
 
 
 def build_component(registry: Any, values: Any, path: str, problems: list[str], default_name: str | None = None):
@@ -411,19 +539,6 @@ def validate(raw: dict, source: str = "recipe") -> Recipe:
                               problems, default_name=str(label))
             if comp is not None:
                 methods[str(label)] = comp
-    split = sections["split"]
-    ev = sections["eval"]
-    if split is not None:
-        if not split.seeds:
-            problems.append("split.seeds: needs at least one seed")
-        for key in ("unseen_fraction", "test_fraction", "val_fraction"):
-            v = getattr(split, key)
-            if not 0.0 <= v < 1.0:
-                problems.append(f"split.{key}: must be in [0, 1), got {v}")
-        if split.k < 1:
-            problems.append(f"split.k: must be >= 1, got {split.k}")
-    if ev is not None and any(k < 1 for k in ev.k_list):
-        problems.append(f"eval.k_list: every k must be >= 1, got {ev.k_list}")
     if problems:
         listing = "\n  ".join(problems)
         raise RecipeError(f"{source}: {len(problems)} problem(s):\n  {listing}")
@@ -431,17 +546,29 @@ def validate(raw: dict, source: str = "recipe") -> Recipe:
                   description=str(raw.get("description", "")), **sections)
 
 
-def load_recipe(name_or_path: str | dict, overrides: list[str] | None = None) -> Recipe:
-    """Read, merge ``extends``, apply overrides, resolve and validate a recipe (name, path or dict)."""
+def read_with_overrides(name_or_path: str | dict, overrides: list[str] | None = None) -> dict:
+    """A recipe (name, path or dict) read, with ``extends`` merged, ``overrides`` applied, interpolations resolved
+    and relative path options made absolute (:func:`resolve_paths`): what :func:`validate` checks. A path in a
+    recipe file is relative to that file's folder; one in an override or in a dict, to the working directory."""
+    overrides = list(overrides or [])
     if isinstance(name_or_path, dict):
-        raw, source = copy.deepcopy(name_or_path), "recipe"
+        raw, origins = copy.deepcopy(name_or_path), {}
         parent = raw.pop("extends", None)
         if parent is not None:
-            raw = _deep_merge(read_recipe(parent), raw)
+            base, base_origins = read_recipe_with_origins(parent)
+            raw, origins = _deep_merge(base, raw), forget_origins(base_origins, _leaf_keys(raw))
     else:
-        raw, source = read_recipe(name_or_path), str(name_or_path)
+        raw, origins = read_recipe_with_origins(name_or_path)
     raw.pop("extends", None)
-    raw = resolve(apply_overrides(raw, list(overrides or [])))
+    raw = resolve(apply_overrides(raw, overrides))
+    resolve_paths(raw, forget_origins(origins, override_keys(overrides)))
+    return raw
+
+
+def load_recipe(name_or_path: str | dict, overrides: list[str] | None = None) -> Recipe:
+    """Read, merge ``extends``, apply overrides, resolve and validate a recipe (name, path or dict)."""
+    source = str(name_or_path) if not isinstance(name_or_path, dict) else "recipe"
+    raw = read_with_overrides(name_or_path, overrides)
     raw.setdefault("backbone", {"name": "precomputed"})
     return validate(raw, source)
 
@@ -496,13 +623,28 @@ def load_source(source: DatasetSource, name: str | None = None) -> PreferenceDat
 
 
 # ---- documentation from the schema ---------------------------------------------------------------------------
+def _is_list(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    return origin is list or (origin in (typing.Union, types.UnionType) and any(map(_is_list, typing.get_args(tp))))
+
+
+def option_type(f: dataclasses.Field, tp: Any) -> str:
+    """An option's type as ``plrm recipes keys`` shows it: the annotation, then the values it accepts beyond it
+    (``int, >= 1``; ``list[int], not empty, each >= 1``) and whether it is an input path."""
+    bounds = bounds_of(f)
+    parts = [type_name(tp), bounds.describe(_is_list(tp)) if bounds is not None else "",
+             "input path" if is_path(f) else ""]
+    return ", ".join(filter(None, parts))
+
+
 def describe_dataclass(cls: type, prefix: str) -> list[tuple[str, str, Any, str]]:
-    """(key path, type, default, help) for every option of ``cls``."""
+    """(key path, type, default, help) for every option of ``cls``; the type names the option's range or choices
+    and marks input paths (:func:`option_type`)."""
     hints = type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         default = default_of(f)
-        rows.append((f"{prefix}.{f.name}", type_name(hints[f.name]),
+        rows.append((f"{prefix}.{f.name}", option_type(f, hints[f.name]),
                      "(required)" if default is dataclasses.MISSING else default, help_of(f)))
     return rows
 

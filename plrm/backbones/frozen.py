@@ -57,7 +57,8 @@ class FrozenEncoder(HFBackbone):
     @dataclass
     class Config(HFModelConfig):
         model: str = opt("offline:minilm", HFModelConfig.__dataclass_fields__["model"].metadata["help"])
-        max_length: int = opt(256, "Tokens per item; longer items lose prompt tokens from the left first (warned).")
+        max_length: int = opt(256, "Tokens per item; longer items lose prompt tokens from the left first (warned).",
+                              min=2)
         normalize: bool = opt(False, "L2-normalize each feature vector (sentence-transformers' cosine convention).")
         standardize: bool = opt(False, "Scale features to zero mean and unit variance per dimension "
                                        "(statistics over all items of the dataset; applied after the cache).")

@@ -43,13 +43,13 @@ class HFModelConfig:
         "auto", "auto: decoder if the config names a causal LM (Qwen2, LLaMA, ...), else encoder (BERT family).")
     pooling: Literal["auto", "last", "mean", "cls"] = opt(
         "auto", "Feature of an item: auto = the last response token for decoders, the token mean for encoders.")
-    max_length: int = opt(512, "Tokens per item; longer items lose prompt tokens from the left first (warned).")
+    max_length: int = opt(512, "Tokens per item; longer items lose prompt tokens from the left first (warned).", min=2)
     chat_template: Literal["auto", "always", "never"] = opt(
         "auto", "Render the prompt as a user turn with the tokenizer's chat template (auto: when a decoder "
         "tokenizer has one); the response follows it as is, with nothing appended.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Weights dtype: auto = bfloat16 on a CUDA GPU that supports it, float32 on CPU.")
-    inference_batch_size: int = opt(64, "Items per forward pass when scoring without gradients (eval, adapt).")
+    inference_batch_size: int = opt(64, "Items per forward pass when scoring without gradients (eval, adapt).", min=1)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -154,11 +154,12 @@ class TransformerBackbone(HFBackbone):
     class Config(HFModelConfig):
         finetune: Literal["lora", "full", "frozen"] = opt(
             "lora", "Which weights of the transformer train: LoRA adapters (peft), all of them, or none.")
-        lr: float = opt(1e-4, "Learning rate of the transformer's trainable weights (the head keeps the method's).")
-        weight_decay: float = opt(0.0, "AdamW weight decay of the transformer's trainable weights.")
-        lora_r: int = opt(8, "LoRA rank.")
-        lora_alpha: float = opt(16.0, "LoRA alpha (scaling alpha / r, or alpha / sqrt(r) with use_rslora).")
-        lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
+        lr: float = opt(1e-4, "Learning rate of the transformer's trainable weights (the head keeps the method's).",
+                        gt=0)
+        weight_decay: float = opt(0.0, "AdamW weight decay of the transformer's trainable weights.", min=0)
+        lora_r: int = opt(8, "LoRA rank.", min=1)
+        lora_alpha: float = opt(16.0, "LoRA alpha (scaling alpha / r, or alpha / sqrt(r) with use_rslora).", gt=0)
+        lora_dropout: float = opt(0.05, "Dropout on the LoRA path.", min=0, lt=1)
         lora_target_modules: list[str] | str | None = opt(
             None, "Modules that get adapters: a list of names, 'all-linear', or null for peft's default of the "
                   "architecture (q_proj and v_proj for Qwen2 / LLaMA; query and value for BERT).")

@@ -34,14 +34,20 @@ from plrm import registry
 from plrm.config import opt
 from plrm.recipe import (
     FIXED_SECTIONS,
+    SEED_MAX,
+    Origins,
     Recipe,
     RecipeError,
     apply_overrides,
     build_component,
     build_section,
+    component_config_class,
     did_you_mean,
-    read_recipe,
+    forget_origins,
+    override_keys,
+    read_recipe_with_origins,
     resolve,
+    resolve_paths_of,
     validate,
 )
 
@@ -51,17 +57,22 @@ CELL_SECTIONS = (*FIXED_SECTIONS, "backbone")
 
 @dataclass
 class BenchSection:
-    name: str = opt("bench", "Benchmark name: results go to <output_dir>/<name> (rerunning resumes there).")
-    output_dir: str = opt("bench", "Where benchmark directories are written.")
+    name: str = opt("bench", "Benchmark name: results go to <output_dir>/<name> (rerunning resumes there).",
+                    nonempty=True)
+    output_dir: str = opt("bench", "Where benchmark directories are written.", nonempty=True)
     methods: list[str] | Literal["all"] = opt(
-        "all", "Methods to run: a list of registry names, or 'all' (every registered method, plugins included).")
+        "all", "Methods to run: a list of registry names, or 'all' (every registered method, plugins included).",
+        nonempty=True)
     datasets: list[str] | Literal["all"] = opt(
-        "all", "Datasets to run: a list of registry names, or 'all' (every registered dataset, plugins included).")
+        "all", "Datasets to run: a list of registry names, or 'all' (every registered dataset, plugins included).",
+        nonempty=True)
     exclude_methods: list[str] = opt([], "Methods left out of 'all'.")
     exclude_datasets: list[str] = opt([], "Datasets left out of 'all'.")
-    seeds: list[int] = opt([0, 1], "Split seeds; every cell runs once per seed and reports mean +- std.")
-    k: int = opt(9, "Support pairs per unseen user for the headline unseen accuracy (split.k of every cell).")
-    k_list: list[int] = opt([1, 3, 9], "Few-shot curve: support sizes k (eval.k_list of every cell).")
+    seeds: list[int] = opt([0, 1], "Split seeds; every cell runs once per seed and reports mean +- std.",
+                           nonempty=True, min=0, max=SEED_MAX)
+    k: int = opt(9, "Support pairs per unseen user for the headline unseen accuracy (split.k of every cell).", min=1)
+    k_list: list[int] = opt([1, 3, 9], "Few-shot curve: support sizes k (eval.k_list of every cell).",
+                            nonempty=True, min=1)
     retry_failed: bool = opt(True, "On a rerun, run again the (cell, seed)s that failed before.")
 
 
@@ -156,9 +167,13 @@ def shard_units(units: list[Unit], shard: tuple[int, int]) -> list[Unit]:
 def load_bench(name_or_path: str | dict, overrides: list[str] | None = None) -> BenchSpec:
     """Read (``extends`` merged), override and validate a benchmark recipe; every problem listed at once."""
     source = name_or_path if isinstance(name_or_path, str) else "bench recipe"
-    raw = copy.deepcopy(name_or_path) if isinstance(name_or_path, dict) else read_recipe(name_or_path)
+    if isinstance(name_or_path, dict):
+        raw, origins = copy.deepcopy(name_or_path), {}
+    else:
+        raw, origins = read_recipe_with_origins(name_or_path)
     raw.pop("extends", None)
     raw = resolve(apply_overrides(raw, overrides or []))
+    _resolve_bench_paths(raw, forget_origins(origins, override_keys(overrides or [])))
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:
@@ -210,6 +225,30 @@ def load_bench(name_or_path: str | dict, overrides: list[str] | None = None) -> 
         if unit.dataset not in spec.not_configured:
             spec.cell_recipe(unit, "-")  # every cell's options are checked before anything runs
     return spec
+
+
+def _resolve_bench_paths(raw: dict, origins: Origins) -> None:
+    """In place: path options (``opt(..., path=True)``) that the benchmark recipe file gives as relative paths
+    become absolute against that file's folder, as in a run recipe (plrm.recipe.resolve_paths); every cell then
+    gets the absolute path."""
+    cell = raw.get("cell")
+    if isinstance(cell, dict):
+        for name, cls in FIXED_SECTIONS.items():
+            resolve_paths_of(cell.get(name), cls, ("cell", name), origins)
+        backbone = component_config_class(registry.backbones, cell.get("backbone"), "precomputed")
+        if backbone is not None:
+            resolve_paths_of(cell["backbone"], backbone, ("cell", "backbone"), origins)
+    for section, reg in (("method_options", registry.methods), ("dataset_options", registry.datasets)):
+        values = raw.get(section)
+        for name, opts in (values.items() if isinstance(values, dict) else ()):
+            if not isinstance(opts, dict):
+                continue
+            cls = component_config_class(reg, {}, str(name))
+            if cls is not None:
+                resolve_paths_of(opts, cls, (section, str(name)), origins)
+            own = component_config_class(registry.backbones, opts.get("backbone"), "precomputed")
+            if section == "dataset_options" and own is not None:
+                resolve_paths_of(opts["backbone"], own, (section, str(name), "backbone"), origins)
 
 
 def _missing_required(dataset: str, options: dict) -> list[str]:

@@ -269,22 +269,24 @@ class AttributeWorld(DatasetSource):
 
     @dataclass
     class Config:
-        n_users: int = opt(200, "Users generated (split.unseen_fraction of them become unseen users).")
-        pairs_per_user: int = opt(20, "Train pairs per user, on distinct train prompts.")
-        n_train_prompts: int = opt(200, "Prompts that train pairs are drawn from.")
-        n_test_prompts: int = opt(50, "Test prompts (their text never occurs among the train prompts).")
-        test_pairs_per_user: int = opt(10, "Test pairs per user, on distinct test prompts.")
+        n_users: int = opt(200, "Users generated (split.unseen_fraction of them become unseen users).", min=1)
+        pairs_per_user: int = opt(20, "Train pairs per user, on distinct train prompts.", min=1)
+        n_train_prompts: int = opt(200, "Prompts that train pairs are drawn from.", min=1)
+        n_test_prompts: int = opt(50, "Test prompts (their text never occurs among the train prompts).", min=0)
+        test_pairs_per_user: int = opt(10, "Test pairs per user, on distinct test prompts.", min=0)
         n_responses: int = opt(8, "Responses per prompt, each with a distinct attribute combination "
-                                  "(at most 2 ** len(attributes)).")
+                                  "(at most 2 ** len(attributes)).", min=2)
         attributes: list[str] = opt(["length", "formality", "expertise", "style"], "Attributes that responses "
-                                    f"vary along, from: {', '.join(ATTRIBUTES)}. The others keep a fixed pole.")
-        attributes_per_user: int = opt(2, "How many attributes each user cares about (a random pole of each).")
+                                    f"vary along, from: {', '.join(ATTRIBUTES)}. The others keep a fixed pole.",
+                                    nonempty=True, choices=ATTRIBUTES)
+        attributes_per_user: int = opt(2, "How many attributes each user cares about (a random pole of each).", min=1)
         labels: str = opt("extremes", "'extremes': the user's truly preferred response of the pair (never a tie); "
                                       "'bradley_terry': that pair's order drawn with P = sigmoid(delta / "
-                                      "bt_temperature).")
+                                      "bt_temperature).", choices=("extremes", "bradley_terry"))
         bt_temperature: float = opt(1.0, "Temperature of Bradley-Terry labels (true reward units; a user's weights "
-                                         "are 0.5 to 1.5 per attribute, a pair's delta up to 6).")
-        seed: int = opt(0, "Seed of the world (prompts, response wording, attribute combinations, users, pairs).")
+                                         "are 0.5 to 1.5 per attribute, a pair's delta up to 6).", gt=0)
+        seed: int = opt(0, "Seed of the world (prompts, response wording, attribute combinations, users, pairs).",
+                        min=0)
 
         def __post_init__(self) -> None:
             unknown = [a for a in self.attributes if a not in ATTRIBUTES]

@@ -76,33 +76,36 @@ class LowRankWorld(DatasetSource):
 
     @dataclass
     class Config:
-        n_users: int = opt(2000, "Users generated (split.unseen_fraction of them become unseen users).")
-        pairs_per_user: int = opt(45, "Train pairs per user, on distinct train prompts (LoRe: 45).")
-        n_train_prompts: int = opt(9000, "Prompts that train pairs are drawn from.")
-        n_test_prompts: int = opt(1000, "Test prompts.")
+        n_users: int = opt(2000, "Users generated (split.unseen_fraction of them become unseen users).", min=1)
+        pairs_per_user: int = opt(45, "Train pairs per user, on distinct train prompts (LoRe: 45).", min=1)
+        n_train_prompts: int = opt(9000, "Prompts that train pairs are drawn from.", min=1)
+        n_test_prompts: int = opt(1000, "Test prompts.", min=1)
         test_prompts_per_user: int | None = opt(
-            None, "Test pairs per user, on distinct test prompts (null: every test prompt, as LoRe).")
-        n_responses: int = opt(8, "Responses per prompt (PersonalLLM: 8).")
-        feature_dim: int = opt(4096, "D, the feature dimension (LoRe's embeddings: 4096).")
-        n_functions: int = opt(10, "K, the number of true reward functions (PersonalLLM: 10 reward models).")
-        alpha: float = opt(0.01, "Dirichlet concentration of user weights: 0.001 very diverse, 0.1 near uniform.")
+            None, "Test pairs per user, on distinct test prompts (null: every test prompt, as LoRe).", min=1)
+        n_responses: int = opt(8, "Responses per prompt (PersonalLLM: 8).", min=2)
+        feature_dim: int = opt(4096, "D, the feature dimension (LoRe's embeddings: 4096).", min=1)
+        n_functions: int = opt(10, "K, the number of true reward functions (PersonalLLM: 10 reward models).", min=1)
+        alpha: float = opt(0.01, "Dirichlet concentration of user weights: 0.001 very diverse, 0.1 near uniform.", gt=0)
         function_prevalence: list[float] | None = opt(
             None, "Planted majority / minority preferences: how common each true function is among users (K "
             "positive numbers, normalized to sum 1). Users' weights are Dirichlet(alpha * K * p_k): each still has "
             "total concentration alpha * K, and with a small alpha a user leans on function k with probability "
-            "about p_k, so [0.7, 0.2, 0.07, 0.03] plants two minority groups. null: all equally common.")
+            "about p_k, so [0.7, 0.2, 0.07, 0.03] plants two minority groups. null: all equally common.",
+            nonempty=True, gt=0)
         users_per_pair: int | None = opt(
             None, "Dense overlap (PReF's setting, app. B.2: 50): users label a shared pool of random "
             "response pairs, each pair by about this many users; null: every user labels their own best-vs-worst "
-            "pair of each of their prompts (sparse overlap).")
+            "pair of each of their prompts (sparse overlap).", min=1)
         pair_choice: str = opt("extremes", "Without users_per_pair: which pair of a prompt a user labels. "
                                "'extremes': their best vs worst response (LoRe §5); 'random': a random "
-                               "pair of their own (PRISM-like: hardly any pair is labeled twice).")
+                               "pair of their own (PRISM-like: hardly any pair is labeled twice).",
+                               choices=("extremes", "random"))
         labels: str = opt("extremes", "'extremes': the user's truly preferred response of the pair (the "
                           "highest vs lowest scored response unless users_per_pair is set); 'bradley_terry': "
-                          "that pair's order drawn with P = sigmoid(delta / bt_temperature).")
-        bt_temperature: float = opt(1.0, "Temperature of Bradley-Terry labels (true reward units).")
-        seed: int = opt(0, "Seed of the world (features, true functions, users, pairs).")
+                          "that pair's order drawn with P = sigmoid(delta / bt_temperature).",
+                          choices=("extremes", "bradley_terry"))
+        bt_temperature: float = opt(1.0, "Temperature of Bradley-Terry labels (true reward units).", gt=0)
+        seed: int = opt(0, "Seed of the world (features, true functions, users, pairs).", min=0)
 
         def __post_init__(self) -> None:
             if self.pair_choice not in ("extremes", "random"):

@@ -44,8 +44,8 @@ class PublishedConfig:
     repo_id: str = opt("", "Hugging Face Hub dataset id the files are downloaded from (when path/files are unset).")
     revision: str = opt("main", "Hub revision (branch, tag or commit) to download.")
     path: str = opt("", "A local directory laid out as the Hub repository (a clone or snapshot); "
-                        "read instead of the Hub, same files.")
-    files: list[str] = opt([], "Explicit local files to read instead (overrides path and the Hub).")
+                        "read instead of the Hub, same files.", path=True)
+    files: list[str] = opt([], "Explicit local files to read instead (overrides path and the Hub).", path=True)
 
 
 def resolve_files(config: PublishedConfig, patterns: list[str], what: str) -> list[Path]:

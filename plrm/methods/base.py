@@ -51,14 +51,21 @@ FACTORED, CONDITIONED = "factored", "conditioned"
 class MethodConfig:
     """Options every method has (training loop and optimizer)."""
 
-    lr: float = opt(1e-3, "Learning rate of the shared parameters.")
-    weight_decay: float = opt(0.0, "Decoupled weight decay (AdamW) of the shared parameters.")
-    batch_size: int = opt(1024, "Training pairs per step.")
-    max_epochs: int = opt(10, "Training epochs over the seen users' train pairs.")
-    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: no limit).")
+    lr: float = opt(1e-3, "Learning rate of the shared parameters.", gt=0)
+    weight_decay: float = opt(0.0, "Decoupled weight decay (AdamW) of the shared parameters.", min=0)
+    batch_size: int = opt(1024, "Training pairs per step.", min=1)
+    max_epochs: int = opt(10, "Training epochs over the seen users' train pairs.", min=1, also=(-1,))
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: no limit).", min=1, also=(-1,))
     balance_users: bool = opt(True, "Weight each pair by 1/|D_u| so every user counts equally "
                                     "(LoRe, Bose et al., arXiv 2504.14439, eq. 10); with equal pairs per user "
                                     "it changes nothing.")
+
+    def check(self) -> list[str]:
+        """Problems of a combination of options, each starting with an option's name; plrm.recipe reports them
+        with the key path in front (a subclass that adds its own calls ``super().check()``)."""
+        if self.max_epochs == -1 and self.max_steps == -1:
+            return ["max_epochs: -1 together with max_steps: -1 never stops training; give one of them a limit"]
+        return []
 
 
 @dataclass
@@ -66,9 +73,9 @@ class AdaptConfig:
     """Options of methods that fit new users' state with the shared per-user routine (plrm.methods.peruser)."""
 
     adapt_lr: float = opt(0.1, "Adam learning rate of few-shot adaptation (LoRe, Bose et al., arXiv 2504.14439, "
-                               "App. B.1: 0.1).")
-    adapt_steps: int = opt(300, "Full-batch Adam steps of few-shot adaptation.")
-    adapt_l2: float = opt(0.0, "L2 penalty on the adapted per-user parameters.")
+                               "App. B.1: 0.1).", gt=0)
+    adapt_steps: int = opt(300, "Full-batch Adam steps of few-shot adaptation.", min=0)
+    adapt_l2: float = opt(0.0, "L2 penalty on the adapted per-user parameters.", min=0)
 
 
 class SeenUsersData(Protocol):

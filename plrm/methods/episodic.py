@@ -30,9 +30,9 @@ from plrm.methods.base import PersonalizedRewardModel, SeenUsersData
 class EpisodeConfig:
     """Options of episodic training."""
 
-    meta_batch_size: int = opt(2, "Users per training batch (an episode per user).")
+    meta_batch_size: int = opt(2, "Users per training batch (an episode per user).", min=1)
     support_fraction: float = opt(0.1, "Share of a seen user's train pairs drawn as the support set of an "
-                                       "episode, the rest being the query set; at least one pair each.")
+                                       "episode, the rest being the query set; at least one pair each.", gt=0, lt=1)
 
 
 class EpisodicRewardModel(PersonalizedRewardModel):

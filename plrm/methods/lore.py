@@ -34,14 +34,15 @@ class LoRe(PersonalizedRewardModel):
 
     @dataclass
     class Config(MethodConfig, AdaptConfig):
-        rank: int = opt(10, "B, the number of basis reward functions (LoRe: cross-validated in {2,..,50}).")
+        rank: int = opt(10, "B, the number of basis reward functions (LoRe: cross-validated in {2,..,50}).", min=1)
         lr: float = opt(0.01, "Adam learning rate of the basis A. LoRe App. B.1 uses 0.5 on its reward-model "
                               "embeddings; on N(0, 1) 4096-d features 0.5 diverges (57% unseen accuracy, "
-                              "recipes/lowrank_personalllm.yaml), 0.01 was tuned there.")
-        user_lr: float | None = opt(None, "Adam learning rate of the seen users' weights (null: same as lr).")
+                              "recipes/lowrank_personalllm.yaml), 0.01 was tuned there.", gt=0)
+        user_lr: float | None = opt(None, "Adam learning rate of the seen users' weights (null: same as lr).", gt=0)
         basis_l2: float = opt(0.01, "L2 penalty basis_l2 * ||A||_F^2 on the basis (0: the paper's objective, "
                                     "which overfits 45 pairs per user: 82% vs 95% unseen at PersonalLLM size; "
-                                    "tuned over {0.001, 0.01, 0.03, 0.1}, see recipes/lowrank_personalllm.yaml).")
+                                    "tuned over {0.001, 0.01, 0.03, 0.1}, see recipes/lowrank_personalllm.yaml).",
+                                    min=0)
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)

@@ -34,8 +34,8 @@ class LoReAlt(LoRe):
     @dataclass
     class Config(LoRe.Config):
         reference_checkpoint: str | None = opt(
-            None, "A `bt` checkpoint (<run>/seed-<s>/<label>.ckpt) whose head is the reference reward.")
-        reference_weight: float = opt(0.0, "Weight of the penalty keeping user rewards near the reference.")
+            None, "A `bt` checkpoint (<run>/seed-<s>/<label>.ckpt) whose head is the reference reward.", path=True)
+        reference_weight: float = opt(0.0, "Weight of the penalty keeping user rewards near the reference.", min=0)
 
         def __post_init__(self) -> None:
             if self.reference_weight > 0 and not self.reference_checkpoint:

@@ -58,37 +58,38 @@ class MRM(EpisodicRewardModel):
 
     @dataclass
     class Config(MethodConfig, AdaptConfig, EpisodeConfig):
-        n_basis: int = opt(2, "K, the number of base reward functions (§5.1.4: 2).")
+        n_basis: int = opt(2, "K, the number of base reward functions (§5.1.4: 2).", min=1)
         basis: Literal["linear", "mlp", "none"] = opt(
             "linear", "Base reward functions phi on the features: 'linear' (phi = A h), 'mlp' (one hidden "
             "layer, ``hidden`` units, K outputs), or 'none' (Table 2's ablation 3: a single MLP, all of whose "
             "parameters are adapted per user in the inner loop).")
-        hidden: int = opt(64, "Hidden units of the MLP basis / of the single MLP of basis: none.")
+        hidden: int = opt(64, "Hidden units of the MLP basis / of the single MLP of basis: none.", min=1)
         inner_lr: float = opt(1e-3, "alpha, the inner-loop step size (§5.1.4: 1e-3 on PRISM, "
                                     "5e-3 on Reddit TL;DR); also used to adapt new users (eq. 11). The "
-                                    "low-rank-world recipes tune it (recipes/mrm_*.yaml).")
+                                    "low-rank-world recipes tune it (recipes/mrm_*.yaml).", min=0)
         loss_reduction: Literal["sum", "mean"] = opt(
             "sum", "L_i, a user's loss in both loops: 'sum' over their pairs (eq. 7: the inner step grows with "
             "the number of support pairs, and RPO's gamma is in units of summed NLL) or 'mean' (alpha then moves "
             "w0 as far for 1 support pair as for 50).")
-        inner_steps: int = opt(1, "n, gradient steps of the inner loop and of new-user adaptation (§5.1.4: 1).")
+        inner_steps: int = opt(1, "n, gradient steps of the inner loop and of new-user adaptation (§5.1.4: 1).", min=0)
         lr: float = opt(1e-3, "beta, the Adam meta learning rate of w0 and the basis (§5.1.4: 1e-3 on PRISM, "
-                              "5e-3 on Reddit TL;DR).")
+                              "5e-3 on Reddit TL;DR).", gt=0)
         first_order: bool = opt(False, "First-order MAML: do not differentiate through the inner gradients.")
         rpo: bool = opt(True, "Robust Personalization Objective on the query losses (false: their plain mean, "
                               "Table 2's ablation 2).")
         rho: float = opt(0.5, "RPO: fraction of hardest users of a meta-batch; tau is the (1 - rho) quantile "
-                              "of the query losses (§5.1.4: 0.5).")
+                              "of the query losses (§5.1.4: 0.5).", gt=0, max=1)
         gamma: float = opt(0.5, "RPO smoothing: weights sigmoid((L - tau) / gamma) (eq. 15); 0: hard "
-                                "filtering, only users above tau (eq. 13) (§5.1.4: 0.5).")
+                                "filtering, only users above tau (eq. 13) (§5.1.4: 0.5).", min=0)
         meta_learning: bool = opt(True, "false: Table 2's ablation 1, per-user weights trained independently "
                                         "(jointly with the basis, on random pair batches of batch_size); new "
                                         "users fitted from the common initial weights with adapt_lr / "
                                         "adapt_steps / adapt_l2.")
-        init_std: float = opt(1.0, "Std of the random initial weights w0 (Algorithm 2, line 1), over sqrt(K).")
+        init_std: float = opt(1.0, "Std of the random initial weights w0 (Algorithm 2, line 1), over sqrt(K).", min=0)
         batch_size: int = opt(1024, "Training pairs per step with meta_learning: false (meta-training draws "
-                                    "meta_batch_size users per step instead).")
-        max_epochs: int = opt(20, "Epochs over the seen users (§5.1.4 selects them on held-out data).")
+                                    "meta_batch_size users per step instead).", min=1)
+        max_epochs: int = opt(20, "Epochs over the seen users (§5.1.4 selects them on held-out data).",
+                              min=1, also=(-1,))
 
         def __post_init__(self) -> None:
             if not 0.0 < self.rho <= 1.0:

@@ -129,21 +129,21 @@ class PReF(PersonalizedRewardModel):
     class Config(MethodConfig):
         rank: int | Literal["elbow"] = opt(
             8, "J, the number of base reward functions (Rezk et al. App. F: 8 on PRISM), or 'elbow': the elbow "
-            "of the training matrix's singular-value spectrum (PReF §5.4, Figure 9).")
+            "of the training matrix's singular-value spectrum (PReF §5.4, Figure 9).", min=1)
         spectrum_size: int = opt(20, "Leading singular values of the training sign matrix computed and "
-                                 "reported (results.json diagnostics); rank: elbow searches among them.")
+                                 "reported (results.json diagnostics); rank: elbow searches among them.", min=1)
         init: Literal["svd", "random"] = opt("svd", "Algorithm 1's SVD initialization, or 'random' (the "
                                              "paper's 'No SVD' ablation).")
         beta: float = opt(0.02, "L2 weight beta/2 ||lambda||^2 on user vectors (PReF Table 3: 0.02); "
-                          "0 is the 'No Reg.' ablation.")
-        lr: float = opt(1e-3, "Adam learning rate of the MLE refinement (PReF Table 3).")
-        batch_size: int = opt(32, "Training pairs per step (PReF Table 3: 32; 64 on PRISM).")
+                          "0 is the 'No Reg.' ablation.", min=0)
+        lr: float = opt(1e-3, "Adam learning rate of the MLE refinement (PReF Table 3).", gt=0)
+        batch_size: int = opt(32, "Training pairs per step (PReF Table 3: 32; 64 on PRISM).", min=1)
         max_steps: int = opt(500, "Optimizer steps of the MLE refinement (PReF Table 3: 500; 1000 on "
-                             "PRISM); -1: max_epochs decides.")
-        max_epochs: int = opt(-1, "Epochs over the seen users' train pairs (-1: max_steps decides).")
-        head_ridge: float = opt(1e-3, "Ridge of the least-squares fit of the head W to the SVD pair factors.")
+                             "PRISM); -1: max_epochs decides.", min=1, also=(-1,))
+        max_epochs: int = opt(-1, "Epochs over the seen users' train pairs (-1: max_steps decides).", min=1, also=(-1,))
+        head_ridge: float = opt(1e-3, "Ridge of the least-squares fit of the head W to the SVD pair factors.", min=0)
         adapt_beta: float = opt(0.02, "L2 weight of new users' logistic regression (eq. 5); > 0 keeps the "
-                                "solution finite when a user's few pairs are separable.")
+                                "solution finite when a user's few pairs are separable.", gt=0)
         acquisition: Literal["information", "hessian_norm"] = opt(
             "information", "Active-learning score of a candidate pair d. 'hessian_norm': ||d||_{H^-1}, PReF "
             "eq. 8 as written. 'information' (default): log(1 + sigma'(lambda^T d) ||d||^2_{H^-1}), the growth of "
@@ -151,7 +151,7 @@ class PReF(PersonalizedRewardModel):
             "that weight, so once a user's answers are separable it prefers the largest-||d|| pairs, whose answers "
             "are already predictable; on the dense low-rank world it never reaches random selection's 40-answer "
             "accuracy within 40 answers, 'information' does in 12 (benchmarks/results/pref_dense.md).")
-        adapt_steps: int = opt(20, "Newton steps of new-user adaptation (the problem is concave).")
+        adapt_steps: int = opt(20, "Newton steps of new-user adaptation (the problem is concave).", min=0)
 
         def __post_init__(self) -> None:
             if self.adapt_beta <= 0:

@@ -179,13 +179,13 @@ def test_no_meta_learning_trains_user_weights_and_fits_new_users_from_the_common
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("rho", "0", r"rho must be in \(0, 1\], got 0"),
-    ("gamma", "-1", "gamma must be >= 0"),
-    ("support_fraction", "1.0", r"support_fraction must be in \(0, 1\)"),
+    ("rho", "0", r"methods\.mrm\.rho: must be in \(0, 1\], got 0\.0"),
+    ("gamma", "-1", r"methods\.mrm\.gamma: must be >= 0, got -1\.0"),
+    ("support_fraction", "1.0", r"methods\.mrm\.support_fraction: must be in \(0, 1\), got 1\.0"),
     ("basis", "cnn", "basis"),
     ("loss_reduction", "median", "methods.mrm.loss_reduction: expected 'sum' | 'mean', got 'median'"),
-    ("meta_batch_size", "0", "meta_batch_size and n_basis must be >= 1 and inner_steps >= 0"),
-    ("inner_steps", "-1", "meta_batch_size and n_basis must be >= 1 and inner_steps >= 0"),
+    ("meta_batch_size", "0", r"methods\.mrm\.meta_batch_size: must be >= 1, got 0"),
+    ("inner_steps", "-1", r"methods\.mrm\.inner_steps: must be >= 0, got -1"),
 ])
 def test_config_errors_name_the_key(tmp_path, key, value, message):
     with pytest.raises(RecipeError, match=message):

@@ -184,22 +184,26 @@ class PersonalLLM(DatasetSource):
             "response of each of their prompts (LoRe §5); 'archetypes': each reward model is one user "
             "labelling random response pairs (Dong et al. §4.1).")
         reward_models: list[str] = opt(REWARD_MODELS, "Reward models whose scores form R (columns "
-                                                      "response_{i}_{rm}); default: all ten, in LoRe's order.")
-        n_users: int = opt(2000, "dirichlet: users simulated (LoRe Table 1: 1,000 seen + 1,000 unseen).")
+                                                      "response_{i}_{rm}); default: all ten, in LoRe's order.",
+                                                      nonempty=True)
+        n_users: int = opt(2000, "dirichlet: users simulated (LoRe Table 1: 1,000 seen + 1,000 unseen).", min=1)
         alpha: float = opt(0.01, "dirichlet: concentration of the user weights (LoRe: 0.001 very diverse, "
-                                 "0.01 moderately diverse, 0.1 near uniform).")
+                                 "0.01 moderately diverse, 0.1 near uniform).", gt=0)
         pairs_per_user: int = opt(45, "dirichlet: train prompts judged per user, distinct (LoRe: 45; an "
-                                      "unseen user's few-shot support is the first split.k of them, paper: 9).")
+                                      "unseen user's few-shot support is the first split.k of them, paper: 9).", min=1)
         test_prompts_per_user: int | None = opt(
             None, "dirichlet: test prompts judged per user, distinct (null: every test prompt, as LoRe; "
-                  "2,000 users x 1,000 prompts of full text need about 10 GB of memory).")
+                  "2,000 users x 1,000 prompts of full text need about 10 GB of memory).", min=1)
         archetypes: list[str] | None = opt(
             None, "archetypes: the reward models that are users (null: all of reward_models; Dong et al. used 8, "
-                  "unnamed).")
-        pairs_per_prompt: int = opt(4, "archetypes: disjoint response pairs per prompt, 1 to 4 (Dong et al.: 4).")
-        n_train_prompts: int | None = opt(None, "Use a seeded subset of this many train prompts (null: all 9,402).")
-        n_test_prompts: int | None = opt(None, "Use a seeded subset of this many test prompts (null: all 1,000).")
-        seed: int = opt(0, "Seed of the prompt subsets, user weights, users' prompts and response pairs.")
+                  "unnamed).", nonempty=True)
+        pairs_per_prompt: int = opt(4, "archetypes: disjoint response pairs per prompt, 1 to 4 (Dong et al.: 4).",
+                                    min=1, max=N_RESPONSES // 2)
+        n_train_prompts: int | None = opt(None, "Use a seeded subset of this many train prompts (null: all 9,402).",
+                                          min=1)
+        n_test_prompts: int | None = opt(None, "Use a seeded subset of this many test prompts (null: all 1,000).",
+                                         min=1)
+        seed: int = opt(0, "Seed of the prompt subsets, user weights, users' prompts and response pairs.", min=0)
 
         def __post_init__(self) -> None:
             if not self.reward_models or len(set(self.reward_models)) != len(self.reward_models):

@@ -231,27 +231,27 @@ class PrefLaMP(DatasetSource):
                                "data.path to a directory holding <split>_questions.json / <split>_outputs.json, or "
                                "name a Hub mirror with the same file names here.")
         lamp_splits: list[str] = opt(["dev"], "LaMP-5 splits to read: each needs <split>_questions.json (and "
-                                              "<split>_outputs.json for the questions' own titles).")
+                                              "<split>_outputs.json for the questions' own titles).", nonempty=True)
         include_question: bool = opt(True, "Each LaMP question's own paper (input abstract, gold output title) is "
                                            "one of the user's papers, kept first under max_pairs_per_user.")
         prompt_format: Literal["abstract", "lamp"] = opt(
             "abstract", "'abstract': the prompt is the abstract; 'lamp': the LaMP-5 instruction 'Generate a title "
                         "for the following abstract of a paper: ' followed by it.")
-        min_papers: int = opt(10, "Drop users with fewer usable papers (plrm's choice; the paper does not say).")
+        min_papers: int = opt(10, "Drop users with fewer usable papers (plrm's choice; the paper does not say).", min=1)
         max_users: int | None = opt(None, "Keep a seeded sample of this many users after min_papers (null: all; "
-                                          "Rezk et al. §6: 485 training + 126 adaptation = 611).")
+                                          "Rezk et al. §6: 485 training + 126 adaptation = 611).", min=1)
         max_pairs_per_user: int | None = opt(50, "Pairs per user at most: the question's paper, then a seeded "
                                                  "sample of the profile (plrm's reading of the paper's ~49 per user; "
-                                                 "null: every paper).")
+                                                 "null: every paper).", min=1)
         top_k: int = opt(5, "Negatives are drawn from the top_k most similar abstracts (Rezk et al.: 'top-k', k "
-                            "not given; plrm's choice).")
+                            "not given; plrm's choice).", min=1)
         pool: Literal["all", "other_users", "same_user"] = opt(
             "all", "Retrieval candidates: every usable paper of the selected users ('all', plrm's reading of the "
                    "paper), only other users' ('other_users') or only the user's own ('same_user').")
         encoder: str = opt("offline:minilm", "Frozen-encoder model that embeds abstracts for retrieval (Rezk et "
                                              "al.: Qwen/Qwen3-Embedding-0.6B; any backbone.model value works).")
-        encoder_max_length: int = opt(256, "Tokens per abstract for retrieval (longer abstracts are cut).")
-        seed: int = opt(0, "Seed of max_users, max_pairs_per_user and the negative drawn among the top_k.")
+        encoder_max_length: int = opt(256, "Tokens per abstract for retrieval (longer abstracts are cut).", min=2)
+        seed: int = opt(0, "Seed of max_users, max_pairs_per_user and the negative drawn among the top_k.", min=0)
 
         def __post_init__(self) -> None:
             if not self.lamp_splits:

@@ -82,9 +82,9 @@ class Prism(DatasetSource):
     class Config(PublishedConfig):
         repo_id: str = opt("HannahRoseKirk/prism-alignment", "Hugging Face Hub dataset id of PRISM.")
         min_conversations: int = opt(6, "Keep users with at least this many conversations that yield a pair "
-                                        "(MRM §5.1.1, LoRe §5: 6; 1 keeps every user).")
+                                        "(MRM §5.1.1, LoRe §5: 6; 1 keeps every user).", min=1)
         max_chars: int | None = opt(None, "Drop a pair when its user message + chosen or rejected reply exceed this "
-                                          "many characters (P-RLHF: 2300; null: no length filter).")
+                                          "many characters (P-RLHF: 2300; null: no length filter).", min=1)
         survey: bool = opt(True, "Read survey.jsonl as per-user side information (PreferenceData.user_info).")
 
         def __post_init__(self) -> None:

@@ -121,13 +121,13 @@ class PersonalizedSoups(DatasetSource):
         repo_id: str = opt("", "Empty: P-SOUPS is not on the Hub (set data.path to the unzipped data zip); "
                                "a Hub copy laid out as the zip (rm_training/P*.json) may be named here.")
         profiles: list[str] = opt(list(PROFILES), "Preference profiles read, each one user "
-                                                  f"(of {', '.join(PROFILES)}).")
+                                                  f"(of {', '.join(PROFILES)}).", nonempty=True, choices=PROFILES)
         split_mode: Literal["prlhf", "none"] = opt(
             "prlhf", "'prlhf': P-RLHF's held-out 10% of all comparisons (shuffle + train_test_split, seed 123) "
             "as the canonical 'split' column (Dong et al. reuse P-RLHF's data); 'none': plrm's random per-user "
             "split (split.test_fraction).")
-        prlhf_test_size: float = opt(0.1, "Held-out fraction of split_mode: prlhf (P-RLHF: 0.1).")
-        prlhf_seed: int = opt(123, "Seed of split_mode: prlhf's shuffle and split (P-RLHF: 123).")
+        prlhf_test_size: float = opt(0.1, "Held-out fraction of split_mode: prlhf (P-RLHF: 0.1).", gt=0, lt=1)
+        prlhf_seed: int = opt(123, "Seed of split_mode: prlhf's shuffle and split (P-RLHF: 123).", min=0)
 
         def __post_init__(self) -> None:
             unknown = [p for p in self.profiles if p not in PREFERENCE_PROMPTS]

@@ -133,23 +133,23 @@ class RedditTLDR(DatasetSource):
             "intersection_of_splits", "Which workers become users: 'all'; 'top_n' (the top_n workers by number "
             "of comparisons, Dong et al. §4.1: 5); 'intersection_of_splits' (workers with comparisons in both Hub "
             "splits: LoRe's and MRM's code; the papers report 40).")
-        top_n: int = opt(5, "Workers kept by workers: top_n (Dong et al.: 5; P-RLHF: 10 or 40).")
+        top_n: int = opt(5, "Workers kept by workers: top_n (Dong et al.: 5; P-RLHF: 10 or 40).", min=1)
         min_pairs: int = opt(0, "Drop workers with fewer comparisons than this, after the preset (LoRe §5, "
-                                "MRM §5.1.1: 50).")
+                                "MRM §5.1.1: 50).", min=0)
         split_mode: Literal["hf_split", "none"] = opt(
             "hf_split", "'hf_split': the Hub's train comparisons are each user's train pairs and validation "
             "the test pairs (the canonical 'split' column; LoRe and MRM code); 'none': plrm's random per-user "
             "split by post (split.test_fraction).")
         max_train_pairs_per_user: int | None = opt(
             None, "Keep a seeded random sample of this many train comparisons per worker (LoRe §5, "
-            "MRM §5.1.1: 100 or 150); test comparisons are never capped. Needs split_mode: hf_split.")
+            "MRM §5.1.1: 100 or 150); test comparisons are never capped. Needs split_mode: hf_split.", min=1)
         prompt_format: Literal["post", "template"] = opt(
             "post", "'post': the post text (LoRe, MRM); 'template': P-RLHF's 'SUBREDDIT: r/...\\nTITLE: ...\\n"
             "POST: ...\\nTL;DR: '.")
         cnndm: Literal["drop", "article"] = opt(
             "drop", "Comparisons without a Reddit post (CNN/DailyMail rows of the validation split, info.post "
                     "null): 'drop' them (counted) or use info.article as the post.")
-        seed: int = opt(0, "Seed of the max_train_pairs_per_user sample.")
+        seed: int = opt(0, "Seed of the max_train_pairs_per_user sample.", min=0)
 
         def __post_init__(self) -> None:
             if self.top_n < 1:

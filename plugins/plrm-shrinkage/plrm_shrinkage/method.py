@@ -37,11 +37,11 @@ class ShrunkIndividualRM(PersonalizedRewardModel):
 
     @dataclass
     class Config(MethodConfig, AdaptConfig):
-        lr: float = opt(0.01, "Adam learning rate of v and the seen users' deviations.")
+        lr: float = opt(0.01, "Adam learning rate of v and the seen users' deviations.", gt=0)
         user_l2: float = opt(0.01, "Shrinkage user_l2 * mean ||delta_u||^2 over the batch's users "
-                                   "(0: independent per-user models; large: the global BT model).")
+                                   "(0: independent per-user models; large: the global BT model).", min=0)
         adapt_l2: float = opt(0.01, "L2 penalty adapt_l2 * ||delta_new||^2 of few-shot adaptation: with k "
-                                    "pairs for D parameters, the prior toward v is what keeps the fit sane.")
+                                    "pairs for D parameters, the prior toward v is what keeps the fit sane.", min=0)
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)

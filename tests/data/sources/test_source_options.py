@@ -9,16 +9,16 @@ from plrm.recipe import RecipeError, build_dataset
 
 
 @pytest.mark.parametrize("dataset, override, message", [
-    ("personal_llm", "alpha=0", "alpha must be > 0, got 0.0"),
-    ("pref_lamp", "lamp_splits=[]", "lamp_splits must name at least one LaMP-5 split (train, dev)"),
-    ("psoups", "prlhf_test_size=1.5", "prlhf_test_size must be in (0, 1), got 1.5"),
-    ("tldr", "top_n=0", "top_n must be >= 1, got 0"),
-    ("tldr", "min_pairs=-1", "min_pairs must be >= 0, got -1"),
+    ("personal_llm", "alpha=0", "data.alpha: must be > 0, got 0.0"),
+    ("pref_lamp", "lamp_splits=[]", "data.lamp_splits: must not be empty"),
+    ("psoups", "prlhf_test_size=1.5", "data.prlhf_test_size: must be in (0, 1), got 1.5"),
+    ("tldr", "top_n=0", "data.top_n: must be >= 1, got 0"),
+    ("tldr", "min_pairs=-1", "data.min_pairs: must be >= 0, got -1"),
 ])
 def test_bad_option_values_are_named(dataset, override, message):
     with pytest.raises(RecipeError) as err:
         build_dataset(dataset, [override])
-    assert f"dataset '{dataset}': 1 problem(s):\n  data: {message}" in str(err.value)
+    assert f"dataset '{dataset}': 1 problem(s):\n  {message}" in str(err.value)
 
 
 def test_section_scores_refuses_malformed_input():
