@@ -214,6 +214,8 @@ def profile(data: PreferenceData) -> dict:
     """The dataset's profile (Dong et al. §4.2, Table 2): a JSON-able dict; see the module docstring."""
     table = data.pairs.data.table
     votes, user_ids = _votes(table)
+    if data.copies is not None:  # exact repeats were dropped from training data; a repeated label is still a vote
+        votes = votes.loc[votes.index.repeat(data.copies)].reset_index(drop=True)
     pairs_per_user = np.bincount(votes["user"].to_numpy(), minlength=len(user_ids))
     labelled = votes[votes["item"] >= 0]
     users_per_item = labelled.groupby("item")["user"].nunique()
