@@ -3,11 +3,14 @@ directory), and :class:`Run` is the handle of a run directory.
 
 Run directory (``<run.output_dir>/<run.name>``)::
 
+    plrm-run.json          the marker: this folder is a plrm run; its status (running / complete)
     recipe.yaml            the resolved recipe (test/adapt rebuild everything from it)
     results.json           per-seed and aggregated metrics, package versions, plugins used
     per_user.parquet       per-user accuracies of every method and oracle, every seed
     seed-<s>/split.parquet the split of seed s (reused by test and adapt)
     seed-<s>/<label>.ckpt  each method's trained state (weights-only checkpoint)
+    seed-<s>/<label>.metrics.json, .per_user.parquet   a finished unit's results (what --resume keeps)
+    seed-<s>/<label>.last.ckpt  while a method trains: the Lightning checkpoint --resume continues from
     wandb/ csv/ tensorboard/  the tracker's files
 
 Every verb on the run's own users is one step applied to each method at each split seed (a :class:`Unit`) by
@@ -22,6 +25,12 @@ splits, train together (plrm.data.datamodule: each rank takes its part of every 
 evaluation protocol together (plrm.eval.protocol: scoring sharded, logits gathered before per-user metrics);
 only global rank 0 touches the run directory (checks, checkpoints, results, tracker). Later ``trainer.fit``
 calls of the same process (more methods, more split seeds) reuse the processes and the process group.
+
+Safety and resumption (plrm.rundir, plrm.resume): every check that can fail (recipe, trainer, logger, data,
+capabilities, every seed's split) runs before anything is written; a folder that is not a plrm run is never
+written to or removed; ``run.overwrite=true`` builds the new run beside the old and swaps them at the end;
+``plrm fit --resume`` (``run.resume=true``) keeps finished (seed, method) units and continues the interrupted
+one from its ``last.ckpt``, with the same results as an uninterrupted run.
 
 Notebook use::
 
@@ -46,7 +55,7 @@ import json
 import logging
 import os
 import platform
-import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -63,15 +72,29 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from plrm import __version__, registry
 from plrm import capabilities as cap
-from plrm.checkpoint import load_checkpoint, save_model, save_state
+from plrm.checkpoint import checkpoint_mismatch_error, load_checkpoint, save_model, save_state
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
 from plrm.data.hooks import MethodHooks
 from plrm.data.splits import VAL, Split, load_split, make_split, stored_users
+from plrm.errors import DataValidationError
 from plrm.eval import report
 from plrm.eval.metrics import per_user_accuracy, summarize
 from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, per_user_frame, score_rows, sync_user_state
 from plrm.recipe import Recipe, RecipeError, load_recipe, load_source
-from plrm.tracking import PlainProgress, finish, log_results, make_logger
+from plrm.resume import ResumePoints
+from plrm.rundir import (
+    COMPLETE,
+    Place,
+    claim,
+    complete,
+    load_unit,
+    place,
+    read_marker,
+    run_path,
+    same_recipe,
+    save_unit,
+)
+from plrm.tracking import PlainProgress, check_logger, finish, log_results, make_logger
 
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
@@ -173,31 +196,63 @@ class Run:
         self._prepared = prepared
         self._new = new  # splits are made afresh (and stored) rather than read back
         self._split: tuple[int, Split] | None = None  # the last split used: one seed's row arrays at a time
+        self.place: Place | None = None  # a run being created or resumed: where it writes, what it replaces
+        self.marker: dict | None = None
+        self.finished: list[tuple[int, str]] = []  # (seed, label) units finished, this process or before
+        self.current: tuple[int, str, ResumePoints] | None = None  # the unit training now
+
+    @property
+    def resumed(self) -> bool:
+        return self.place is not None and self.place.resumed
 
     @classmethod
     def create(cls, recipe: str | dict | Recipe, overrides: list[str] | None = None,
-               prepared: PreparedData | None = None) -> Run:
-        """Start the run directory ``<run.output_dir>/<run.name>`` of ``recipe`` and write its recipe.yaml.
-        ``prepared``: the dataset and backbone already prepared, their needs checked (:func:`method_problems`).
+               prepared: PreparedData | None = None, resume: bool = False) -> Run:
+        """Start the run directory ``<run.output_dir>/<run.name>`` of ``recipe`` (or continue it: ``resume`` or
+        run.resume). ``prepared``: the dataset and backbone already prepared, their needs checked
+        (:func:`method_problems`). Every check runs before anything is written or removed (plrm.rundir).
         Distributed, every rank creates the Run; only global rank 0 writes."""
         _quiet_lightning()
         recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-        run_dir = Path(recipe.run.output_dir).expanduser() / recipe.run.name
+        resume = resume or bool(getattr(recipe.run, "resume", False))
+        target = run_path(recipe.run.output_dir, recipe.run.name)
         rank, world = distribution(recipe)
         check_methods(recipe)
-        main = rank == 0  # the other ranks (started after it made run_dir) compute alongside
-        exists = main and run_dir.exists() and any(run_dir.iterdir())
-        if exists and not recipe.run.overwrite:
-            raise RecipeError(f"run directory {run_dir} already exists; choose another run.name=... "
-                              "or set run.overwrite=true")
-        run = cls(run_dir, recipe, prepared, rank, world, new=True)
-        run.prepared  # bad data fails here, before an old run is replaced or a new one starts
-        if exists:
-            shutil.rmtree(run_dir)
+        check_logger(recipe.logger)
+        main = rank == 0  # the other ranks (started after it made its folder) compute alongside
         if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
+            where = place(target, recipe.run.overwrite, resume)
+        else:  # rank 0 has decided and created the folder already
+            staging = target.parent / f".{target.name}.plrm-staging"
+            work = staging if recipe.run.overwrite and staging.is_dir() else target
+            where = Place(target, work, staged=work != target, resumed=resume, marker=read_marker(work))
+        if where.resumed:
+            stored = load_recipe(yaml.safe_load((where.work / RECIPE_FILE).read_text())).raw
+            changed = same_recipe(stored, recipe.raw)
+            if changed:
+                raise RecipeError(f"cannot resume {where.work}: the recipe differs from the one it was started "
+                                  f"with at {', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}; resume "
+                                  "with the same recipe and overrides, or start a new run.name")
+        run = cls(where.work, recipe, prepared, rank, world, new=True)
+        run.place = where
+        run.prepared  # bad data fails here, before an old run is replaced or a new one starts
+        splits = {seed: run.split(seed, store=False) for seed in run.seeds}  # so does a split that cannot be made
+        if main:
+            run.marker = claim(where)
+            (run.dir / RECIPE_FILE).write_text(recipe.to_yaml())
+            for seed, split in splits.items():
+                run.seed_dir(seed).mkdir(exist_ok=True)
+                if not (where.resumed and (run.seed_dir(seed) / SPLIT_FILE).is_file()):
+                    split.save(run.seed_dir(seed) / SPLIT_FILE)
         return run
+
+    def complete(self) -> None:
+        """Mark a created run complete (results written); a staged replacement takes the old run's place."""
+        if self.place is None:
+            return
+        if self.main:
+            complete(self.place, self.marker)
+        self.dir = self.place.target
 
     @classmethod
     def open(cls, run_dir: str | Path) -> Run:
@@ -207,7 +262,13 @@ class Run:
         if not (run_dir / RECIPE_FILE).is_file():
             raise FileNotFoundError(f"{run_dir} is not a plrm run directory (no {RECIPE_FILE}); "
                                     "pass the directory that `plrm fit` printed")
-        return cls(run_dir, load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text())))
+        marker = read_marker(run_dir)
+        if marker is not None and marker.get("status") != COMPLETE:
+            raise RecipeError(f"{run_dir} is an incomplete run (a killed or failed `plrm fit`): finish it first by "
+                              "running the same `plrm fit` command with --resume")
+        run = cls(run_dir, load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text())))
+        run.marker = marker
+        return run
 
     @property
     def main(self) -> bool:
@@ -242,16 +303,18 @@ class Run:
     def seed_dir(self, seed: int) -> Path:
         return self.dir / f"seed-{seed}"
 
-    def split(self, seed: int) -> Split:
-        """The split of ``seed``: ``seed-<s>/split.parquet``; in a run being created, made afresh and stored."""
+    def split(self, seed: int, store: bool = True) -> Split:
+        """The split of ``seed``: ``seed-<s>/split.parquet``; in a run being created, made afresh (and stored,
+        unless ``store`` is False)."""
         if self._split is None or self._split[0] != seed:
-            if self._new:
+            stored = self.seed_dir(seed) / SPLIT_FILE
+            if self._new and not (self.resumed and stored.is_file()):  # a resumed run keeps its stored splits
                 split = seed_split(self.recipe, self.prepared, seed)
-                if self.main:
+                if self.main and store:
                     self.seed_dir(seed).mkdir(exist_ok=True)
-                    split.save(self.seed_dir(seed) / SPLIT_FILE)
+                    split.save(stored)
             else:
-                split = seed_split(self.recipe, self.prepared, seed, stored=self.seed_dir(seed) / SPLIT_FILE)
+                split = seed_split(self.recipe, self.prepared, seed, stored=stored)
             self._split = (seed, split)
         return self._split[1]
 
@@ -288,9 +351,13 @@ class Run:
     def load_method(self, label: str, seed: int, checkpoint: str | None = None):
         """Method ``label`` of split ``seed`` with the state of ``checkpoint`` (a file name in ``seed-<s>/``,
         default ``<label>.ckpt``; e.g. ``<label>.adapted-k5.ckpt``), in eval mode."""
-        state = self.checkpoint(label, seed, checkpoint)["state_dict"]
+        ckpt = self.checkpoint(label, seed, checkpoint)
         model = self.build_method(label, seed)
-        model.load_checkpoint_state(state)
+        try:
+            model.load_checkpoint_state(ckpt["state_dict"])
+        except (RuntimeError, ValueError) as exc:  # e.g. a checkpoint copied from another run: size mismatch
+            path = self.seed_dir(seed) / (checkpoint or f"{label}.ckpt")
+            raise checkpoint_mismatch_error(path, ckpt, (self.marker or {}).get("id"), exc) from exc
         return model.eval()
 
     def each_unit(self, step: Callable[[Unit], tuple[dict, pd.DataFrame | None] | None],
@@ -420,9 +487,10 @@ def _gradient_clip_val(recipe: Recipe, label: str, model) -> float | None:
 
 
 def make_trainer(recipe: Recipe, label: str, model, dm: PreferenceDataModule, logger=None, validate: bool = False,
-                 world: int = 1, title: str | None = None) -> L.Trainer:
+                 world: int = 1, title: str | None = None, resume_points: ResumePoints | None = None) -> L.Trainer:
     """The Trainer that trains method ``label`` on ``dm``: the recipe's trainer settings, the method's data hooks
-    (plrm.data.hooks.MethodHooks) and its gradient clipping. ``title`` names it in plain progress lines."""
+    (plrm.data.hooks.MethodHooks) and its gradient clipping. ``title`` names it in plain progress lines;
+    ``resume_points``: the callback that writes its checkpoints during training (plrm.resume)."""
     t = recipe.trainer
     cfg = model.config
     show_bars = sys.stderr.isatty() if t.progress_bar == "auto" else t.progress_bar
@@ -431,7 +499,8 @@ def make_trainer(recipe: Recipe, label: str, model, dm: PreferenceDataModule, lo
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(recipe, model, world),
         precision=t.precision, max_epochs=cfg.max_epochs, max_steps=cfg.max_steps,
         logger=logger if logger is not None else False,
-        callbacks=[MethodHooks(dm)] + ([] if show_bars else [PlainProgress(title or label)]),
+        callbacks=[MethodHooks(dm)] + ([] if show_bars else [PlainProgress(title or label)])
+        + ([resume_points] if resume_points is not None else []),
         enable_progress_bar=show_bars,
         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic, num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0,
@@ -467,6 +536,7 @@ def _finish_run(run: Run, per_seed: dict, frames: list[pd.DataFrame], file: str,
     summary = report.aggregate(per_seed)
     per_user = pd.concat(frames, ignore_index=True)
     if not run.main:  # a distributed rank other than 0: it computed the same numbers, rank 0 writes them
+        run.complete()
         return RunResult(run.dir, per_seed, summary, per_user)
     report.write_json(run.dir / file, {
         "recipe": run.recipe.raw, "versions": versions(), "plugins": provenance(run.recipe),
@@ -476,6 +546,7 @@ def _finish_run(run: Run, per_seed: dict, frames: list[pd.DataFrame], file: str,
         tmp = run.dir / "per_user.parquet.tmp"
         per_user.to_parquet(tmp, index=False)
         tmp.replace(run.dir / "per_user.parquet")
+    run.complete()  # a run being created: marked complete, and a staged replacement swapped in
     if show:
         report.render(summary, run.recipe.split.k)
         print(f"run directory: {run.dir}")
@@ -484,21 +555,52 @@ def _finish_run(run: Run, per_seed: dict, frames: list[pd.DataFrame], file: str,
 
 # ---- verbs ------------------------------------------------------------------------------------------------------
 def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: bool = True,
-        prepared: PreparedData | None = None) -> RunResult:
+        prepared: PreparedData | None = None, resume: bool = False) -> RunResult:
     """Train every method of the recipe on seen users, adapt unseen users, evaluate; per split seed.
 
     ``prepared``: the recipe's dataset and backbone already prepared (the benchmark runner reuses one across the
-    cells of a dataset); its needs must already have been checked (:func:`method_problems`)."""
-    run = Run.create(recipe, overrides, prepared)
-    per_seed, frames = run.each_unit(_fit_unit, oracles=True)
+    cells of a dataset); its needs must already have been checked (:func:`method_problems`). ``resume`` (or
+    run.resume): continue the run of the same recipe that a kill or a failure left incomplete -- finished
+    (seed, method) units are kept, the interrupted one continues from its last checkpoint; a run that does not
+    exist yet is started. On Ctrl-C, says what was saved and how to resume, and raises KeyboardInterrupt."""
+    run = Run.create(recipe, overrides, prepared, resume=resume)
+    try:
+        per_seed, frames = run.each_unit(_fit_unit, oracles=True)
+    except KeyboardInterrupt:
+        if run.main:
+            print(interrupted_message(run), file=sys.stderr)
+        raise
     rep = run.prepared.data.load_report
     return _finish_run(run, per_seed, frames, RESULTS_FILE, show and run.main, run.prepared.backbone.stats(),
                        data_report=rep.to_dict() if rep is not None else None)
 
 
+def interrupted_message(run: Run) -> str:
+    """What an interrupted ``plrm fit`` kept, and how to continue it."""
+    lines = [f"plrm fit: interrupted; the run is kept, marked incomplete, in {run.dir}"]
+    if run.finished:
+        units = ", ".join(f"seed {seed} {label}" for seed, label in run.finished)
+        lines.append(f"  finished and saved: {units}")
+    if run.current is not None:
+        seed, label, points = run.current
+        lines.append(f"  seed {seed} {label}: " + (
+            f"continues from its checkpoint after {points.saved_at} training batch(es) "
+            f"({run.seed_dir(seed) / (label + '.last.ckpt')})" if points.saved_at is not None else
+            "no training checkpoint yet; it starts again"))
+    lines.append("  continue it: rerun the same `plrm fit` command with --resume (or run.resume=true)")
+    return "\n".join(lines)
+
+
 def _fit_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
-    """Train one method on the seen users of one split, save it, and evaluate it (plrm.eval.protocol)."""
+    """Train one method on the seen users of one split, save it, and evaluate it (plrm.eval.protocol). In a
+    resumed run, a unit that finished is read back, and one that was interrupted continues from its
+    ``<label>.last.ckpt``."""
     run, recipe, label, seed = unit.run, unit.run.recipe, unit.label, unit.seed
+    if run.resumed:
+        done = load_unit(unit.seed_dir, label)
+        if done is not None:
+            run.finished.append((seed, label))
+            return done
     comp = recipe.methods[label]
     train_seed = recipe.run.seed + (seed if recipe.run.seed_per_split else 0)
     L.seed_everything(train_seed, verbose=False)
@@ -508,15 +610,25 @@ def _fit_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
     logger = make_logger(recipe.logger, run.dir, name=f"seed-{seed}/{label}",
                          group=recipe.logger.group or recipe.run.name, run_name=recipe.run.name,
                          config={**recipe.raw, "label": label, "split_seed": seed}) if run.main else None
+    last = unit.seed_dir / f"{label}.last.ckpt"
+    points = ResumePoints(last, recipe.run.checkpoint_every_n_steps, recipe.run.checkpoint_interval)
     trainer = make_trainer(recipe, label, model, dm, logger, validate=bool((unit.split.role == VAL).any()),
-                           world=run.world, title=f"seed {seed} {label}")
+                           world=run.world, title=f"seed {seed} {label}", resume_points=points)
+    ckpt_path = None
+    if run.resumed and last.is_file():
+        ckpt_path = last
+        model.strict_loading = False  # the checkpoint holds trained tensors only (plrm.resume)
+        if run.main:
+            print(f"seed {seed} {label}: resuming from {last}", file=sys.stderr)
+    run.current = (seed, label, points)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
+    _fit_interruptibly(trainer, model, dm, ckpt_path)
     train_seconds = time.perf_counter() - start
     with _full_parameters(trainer):
         sync_user_state(model)  # per-user state written outside autograd (e.g. MRM's seen users): rank 0's
         if run.main:
-            save_model(model, unit.seed_dir / f"{label}.ckpt", {"method": comp.name, "label": label})
+            save_model(model, unit.seed_dir / f"{label}.ckpt", {"method": comp.name, "label": label,
+                                                                 "run": (run.marker or {}).get("id")})
         start = time.perf_counter()
         ev = evaluate(model, dm, recipe.split.k, recipe.eval.k_list, recipe.eval.worst_fractions,
                       recipe.eval.batch_size)
@@ -528,7 +640,26 @@ def _fit_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
     per_user = unit.tag(ev.per_user)
     log_results(logger, {**_flat(label, ev.metrics), **_data_metrics(run.prepared)}, {"eval/per_user": per_user})
     finish(logger)
+    if run.main:
+        save_unit(unit.seed_dir, label, metrics, per_user)
+        last.unlink(missing_ok=True)  # the unit is whole: its training checkpoint is no longer needed
+    run.finished.append((seed, label))
+    run.current = None
     return metrics, per_user
+
+
+def _fit_interruptibly(trainer: L.Trainer, model, dm: PreferenceDataModule, ckpt_path: Path | None) -> None:
+    """``trainer.fit``, with Ctrl-C raised as KeyboardInterrupt: Lightning turns it into SystemExit(1) after
+    its own teardown and leaves SIGINT ignored."""
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    except SystemExit as exc:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from exc
+        raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and trainer.interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test(run_dir: str | Path, show: bool = True) -> RunResult:
@@ -550,7 +681,12 @@ def adapt(run_dir: str | Path, k: int | None = None, show: bool = True) -> RunRe
     """Fit the unseen users of a finished run from their first k support pairs with the trained checkpoints;
     saves ``seed-<s>/<label>.adapted-k<k>.ckpt`` and reports unseen accuracy (adapt_results.json)."""
     run = Run.open(run_dir)
-    k = k or run.recipe.split.k
+    if k is not None and k < 1:
+        raise RecipeError(f"--k must be >= 1 (support pairs per unseen user), got {k}")
+    k = run.recipe.split.k if k is None else k
+    for seed in run.seeds:  # every checkpoint read (damaged ones fail) before any adapted one is written
+        for label in run.methods:
+            run.checkpoint(label, seed)
     per_seed, frames = run.each_unit(lambda unit: _adapt_unit(unit, k))
     return _finish_run(run, per_seed, frames, "adapt_results.json", show)
 
@@ -588,13 +724,23 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
 
     run = Run.open(run_dir)
     recipe = run.recipe
-    new = PreferenceFiles(PreferenceFiles.Config(path=str(pairs))).load()
+    new = PreferenceFiles(PreferenceFiles.Config(path=str(pairs)), key="--pairs").load()
+    if new.load_report is not None:  # what was read, kept and dropped (e.g. exact duplicate rows), by rule
+        print(new.load_report.render(), file=sys.stderr)
     backbone = registry.backbones.get(recipe.backbone.name)(recipe.backbone.config)
     if new.features is None and cap.FEATURES in backbone.provides:
         new.features = run.prepared.data.features  # the run's own items (e.g. a synthetic world's)
     prepared = PreparedData(new, backbone)
     split = support_only_split(new.pairs.data.table)
     user_ids = split.user_ids
+    known = set(map(str, run.users(run.seeds[0])[0]))
+    already = [str(u) for u in user_ids if str(u) in known]
+    if already:
+        raise DataValidationError(
+            f"--pairs {pairs}: {len(already)} of its {len(user_ids)} users are already users of the run "
+            f"({', '.join(already[:5])}{' ...' if len(already) > 5 else ''}); --pairs fits users who are not in "
+            "the run. Re-fit the run's own unseen users with `plrm adapt --run ... --k K`, or give the new users "
+            "ids of their own")
     support = PreferenceDataModule(prepared, split).batch(torch.arange(len(split.row_user)))  # gathered once
     users = torch.arange(len(user_ids))
     stem = Path(pairs).stem

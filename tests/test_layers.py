@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # so it sits above them. Only the runner and the commands import it.
     ("recipe", ("plrm.recipe",)),
     ("eval", ("plrm.eval",)),  # protocol, metrics, report, plots, active (the active-learning session), profile
-    ("runner", ("plrm.runner",)),
+    ("runner", ("plrm.runner", "plrm.rundir", "plrm.resume")),  # the run directory and its training checkpoints
     ("commands", ("plrm.bench", "plrm.tax", "plrm.export")),
     ("cli", ("plrm.cli",)),
 ]

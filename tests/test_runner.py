@@ -120,7 +120,7 @@ def test_adapt_rejects_k_beyond_the_support_pool(finished_run):
 
 
 def test_existing_run_directory_is_not_overwritten(finished_run, tiny_overrides):
-    with pytest.raises(RecipeError, match="already exists; choose another run.name"):
+    with pytest.raises(RecipeError, match="already exists: a finished run. Choose another run.name"):
         runner.fit("quickstart", tiny_overrides, show=False)
     again = runner.fit("quickstart", tiny_overrides + ["run.overwrite=true"], show=False)
     assert again.per_seed[0]["lore"]["seen"] == finished_run.per_seed[0]["lore"]["seen"]  # seeded

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from plrm.backbones.base import Backbone
+from plrm.data.resumable import ResumableLoader
 from plrm.data.source import PreferenceData
 from plrm.data.splits import SUPPORT, TEST, TRAIN, VAL, Split
 from plrm.distributed import (
@@ -178,7 +179,8 @@ class PreferenceDataModule(L.LightningDataModule):
         base = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
         # batch_size=None + a batch sampler as sampler: the dataset receives whole index lists (one gather).
         sampler = _Shards(BatchSampler(base, batch_size, drop_last=False), *rank_and_world())
-        return DataLoader(ds, sampler=sampler, batch_size=None)
+        # resumable: a checkpoint holds the place in the epoch (plrm fit --resume draws the same batches)
+        return ResumableLoader(ds, sampler, generator if shuffle else None)
 
     def train_dataloader(self) -> DataLoader:
         rows = self.split.rows(TRAIN)

@@ -154,8 +154,10 @@ def adapt_unseen(model: PersonalizedRewardModel, dm: PreferenceDataModule, k: in
 
 def per_user_frame(dm, users: np.ndarray, acc: torch.Tensor, count: torch.Tensor, group: str, k) -> pd.DataFrame:
     idx = torch.as_tensor(users, dtype=torch.long)
+    # k: a nullable integer (<NA> for seen users), so a frame read back from parquet (a resumed run) is identical
     return pd.DataFrame({"user_id": dm.split.user_ids[users].astype(str), "group": group,
-                         "k": k, "n_test": count[idx].numpy(), "accuracy": acc[idx].numpy()})
+                         "k": pd.array([k] * len(idx), dtype="Int64"), "n_test": count[idx].numpy(),
+                         "accuracy": acc[idx].numpy()})
 
 
 def evaluate(model: PersonalizedRewardModel, dm: PreferenceDataModule, k: int, k_list: list[int],
