@@ -1,6 +1,11 @@
 """The ``plrm`` command: a thin layer over plrm.runner, plrm.recipe and plrm.registry.
 
 The library raises exceptions; only this module turns them into messages and exit codes (2: bad input).
+
+Startup cost matters for a command line: importing torch and Lightning takes seconds. Everything that can be
+checked without a model -- the arguments, whether a recipe name or file exists, whether ``--run`` is a run
+directory -- is checked here first, with light imports only, so that a mistyped command answers at once; the
+heavy modules are imported inside the verbs that need them.
 """
 
 from __future__ import annotations
@@ -16,24 +21,30 @@ EPILOG = """\
 examples:
   plrm fit --recipe quickstart                       train and evaluate (built-in recipe by name)
   plrm fit --recipe my.yaml methods.lore.rank=5      a recipe file, with overrides (OmegaConf dotlist)
+  plrm fit --recipe quickstart --resume              continue a killed or interrupted run where it stopped
   plrm test --run runs/quickstart                    re-evaluate a finished run from its checkpoints and split
   plrm adapt --run runs/quickstart --k 3             re-fit unseen users from k support pairs
   plrm adapt --run runs/pref_dense --active          interactive sessions: uncertainty vs random questions
   plrm export --run runs/lora --out rm --merge       head + user weights, peft adapter, merged model
   plrm embed --recipe my.yaml                        encode a frozen_encoder recipe's texts into the cache
   plrm bench --recipe bench/quick                    every method x dataset x seed: report.md, results.json, plots
+  plrm bench --recipe bench/quick bench.seeds=[0,1,2] method_options.lore.rank=5    benchmark overrides
   plrm bench --recipe bench/lowrank --shard 0/4      one of 4 deterministic slices (e.g. a SLURM array task)
   plrm bench --merge bench/lowrank/shard-*           one report from the shards
   plrm profile --dataset lowrank_world n_users=500    statistics of arXiv 2502.19158 Table 2: report + plots
   plrm list                                          methods, datasets, backbones, plugins (and broken ones)
-  plrm recipes list | show NAME | copy NAME DEST | keys
+  plrm recipes list | show NAME | copy NAME DEST [--make-parents] | keys
 """
 
+ACTIVE_BUDGET = 40
+RUN_RECIPE_FILE = "recipe.yaml"  # what makes a folder a run directory (plrm.runner.RECIPE_FILE; not imported: heavy)
+FIT_OVERRIDES = "methods.lore.rank=5 split.seeds=[0,1,2]"
+BENCH_OVERRIDES = "bench.seeds=[0,1,2] method_options.lore.rank=5 cell.trainer.num_threads=2"
 
-def _add_overrides(p: argparse.ArgumentParser) -> None:
+
+def _add_overrides(p: argparse.ArgumentParser, example: str = FIT_OVERRIDES) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="recipe overrides in OmegaConf dotlist syntax (e.g. methods.lore.rank=5 "
-                        "split.seeds=[0,1,2]); ~key deletes a key")
+                   help=f"recipe overrides in OmegaConf dotlist syntax (e.g. {example}); ~key deletes a key")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe name, built-in or from a plugin (see `plrm recipes "
                                                    "list`), or YAML path")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed or interrupted run of the same recipe: finished (seed, method) units are "
+                        "kept, the interrupted one resumes from its last checkpoint (seed-<s>/<label>.last.ckpt); "
+                        "same as run.resume=true")
     _add_overrides(p)
 
     p = sub.add_parser("bench", help="run the benchmark matrix (methods x datasets x seeds), resumable and shardable",
@@ -72,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "with --merge: the shards' parent directory)")
     p.add_argument("--print-config", action="store_true", help="print the resolved benchmark recipe and the "
                                                                "(cell, seed) units, and exit")
-    _add_overrides(p)
+    _add_overrides(p, BENCH_OVERRIDES)
 
     p = sub.add_parser("profile", help="dataset statistics: users, pairs per user, divergence, MV-ACC, minorities",
                        description="Load a registered dataset (key=value options, as under `data:` in a recipe) and "
@@ -101,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="method label (default: the run's only method)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the run's first)")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
-    p.add_argument("--worst", type=int, default=5, help="users listed per section (default 5)")
+    p.add_argument("--worst", type=int, default=5, help="users listed per section, >= 1 (default 5)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="reward_bench options, e.g. path=/data/reward-bench (a local copy) or revision=<commit>")
 
@@ -130,18 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "re-fit after each answer and scored on their test pairs; writes active_results.json, "
                        "active_curve.png and the pairs asked (seed-*/<label>.active-<strategy>.parquet).")
     p.add_argument("--run", required=True, help="run directory printed by `plrm fit`")
-    p.add_argument("--k", type=int, default=None, help="support pairs per user (default: the recipe's split.k)")
+    p.add_argument("--k", type=int, default=None, help="support pairs per user, >= 1 (default: the recipe's "
+                                                            "split.k)")
     p.add_argument("--pairs", default=None, help="parquet/jsonl/csv of new users' pairs (canonical schema)")
     g = p.add_argument_group("interactive sessions (--active)")
     g.add_argument("--active", action="store_true", help="run simulated interactive sessions")
-    g.add_argument("--budget", type=int, default=40, help="questions per user, T (default 40, PReF Fig. 3C)")
-    g.add_argument("--strategy", nargs="+", choices=["uncertainty", "random"], default=["uncertainty", "random"],
+    g.add_argument("--budget", type=int, default=None,
+                   help=f"questions per user, T >= 1 (default {ACTIVE_BUDGET}, PReF Fig. 3C)")
+    g.add_argument("--strategy", nargs="+", choices=["uncertainty", "random"], default=None,
                    help="question selection strategies to compare (default: both)")
-    g.add_argument("--answers", choices=["labels", "oracle"], default="labels",
+    g.add_argument("--answers", choices=["labels", "oracle"], default=None,
                    help="labels: the held-out labels of the user's pool; oracle: the synthetic world's personal "
                         "oracle (the user's noise-free preference)")
     g.add_argument("--eval-at", type=int, nargs="+", default=None,
-                   help="numbers of answers at which unseen users are scored (default: every t in 1..budget)")
+                   help="numbers of answers at which unseen users are scored, each in 1..budget (default: "
+                        "every t in 1..budget)")
 
     p = sub.add_parser("export", help="write a trained method as a save_pretrained-style directory (safetensors)",
                        description="Write one method of a run (one split seed, one checkpoint) to a new directory "
@@ -164,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="registered methods, datasets, backbones and plugins",
                        description="Every registry entry with the package and version it came from, what it "
                        "needs or provides, and plugins that failed to load with their error.")
-    p.add_argument("what", nargs="?", choices=["methods", "datasets", "backbones", "plugins"], default=None)
+    p.add_argument("what", nargs="?", choices=["methods", "datasets", "backbones", "plugins"], default=None,
+                   help="only this part (plugins: what installed plugin packages bring, and the broken ones)")
 
     p = sub.add_parser("recipes", help="list, show (resolved), copy recipes; list every recipe key",
                        description="list: the built-in recipes and those installed plugins ship (entry points "
@@ -175,10 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "left out (name clash, broken entry point)")
     q = rs.add_parser("show", help="print a recipe resolved (extends merged, overrides applied, defaults filled)")
     q.add_argument("name")
-    _add_overrides(q)
+    _add_overrides(q, f"{FIT_OVERRIDES}; of a benchmark recipe: {BENCH_OVERRIDES}")
     q = rs.add_parser("copy", help="copy a recipe (with its extends chain merged) to edit")
     q.add_argument("name")
-    q.add_argument("dest")
+    q.add_argument("dest", help="file to write, or an existing folder (or one ending in /) to write NAME.yaml into")
+    q.add_argument("--make-parents", action="store_true",
+                   help="create DEST's missing parent folders (without it, a missing folder is an error)")
     q = rs.add_parser("keys", help="every recipe key with its type, default and help")
     q.add_argument("--filter", default="", help="only keys containing this text")
     return parser
@@ -207,6 +228,7 @@ def cmd_list(what: str | None) -> None:
 
     registry.ensure_builtins()
     console = Console(width=max(120, shutil.get_terminal_size().columns))
+    plugin_rows = 0
     for reg_name, reg in registry.REGISTRIES.items():
         if what not in (None, reg_name, "plugins"):
             continue
@@ -215,6 +237,7 @@ def cmd_list(what: str | None) -> None:
             table.add_column(col)
         for name, cls in reg.items():
             origin = reg.origin(name)
+            plugin_rows += not origin.is_builtin
             if what == "plugins" and origin.is_builtin:
                 continue
             caps = getattr(cls, "needs", None)
@@ -228,7 +251,15 @@ def cmd_list(what: str | None) -> None:
             table.add_row(name, str(origin), caps_text, description)
         if table.row_count or what != "plugins":
             console.print(table)
-    broken = [b for reg in registry.REGISTRIES.values() for b in reg.broken()] + plugin_recipes().broken
+    shipped = plugin_recipes()
+    if what == "plugins" and shipped.recipes:
+        table = Table(title="recipes")
+        for col in ("name", "from", "file"):
+            table.add_column(col)
+        for name, recipe in shipped.recipes.items():
+            table.add_row(name, str(recipe.origin), str(recipe.path))
+        console.print(table)
+    broken = [b for reg in registry.REGISTRIES.values() for b in reg.broken()] + shipped.broken
     if broken:
         table = Table(title="broken plugins (not loaded)")
         for col in ("group", "name", "from", "error"):
@@ -236,6 +267,26 @@ def cmd_list(what: str | None) -> None:
         for b in broken:
             table.add_row(b.group, b.name, str(b.origin), b.error)
         console.print(table)
+    if what == "plugins" and not (plugin_rows or shipped.recipes or broken):
+        print(no_plugins_message())
+
+
+def no_plugins_message() -> str:
+    """What ``plrm list plugins`` says when no plugin is in use: why (none installed, autoload off, PLRM_PLUGINS
+    leaves them out) and what to do."""
+    from plrm import registry
+
+    installed = sorted({ep.name for group in registry.PLUGIN_GROUPS for ep in registry.entry_points(group)})
+    if not installed:
+        return ("no plugins installed: no installed package declares plrm entry points ("
+                + ", ".join(registry.PLUGIN_GROUPS) + "). A plugin is a pip package: install one with pip (from a "
+                "plrm checkout: pip install ./plugins/plrm-shrinkage, the example), and see CONTRIBUTING.md, "
+                "\"Add a plugin package\", to write your own.")
+    if registry.autoload_disabled():
+        return (f"no plugins loaded: PLRM_DISABLE_PLUGIN_AUTOLOAD is set, so the installed ones "
+                f"({', '.join(installed)}) are left out; unset it to load them")
+    return (f"no plugins loaded: PLRM_PLUGINS={os.environ.get('PLRM_PLUGINS', '')} names none of the installed "
+            f"ones ({', '.join(installed)})")
 
 
 def cmd_embed(args) -> None:
@@ -256,21 +307,24 @@ def cmd_embed(args) -> None:
 
 
 def cmd_bench(args) -> int:
-    from plrm.bench.report import merge
-    from plrm.bench.run import run_bench
-    from plrm.bench.spec import load_bench, parse_shard, shard_units
-    from plrm.recipe import RecipeError
+    from plrm.bench.spec import parse_shard  # light: no torch; the checks below need no model
+    from plrm.recipe import RecipeError, find_recipe
 
     if args.merge:
         if args.recipe or args.shard or args.overrides:
             raise RecipeError("--merge builds a report from finished shard directories; it takes no --recipe, "
                               "--shard or overrides (the shards' bench.yaml says what was run)")
+        from plrm.bench.report import merge
+
         payload = merge(args.merge, args.out)
         return 1 if any(c.get("errors") for c in payload["cells"]) else 0
     if not args.recipe:
         raise RecipeError("plrm bench needs --recipe NAME (see `plrm recipes list`, bench/*) or --merge DIRS")
-    spec = load_bench(args.recipe, args.overrides)
     shard = parse_shard(args.shard)
+    find_recipe(args.recipe)  # an unknown name fails here, before the methods are imported
+    from plrm.bench.spec import load_bench, shard_units
+
+    spec = load_bench(args.recipe, args.overrides)
     if args.print_config:
         print(spec.to_yaml(), end="")
         units = shard_units(spec.units(), shard)
@@ -279,6 +333,8 @@ def cmd_bench(args) -> int:
             print(f"#   {unit.key}" + (f"  (skipped: {spec.not_configured[unit.dataset]})"
                                        if unit.dataset in spec.not_configured else ""))
         return 0
+    from plrm.bench.run import run_bench
+
     try:
         outcome = run_bench(spec, shard, args.out)
     except KeyboardInterrupt:
@@ -310,21 +366,91 @@ def cmd_recipes(args) -> None:
         recipe = load_recipe(args.name, args.overrides)
         print(yaml.safe_dump(_resolved_with_defaults(recipe), sort_keys=False), end="")
     elif args.action == "copy":
-        dest = Path(args.dest)
-        if dest.is_dir():
-            dest = dest / f"{Path(args.name).name}.yaml"
-        if dest.exists():
-            raise FileExistsError(f"{dest} exists; not overwriting it")
-        raw = read_recipe(args.name)
+        raw = read_recipe(args.name)  # an unknown recipe fails before anything is written
+        dest = copy_destination(args.name, args.dest, args.make_parents)
         verb = "bench" if "bench" in raw else "fit"
-        dest.write_text(f"# copied from plrm recipe '{args.name}' (extends merged); run with:\n"
-                        f"#   plrm {verb} --recipe {dest}\n" + yaml.safe_dump(raw, sort_keys=False))
+        if verb == "fit":  # relative input paths were relative to the source's folder: the copy holds them absolute
+            from plrm.recipe import read_recipe_with_origins, resolve_paths
+
+            raw, origins = read_recipe_with_origins(args.name)
+            resolve_paths(raw, origins)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.write_text(f"# copied from plrm recipe '{args.name}' (extends merged); run with:\n"
+                       f"#   plrm {verb} --recipe {dest}\n" + yaml.safe_dump(raw, sort_keys=False))
+        tmp.replace(dest)
         print(f"wrote {dest}")
     elif args.action == "keys":
         for key, tp, default, help_text in schema_rows():
             line = f"{key}  ({tp}, default {default!r})\n    {help_text}"
             if args.filter in line:
                 print(line)
+
+
+def copy_destination(name: str, dest_arg: str, make_parents: bool) -> Path:
+    """The file ``plrm recipes copy NAME DEST`` writes: DEST, or DEST/<NAME>.yaml when DEST is a folder (one that
+    exists, or any path ending in a slash). Its folder must exist unless ``make_parents``, which creates it; an
+    existing file is never overwritten."""
+    dest = Path(dest_arg).expanduser()
+    if dest.is_dir() or dest_arg.endswith(("/", os.sep)):
+        base = Path(name).name
+        folder, dest = dest, dest / (base if base.endswith((".yaml", ".yml")) else f"{base}.yaml")
+    else:
+        folder = dest.parent
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists; not overwriting it")
+    if not folder.is_dir():
+        blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise FileExistsError(f"cannot write into folder {folder}: {blocking} is a file")
+        if not make_parents:
+            raise FileNotFoundError(f"folder {folder} does not exist; create it first, or pass --make-parents to "
+                                    "create it")
+        folder.mkdir(parents=True)
+    return dest
+
+
+def check_arguments(args) -> None:
+    """Argument values argparse's types cannot check, said the way a user typed them (exit 2, nothing read yet)."""
+    from plrm.errors import PlrmError
+
+    def at_least_one(flag: str, value: int | None) -> None:
+        if value is not None and value < 1:
+            raise PlrmError(f"{flag} must be >= 1, got {value}")
+
+    if args.verb == "adapt":
+        if args.pairs and args.k is not None:
+            raise PlrmError("--k selects support pairs of the run's unseen users; with --pairs every pair in the "
+                            "file is used")
+        if args.active and (args.pairs or args.k is not None):
+            raise PlrmError("--active asks the run's unseen users up to --budget questions; it does not combine "
+                            "with --k or --pairs")
+        at_least_one("--k", args.k)
+        at_least_one("--budget", args.budget)
+        if not args.active:
+            given = [flag for flag, value in (("--budget", args.budget), ("--strategy", args.strategy),
+                                              ("--answers", args.answers), ("--eval-at", args.eval_at))
+                     if value is not None]
+            if given:
+                one = len(given) == 1
+                raise PlrmError(f"{' and '.join(given)} only appl{'ies' if one else 'y'} to interactive sessions: "
+                                f"add --active, or leave {'it' if one else 'them'} out")
+        budget = ACTIVE_BUDGET if args.budget is None else args.budget
+        bad = [t for t in args.eval_at or () if not 1 <= t <= budget]
+        if bad:
+            raise PlrmError(f"--eval-at values must be in 1..budget (1..{budget}), got {', '.join(map(str, bad))}")
+    elif args.verb == "tax":
+        at_least_one("--worst", args.worst)
+
+
+def check_run_dir(run: str) -> None:
+    """A ``--run`` folder must hold the recipe.yaml ``plrm fit`` wrote (checked before torch is imported; the
+    runner checks the same when it opens the run)."""
+    path = Path(run).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"run directory {path} does not exist; pass the directory that `plrm fit` printed")
+    if not (path / RUN_RECIPE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a plrm run directory (no {RUN_RECIPE_FILE}); pass the directory "
+                                "that `plrm fit` printed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,11 +467,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data only: no telemetry request
     # torch 2.13 deprecates an API that lightning 2.6 still calls on every batch; nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    from plrm.errors import PlrmError, RecipeError
+    from plrm.errors import PlrmError
 
     try:
+        check_arguments(args)
+        if getattr(args, "run", None) is not None:  # test, adapt, tax, export
+            check_run_dir(args.run)
+        if args.verb in ("fit", "embed"):
+            from plrm.recipe import find_recipe
+
+            find_recipe(args.recipe)  # an unknown name or a missing file fails before the methods are imported
         if args.verb == "fit":
-            from plrm import runner
             from plrm.recipe import load_recipe
 
             recipe = load_recipe(args.recipe, args.overrides)
@@ -354,7 +486,12 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(yaml.safe_dump(_resolved_with_defaults(recipe), sort_keys=False), end="")
                 return 0
-            runner.fit(recipe)
+            from plrm import runner
+
+            try:
+                runner.fit(recipe, resume=args.resume)
+            except KeyboardInterrupt:  # the runner has said what was saved and how to resume
+                return 130
         elif args.verb == "bench":
             return cmd_bench(args)
         elif args.verb == "profile":
@@ -376,14 +513,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "adapt":
             from plrm import runner
 
-            if args.pairs and args.k is not None:
-                raise RecipeError("--k selects support pairs of the run's unseen users; with --pairs every pair "
-                                  "in the file is used")
-            if args.active and (args.pairs or args.k is not None):
-                raise RecipeError("--active asks the run's unseen users up to --budget questions; it does not "
-                                  "combine with --k or --pairs")
             if args.active:
-                runner.active(args.run, args.budget, tuple(args.strategy), args.answers, args.eval_at)
+                runner.active(args.run, ACTIVE_BUDGET if args.budget is None else args.budget,
+                              tuple(args.strategy or ("uncertainty", "random")), args.answers or "labels",
+                              args.eval_at)
             elif args.pairs:
                 runner.adapt_new_users(args.run, args.pairs)
             else:

@@ -78,3 +78,74 @@ def test_fit_without_wandb_credentials_runs_offline_without_prompt(tmp_path, tin
     assert b"eval/lore/unseen/accuracy" in log and b"eval/lore/seen/accuracy" in log
     tables = list(runs[0].glob("files/media/table/eval/per_user_*.table.json"))
     assert len(tables) == 1 and b"user_id" in tables[0].read_bytes()
+
+
+def test_help_examples_are_accepted(capsys):
+    """The override examples that `plrm fit --help` and `plrm bench --help` print are valid for that verb."""
+    from plrm import cli
+    from plrm.bench.spec import load_bench
+    from plrm.recipe import load_recipe
+
+    for verb, example in (("fit", cli.FIT_OVERRIDES), ("bench", cli.BENCH_OVERRIDES)):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert " ".join(example.split()) in " ".join(capsys.readouterr().out.split())
+    load_recipe("quickstart", cli.FIT_OVERRIDES.split())
+    spec = load_bench("bench/quick", cli.BENCH_OVERRIDES.split())
+    assert spec.bench.seeds == [0, 1, 2] and spec.method_options["lore"]["rank"] == 5
+    bench_lines = [line.strip().split("  ")[0].split() for line in cli.EPILOG.splitlines()
+                   if line.strip().startswith("plrm bench --recipe")]
+    assert any(len(words) > 4 for words in bench_lines)  # one example has overrides
+    for words in bench_lines:
+        load_bench("bench/quick", [w for w in words[4:] if "=" in w])
+    assert "plrm fit --recipe quickstart --resume" in cli.EPILOG
+
+
+def test_fit_resume_is_passed_on_and_ctrl_c_exits_130(monkeypatch, capsys):
+    from plrm import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "fit", lambda recipe, **kw: calls.append((recipe.run.name, kw)))
+    assert main(["fit", "--recipe", "quickstart", "--resume"]) == 0
+    assert main(["fit", "--recipe", "quickstart"]) == 0
+    assert calls == [("quickstart", {"resume": True}), ("quickstart", {"resume": False})]
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "seed-<s>/<label>.last.ckpt" in " ".join(capsys.readouterr().out.split())
+
+    def interrupted(recipe, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "fit", interrupted)
+    assert main(["fit", "--recipe", "quickstart"]) == 130
+
+
+def test_adapt_active_gets_its_defaults(monkeypatch, tmp_path):
+    from plrm import runner
+
+    (tmp_path / "recipe.yaml").write_text("{}\n")  # a run directory, as far as the command line checks
+    calls = []
+    monkeypatch.setattr(runner, "active", lambda *a: calls.append(a))
+    assert main(["adapt", "--run", str(tmp_path), "--active"]) == 0
+    assert main(["adapt", "--run", str(tmp_path), "--active", "--budget", "6", "--eval-at", "2", "6",
+                 "--strategy", "random", "--answers", "oracle"]) == 0
+    assert calls == [(str(tmp_path), 40, ("uncertainty", "random"), "labels", None),
+                     (str(tmp_path), 6, ("random",), "oracle", [2, 6])]
+
+
+def test_list_plugins_says_when_none_is_installed(monkeypatch, capsys):
+    from plrm import cli, recipe, registry
+
+    assert main(["list", "plugins"]) == 0  # the example plugin is installed: its method and its recipe
+    out = capsys.readouterr().out
+    assert "shrunk_individual" in out and "shrinkage_quickstart" in out
+    for reg in registry.REGISTRIES.values():
+        builtin = [(n, c) for n, c in reg.items() if reg.origin(n).is_builtin]
+        monkeypatch.setattr(reg, "items", lambda builtin=builtin: builtin)
+        monkeypatch.setattr(reg, "broken", lambda: [])
+    monkeypatch.setattr(recipe, "plugin_recipes", lambda: recipe.PluginRecipes({}, [], {}))
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
+    assert main(["list", "plugins"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no plugins installed") and "pip install" in out and "CONTRIBUTING.md" in out
+    assert "plugins/plrm-shrinkage" in cli.no_plugins_message()

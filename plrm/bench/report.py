@@ -80,25 +80,47 @@ def _num(stat: dict | None, scale: float = 1.0, digits: int = 1) -> str:
     return f"{stat['mean'] * scale:.{digits}f}"
 
 
+def plugin_origins(records: list[dict]) -> dict[tuple[str, str], str]:
+    """(registry, name) -> "<distribution> <version>" of every method and dataset that came from a plugin
+    package, from the provenance stored in the records (``plugins``)."""
+    out: dict[tuple[str, str], str] = {}
+    for rec in records:
+        for p in rec.get("plugins") or ():
+            out.setdefault((p["registry"], p["name"]), f"{p['distribution']} {p['version']}".strip())
+    return out
+
+
 def markdown(spec: BenchSpec, cell_list: list[dict], oracle_rows: dict, broken: list[dict], k: int,
-             plots: list[str]) -> str:
+             plots: list[str], plugins: dict[tuple[str, str], str] | None = None) -> str:
     b = spec.bench
+    plugins = plugins or {}
+
+    def method(name: str) -> str:
+        origin = plugins.get(("methods", name))
+        return f"{name} (plugin: {origin})" if origin else name
+
+    def dataset_name(name: str) -> str:
+        origin = plugins.get(("datasets", name))
+        return f"{name} (plugin: {origin})" if origin else name
+
     lines = [f"# Benchmark `{b.name}`", ""]
     if spec.description:
         lines += [spec.description, ""]
     n_done = sum(c["status"] == DONE for c in cell_list)
     lines += [f"{len(cell_list)} cells ({n_done} complete) over split seeds {list(b.seeds)}; accuracy in % (mean ± std "
               f"over seeds, each the mean over users); unseen users adapted on k={k} pairs. Worst-q% columns: the "
-              "mean accuracy of the q% worst unseen users.", ""]
+              "mean accuracy of the q% worst unseen users."
+              + (" \"(plugin: package version)\" marks a method or dataset an installed plugin package brings."
+                 if plugins else ""), ""]
     datasets = list(dict.fromkeys(c["dataset"] for c in cell_list))
     for dataset in datasets:
         rows = [c for c in cell_list if c["dataset"] == dataset and "summary" in c]
         if not rows and dataset not in oracle_rows:
             continue
-        lines += [f"## {dataset}", "",
+        lines += [f"## {dataset_name(dataset)}", "",
                   "| method | seen | unseen | overall | worst 10% | worst 20% | worst 50% | AUROC | seeds |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        entries = [(c["method"] + ("" if c["status"] == DONE else f" ({c['status']})"), c["summary"],
+        entries = [(method(c["method"]) + ("" if c["status"] == DONE else f" ({c['status']})"), c["summary"],
                     f"{len(c['seeds_done'])}/{len(c['seeds'])}") for c in rows]
         entries += [(name, s, "") for name, s in oracle_rows.get(dataset, {}).items()]
         for name, s, seeds in entries:
@@ -112,26 +134,28 @@ def markdown(spec: BenchSpec, cell_list: list[dict], oracle_rows: dict, broken: 
             for c in rows:
                 fs = c["summary"].get("fewshot", {})
                 if fs:
-                    lines.append(f"| {c['method']} | " + " | ".join(_fmt(fs.get(str(x))) for x in ks) + " |")
+                    lines.append(f"| {method(c['method'])} | " + " | ".join(_fmt(fs.get(str(x))) for x in ks) + " |")
         lines.append("")
     skipped = [c for c in cell_list if c["status"] == SKIPPED]
     if skipped:
         lines += ["## Skipped cells", "", "| dataset | method | why |", "|---|---|---|"]
-        lines += [f"| {c['dataset']} | {c['method']} | {c['skipped_reason']} |" for c in skipped]
+        lines += [f"| {dataset_name(c['dataset'])} | {method(c['method'])} | {_cell(c['skipped_reason'])} |"
+                  for c in skipped]
         lines.append("")
     failed = [c for c in cell_list if c.get("errors")]
     if failed:
         lines += ["## Failed cells", ""]
         for c in failed:
             for e in c["errors"]:
-                lines += [f"- **{c['dataset']} × {c['method']}**, seed {e['seed']} ({e['stage']}): `{_one(e['error'])}`"
+                lines += [f"- **{dataset_name(c['dataset'])} × {method(c['method'])}**, seed {e['seed']} "
+                          f"({e['stage']}): `{_one(e['error'])}`"
                           + (f" — log: `{e['log']}`" if e["log"] else ""), "",
                           "  <details><summary>traceback</summary>", "", "  ```",
                           *["  " + t for t in e["traceback"].rstrip().splitlines()], "  ```", "  </details>", ""]
     if broken:
         lines += ["## Plugins that failed to load (left out)", "", "| group | name | from | error |",
                   "|---|---|---|---|"]
-        lines += [f"| {p['group']} | {p['name']} | {p['distribution']} | {_one(p['error'])} |" for p in broken]
+        lines += [f"| {p['group']} | {p['name']} | {p['distribution']} | {_cell(p['error'])} |" for p in broken]
         lines.append("")
     if plots:
         lines += ["## Figures", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -142,15 +166,37 @@ def markdown(spec: BenchSpec, cell_list: list[dict], oracle_rows: dict, broken: 
                   "|---|---|---|---|---|---|---|"]
         for c in done:
             s = c["summary"]
-            lines.append(f"| {c['dataset']} | {c['method']} | {_num(s.get('train_seconds'), digits=2)} | "
+            lines.append(f"| {dataset_name(c['dataset'])} | {method(c['method'])} | "
+                         f"{_num(s.get('train_seconds'), digits=2)} | "
                          f"{_num(s.get('adapt_seconds'), digits=3)} | {_num(c.get('wall_seconds'), digits=1)} | "
                          f"{_num(c.get('peak_rss_mb'), digits=0)} | {_num(c.get('peak_gpu_mb'), digits=0)} |")
         lines.append("")
     return "\n".join(lines)
 
 
+def _lines(text: str) -> list[str]:
+    """The meaningful lines of ``text``: whitespace collapsed, blank and rule-only lines (----, ====) left out."""
+    lines = (" ".join(line.split()) for line in str(text or "").splitlines())
+    return [line for line in lines if line.strip("-=*_~#:. ")]
+
+
 def _one(text: str) -> str:
-    return text.splitlines()[0].replace("|", "\\|").replace("`", "'")[:300] if text else ""
+    """The first meaningful line of an error, for an inline code span (no backticks, no pipes)."""
+    lines = _lines(text)
+    return lines[0].replace("|", "\\|").replace("`", "'")[:300] if lines else ""
+
+
+def _cell(text: str, limit: int = 600) -> str:
+    """``text`` as one Markdown table cell: its lines joined into one, ``|`` escaped and ``<`` written as an
+    entity (so an error's ``<class ...>`` is not taken for HTML). A text longer than ``limit`` (a Hub error with
+    its advice, say) keeps its first meaningful line and says where the whole of it is."""
+    lines = _lines(text)
+    joined = " ".join(lines)
+    if len(joined) > limit:
+        first = lines[0]
+        joined = (first if len(first) <= limit // 2 else first[:limit // 2].rstrip() + "…") + \
+            " … (full text in results.json)"
+    return joined.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
 
 
 # ---- figures -----------------------------------------------------------------------------------------------------
@@ -291,7 +337,7 @@ def write(spec: BenchSpec, records: list[dict], out: Path, broken: list[dict], s
         "merged_from": sources or [], "broken_plugins": broken,
         "cells": cell_list, "oracles": oracle_rows, "records": records}
     run_report.write_json(out / "results.json", payload)
-    text = markdown(spec, cell_list, oracle_rows, broken, spec.bench.k, plots)
+    text = markdown(spec, cell_list, oracle_rows, broken, spec.bench.k, plots, plugin_origins(records))
     tmp = out / "report.md.tmp"
     tmp.write_text(text)
     tmp.replace(out / "report.md")
@@ -367,4 +413,4 @@ def merge(dirs: list[str | Path], out: str | Path | None = None, show: bool = Tr
     return write(spec, records, out, broken=broken_plugins(), show=show, sources=[str(d) for d in dirs])
 
 
-__all__ = ["Unit", "cells", "figures", "markdown", "merge", "oracles", "write"]
+__all__ = ["Unit", "cells", "figures", "markdown", "merge", "oracles", "plugin_origins", "write"]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from plrm import runner
+from plrm import registry, runner
 from plrm.bench import report
 from plrm.bench.records import (
     DONE,
@@ -124,7 +124,16 @@ class _DataCache:
 
 def _base_record(spec: BenchSpec, unit: Unit) -> dict:
     return {"bench": spec.bench.name, "dataset": unit.dataset, "method": unit.method, "seed": unit.seed,
-            "fingerprint": spec.fingerprint(unit)}
+            "fingerprint": spec.fingerprint(unit), "plugins": unit_plugins(unit)}
+
+
+def unit_plugins(unit: Unit) -> list[dict]:
+    """The plugin packages behind a unit's method and dataset, on every record (a skipped or failed one too), so
+    that the report can mark plugin rows; a done record replaces it with the run's own (backbone included)."""
+    try:
+        return registry.plugin_provenance({"methods": [unit.method], "datasets": [unit.dataset]})
+    except LookupError:  # a name that is not registered: its record says why elsewhere
+        return []
 
 
 def _error(exc: BaseException) -> dict:

@@ -259,7 +259,7 @@ def test_bench_quick_as_shipped_includes_the_example_plugin(tmp_path):
     done = {(c["method"], tuple(c["seeds_done"])) for c in results["cells"] if c["status"] == "done"}
     assert done == {(m, (0, 1)) for m in ("bt", "lore", "lore_alt", "mrm", "pref", "shrunk_individual")}
     report = (tmp_path / "quick" / "report.md").read_text()
-    assert "| shrunk_individual | " in report
+    assert "| shrunk_individual (plugin: plrm-shrinkage " in report
     plugin = next(r for r in results["records"] if r["method"] == "shrunk_individual")
     assert plugin["plugins"][0]["distribution"] == "plrm-shrinkage"
     for plot in PLOTS:
@@ -339,3 +339,42 @@ def test_bench_recipe_sections_of_the_wrong_type_are_named():
     with pytest.raises(RecipeError, match=r"override 'method_options=\[1\]' cannot be applied: .*\(a mapping can only "
                                           r"be replaced key by key, or deleted with ~key first\)"):
         load_bench("bench/quick", ["method_options=[1]"])
+
+
+def test_report_marks_plugin_rows_and_keeps_every_table_cell_on_one_line():
+    """Rows of a plugin's method or dataset say which package they come from; a multi-line reason (an offline
+    Hub error) or one with a pipe stays inside its table cell, and the report points to the full text."""
+    from plrm.bench.report import cells, markdown, plugin_origins
+
+    hub_error = ("data not available here: prism: cannot download ['*.jsonl'] of the Hub dataset x/prism@main "
+                 "(LocalEntryNotFoundError: An error happened while trying to locate the files on the Hub.\n\n"
+                 + "Please check your connection | try again. " * 20 + "\n). Without network access, point "
+                 "data.path at a copy")
+    plugin = [{"registry": "methods", "name": "shrunk_individual", "distribution": "plrm-shrinkage",
+               "version": "0.1.0", "entry_point": "plrm_shrinkage.method:ShrunkIndividualRM"}]
+    metrics = {"seen": {"accuracy": 0.8}, "unseen": {"accuracy": 0.7}, "overall": {"accuracy": 0.75},
+               "fewshot": [{"k": 1, "accuracy": 0.6}]}
+    records = [
+        {"dataset": "lowrank_world", "method": "shrunk_individual", "seed": 0, "status": "done", "metrics": metrics,
+         "plugins": plugin},
+        {"dataset": "lowrank_world", "method": "bt", "seed": 0, "status": "done", "metrics": metrics, "plugins": []},
+        {"dataset": "prism", "method": "shrunk_individual", "seed": 0, "status": SKIPPED, "reason": hub_error,
+         "plugins": plugin},
+        {"dataset": "prism", "method": "bt", "seed": 0, "status": SKIPPED, "reason": hub_error, "plugins": []},
+    ]
+    broken = [{"group": "plrm.methods", "name": "bad", "distribution": "bad 1.0", "error": "ImportError: a\nb|c"}]
+    text = markdown(load_bench("bench/quick"), cells(records), {}, broken, 3, [], plugin_origins(records))
+    lines = text.splitlines()
+    assert "| shrunk_individual (plugin: plrm-shrinkage 0.1.0) | 80.0 |" in text
+    assert "| bt | 80.0 |" in text
+    assert "\"(plugin: package version)\" marks a method or dataset" in text
+    skipped = lines[lines.index("## Skipped cells") + 2:]
+    skipped = skipped[:skipped.index("")]
+    assert len(skipped) == 4  # header, separator, one row per cell: no line of the error spilled out
+    assert skipped[2].startswith("| prism | shrunk_individual (plugin: plrm-shrinkage 0.1.0) | data not available")
+    for row in skipped:
+        assert row.replace("\\|", "").count("|") == 4, row
+    assert skipped[2].endswith("… (full text in results.json) |")
+    assert "Please check" not in text
+    assert "| plrm.methods | bad | bad 1.0 | ImportError: a b\\|c |" in text  # short: joined, not cut
+

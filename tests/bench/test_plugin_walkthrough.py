@@ -233,7 +233,8 @@ cell:
     assert not [c for c in results["cells"] if c.get("errors")]
     assert results["broken_plugins"][0]["name"] == "broken_method"
     report = (out / "report.md").read_text()
-    assert "## sign_world" in report and "| signed_bt |" in report
+    assert "## sign_world (plugin: plrm-signflip 0.1.0)" in report  # plugin rows are marked with their package
+    assert "| signed_bt (plugin: plrm-signflip 0.1.0) |" in report
     assert "## Plugins that failed to load (left out)" in report and "broken_method" in report
     plugin_rec = next(r for r in results["records"] if r["method"] == "signed_bt" and r["status"] == "done")
     assert {"registry": "methods", "name": "signed_bt", "distribution": "plrm-signflip"}.items() <= \
