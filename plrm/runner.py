@@ -196,6 +196,7 @@ class Run:
         self._prepared = prepared
         self._new = new  # splits are made afresh (and stored) rather than read back
         self._split: tuple[int, Split] | None = None  # the last split used: one seed's row arrays at a time
+        self._made: dict[int, Split] = {}  # splits made (and stored) by create(), not yet used
         self.place: Place | None = None  # a run being created or resumed: where it writes, what it replaces
         self.marker: dict | None = None
         self.finished: list[tuple[int, str]] = []  # (seed, label) units finished, this process or before
@@ -237,6 +238,7 @@ class Run:
         run.place = where
         run.prepared  # bad data fails here, before an old run is replaced or a new one starts
         splits = {seed: run.split(seed, store=False) for seed in run.seeds}  # so does a split that cannot be made
+        run._made = dict(splits)  # handed to the seed loop (Run.split) rather than made twice
         if main:
             run.marker = claim(where)
             (run.dir / RECIPE_FILE).write_text(recipe.to_yaml())
@@ -308,7 +310,9 @@ class Run:
         unless ``store`` is False)."""
         if self._split is None or self._split[0] != seed:
             stored = self.seed_dir(seed) / SPLIT_FILE
-            if self._new and not (self.resumed and stored.is_file()):  # a resumed run keeps its stored splits
+            if seed in self._made:
+                split = self._made.pop(seed)
+            elif self._new and not (self.resumed and stored.is_file()):  # a resumed run keeps its stored splits
                 split = seed_split(self.recipe, self.prepared, seed)
                 if self.main and store:
                     self.seed_dir(seed).mkdir(exist_ok=True)
