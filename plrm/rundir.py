@@ -83,7 +83,38 @@ def run_path(output_dir: str, name: str) -> Path:
     if resolved == resolved_root or resolved_root not in resolved.parents:
         raise RecipeError(f"run.name={name!r} resolves to {resolved}, which is not inside run.output_dir "
                           f"({resolved_root}; a symbolic link?); choose another run.name")
+    outer = inside_a_run(resolved_root, resolved)
+    if outer is not None:
+        raise RecipeError(f"run.name={name!r} would put a run inside the run {outer}; runs do not nest (an "
+                          "overwrite of the outer run would remove it): choose a name outside it")
     return run_dir
+
+
+# what plrm writes at the top of a run directory (fit, test, adapt, active, tax, the trackers): anything else there
+# is the user's, and an overwrite, which replaces the whole folder, refuses to remove it
+PLRM_ENTRIES = ("plrm-run.json", "recipe.yaml", "results.json", "per_user.parquet", "test_results.json",
+                "adapt_results.json", "adapt_*.json", "active_results.json", "active_curve.png", "tax-*.json",
+                "tax-*.md", "seed-*", "wandb", "wandb-staging", "csv", "tensorboard", "*.tmp")
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """Entries at the top of a run directory that plrm did not write (a user's notes, a run nested inside)."""
+    out = []
+    for entry in sorted(Path(run_dir).iterdir()):
+        nested = entry.is_dir() and read_marker(entry) is not None
+        if nested or not any(entry.match(pattern) for pattern in PLRM_ENTRIES):
+            out.append(entry.name + ("/ (a plrm run)" if nested else "/" if entry.is_dir() else ""))
+    return out
+
+
+def inside_a_run(root: Path, run_dir: Path) -> Path | None:
+    """The plrm run among the folders between ``root`` and ``run_dir`` (exclusive), if any."""
+    for parent in run_dir.parents:
+        if parent == root or root not in parent.parents:
+            return None
+        if read_marker(parent) is not None:
+            return parent
+    return None
 
 
 def staging_path(run_dir: Path) -> Path:
@@ -118,9 +149,14 @@ def place(run_dir: Path, overwrite: bool, resume: bool) -> Place:
     present = run_dir.is_dir() and any(run_dir.iterdir())
     marker = read_marker(run_dir) if present else None
     if present and marker is None:
-        raise RecipeError(f"{run_dir} exists and is not a plrm run (no {MARKER}): plrm never writes into or removes "
-                          "a folder it did not create, with run.overwrite=true or not; choose another run.name or "
-                          "run.output_dir")
+        raise RecipeError(f"{run_dir} exists and is not a plrm run (no {MARKER}): plrm writes into or removes only "
+                          "its own runs, with run.overwrite=true or not; choose another run.name or run.output_dir")
+    if overwrite and present:
+        foreign = foreign_entries(run_dir)
+        if foreign:
+            raise RecipeError(f"run.overwrite=true would remove what plrm did not write in {run_dir}: "
+                              f"{', '.join(foreign[:8])}{' ...' if len(foreign) > 8 else ''}; move it out of the "
+                              "run first, or choose another run.name")
     if overwrite:
         staging = staging_path(run_dir)
         staged = read_marker(staging) if staging.is_dir() else None

@@ -186,6 +186,20 @@ def provenance(recipe: Recipe) -> list[dict]:
 
 
 # ---- the run directory --------------------------------------------------------------------------------------
+def stored_recipe(run_dir: Path) -> dict:
+    """The resolved recipe a run stored (``recipe.yaml``), or a RecipeError naming the file if it is damaged."""
+    path = Path(run_dir) / RECIPE_FILE
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); the run cannot be "
+                          "rebuilt without it: restore it from a copy, or re-run `plrm fit`") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} is damaged (it holds {type(raw).__name__}, not a recipe); the run cannot be "
+                          "rebuilt without it: restore it from a copy, or re-run `plrm fit`")
+    return raw
+
+
 class Run:
     """A run directory: its recipe, splits, checkpoints and results. Get one with :meth:`create` (a new run,
     as ``fit`` does) or :meth:`open` (a run ``plrm fit`` wrote)."""
@@ -228,7 +242,7 @@ class Run:
             work = staging if recipe.run.overwrite and staging.is_dir() else target
             where = Place(target, work, staged=work != target, resumed=resume, marker=read_marker(work))
         if where.resumed:
-            stored = load_recipe(yaml.safe_load((where.work / RECIPE_FILE).read_text())).raw
+            stored = load_recipe(stored_recipe(where.work)).raw
             changed = same_recipe(stored, recipe.raw)
             if changed:
                 raise RecipeError(f"cannot resume {where.work}: the recipe differs from the one it was started "
@@ -268,7 +282,7 @@ class Run:
         if marker is not None and marker.get("status") != COMPLETE:
             raise RecipeError(f"{run_dir} is an incomplete run (a killed or failed `plrm fit`): finish it first by "
                               "running the same `plrm fit` command with --resume")
-        run = cls(run_dir, load_recipe(yaml.safe_load((run_dir / RECIPE_FILE).read_text())))
+        run = cls(run_dir, load_recipe(stored_recipe(run_dir)))
         run.marker = marker
         return run
 

@@ -96,6 +96,8 @@ class PreferenceFiles(DatasetSource):
                            "keep_default_na": False}
         level = datasets.logging.get_verbosity()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log line of a failure: the error says it
+        bars = datasets.utils.logging.is_progress_bar_enabled()
+        datasets.utils.logging.disable_progress_bar()  # "Generating train split": noise before a one-line error
         try:
             pairs = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train", **options)
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as exc:
@@ -107,6 +109,8 @@ class PreferenceFiles(DatasetSource):
             raise DataValidationError(f"{self.key}: cannot read {path} as preference pairs: {exc}{detail}") from exc
         finally:
             datasets.logging.set_verbosity(level)
+            if bars:
+                datasets.utils.logging.enable_progress_bar()
         table = pairs.data.table
         odd = [c for c in TEXT_COLUMNS if c in table.column_names and not _is_text(table[c].type)]
         odd += [c for c in EMBEDDING if c in table.column_names and not _is_list(table[c].type)]

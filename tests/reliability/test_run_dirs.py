@@ -21,10 +21,11 @@ REFUSED_NAMES = [
                  id="the-runs-root-itself"),
     pytest.param(["run.output_dir={workdir}", "run.name=notes"], "is not a plrm run (no plrm-run.json)",
                  id="a-users-folder"),
-    pytest.param(["run.name=done/seed-0"], "is not a plrm run (no plrm-run.json)", id="inside-a-run"),
+    pytest.param(["run.name=done/seed-0"], "would put a run inside the run", id="inside-a-run"),
     pytest.param(["run.name=done", "split.k=1000"], "1000", id="old-run-kept-when-the-split-fails"),
     pytest.param(["run.name=done", "methods.lore.rank=0"], "methods.lore.rank", id="old-run-kept-on-bad-option"),
     pytest.param(["run.name=''"], "run.name", id="empty-name"),
+    pytest.param(["run.name=done/inner"], "would put a run inside the run", id="a-run-inside-a-run"),
 ]
 
 
@@ -99,3 +100,28 @@ def test_an_incomplete_run_is_named_as_such_and_cannot_be_tested(workdir, plrm_c
     outcome = plrm_cmd("fit", *TINY_FIT, "run.name=cut", "--resume")
     assert outcome.code == 0, outcome.err
     assert read_marker(workdir / "runs" / "cut")["status"] == "complete"
+
+
+@pytest.mark.parametrize("what, make", [
+    ("notes.txt", lambda run: (run / "notes.txt").write_text("mine\n")),
+    ("analysis/", lambda run: (run / "analysis").mkdir() or (run / "analysis" / "fig.png").write_bytes(b"png")),
+])
+def test_overwrite_refuses_to_remove_what_plrm_did_not_write(finished_run, workdir, plrm_cmd, what, make):
+    make(finished_run)
+    before = tree_digest(workdir)
+    outcome = plrm_cmd("fit", *TINY_FIT, "run.name=done", "run.overwrite=true")
+    assert_bad_input(outcome, "run.overwrite=true would remove what plrm did not write in runs/done", what)
+    assert tree_digest(workdir) == before
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"run: [unclosed\n", b"", b"42\n"],
+                         ids=["binary", "bad-yaml", "empty", "scalar"])
+def test_a_damaged_recipe_yaml_is_named(finished_run, workdir, plrm_cmd, content):
+    (finished_run / "recipe.yaml").write_bytes(content)
+    before = tree_digest(workdir)
+    for verb in (["test", "--run", "runs/done"], ["adapt", "--run", "runs/done"]):
+        outcome = plrm_cmd(*verb)
+        assert_bad_input(outcome, "runs/done/recipe.yaml is damaged", "restore it")
+    outcome = plrm_cmd("fit", *TINY_FIT, "run.name=done", "--resume")
+    assert_bad_input(outcome, "runs/done/recipe.yaml is damaged")
+    assert tree_digest(workdir) == before
