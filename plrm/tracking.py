@@ -81,6 +81,9 @@ def make_logger(cfg, run_dir: Path, name: str, group: str, config: dict, run_nam
     ``<run_name>/<name>`` (run_name defaults to the group) in the group ``group``."""
     if cfg.kind == "none":
         return None
+    # absolute: W&B's service process may have been started by another process, in another working directory
+    # (a parent's WANDB_SERVICE), and would resolve a relative dir against its own
+    run_dir = Path(run_dir).resolve()
     if cfg.kind == "csv":
         return CSVLogger(save_dir=str(run_dir), name="csv", version=name)
     if cfg.kind == "tensorboard":
