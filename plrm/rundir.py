@@ -31,15 +31,10 @@ import pandas as pd
 
 from plrm import __version__
 from plrm.errors import RecipeError
+from plrm.eval.report import write_json
 
 MARKER = "plrm-run.json"
 RUNNING, COMPLETE = "running", "complete"
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def read_marker(run_dir: Path) -> dict | None:
@@ -62,7 +57,7 @@ def new_marker(name: str) -> dict:
 
 def set_status(run_dir: Path, marker: dict, status: str) -> None:
     marker["status"] = status
-    write_json_atomic(Path(run_dir) / MARKER, marker)
+    write_json(Path(run_dir) / MARKER, marker)
 
 
 def run_path(output_dir: str, name: str) -> Path:
@@ -190,7 +185,7 @@ def claim(where: Place) -> dict:
         shutil.rmtree(where.work)
     where.work.mkdir(parents=True, exist_ok=True)
     marker = new_marker(where.target.name)
-    write_json_atomic(where.work / MARKER, marker)
+    write_json(where.work / MARKER, marker)
     return marker
 
 
@@ -242,7 +237,7 @@ def save_unit(seed_dir: Path, label: str, metrics: dict, per_user: pd.DataFrame 
         tmp = per_user_file.with_name(per_user_file.name + ".tmp")
         per_user.to_parquet(tmp, index=False)
         os.replace(tmp, per_user_file)
-    write_json_atomic(metrics_file, {"metrics": metrics, "per_user": per_user is not None})
+    write_json(metrics_file, {"metrics": metrics, "per_user": per_user is not None})
 
 
 def load_unit(seed_dir: Path, label: str) -> tuple[dict, pd.DataFrame | None] | None:
