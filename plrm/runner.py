@@ -93,6 +93,7 @@ from plrm.rundir import (
     run_path,
     same_recipe,
     save_unit,
+    staging_path,
 )
 from plrm.tracking import PlainProgress, check_logger, finish, log_results, make_logger
 
@@ -238,7 +239,7 @@ class Run:
         if main:
             where = place(target, recipe.run.overwrite, resume)
         else:  # rank 0 has decided and created the folder already
-            staging = target.parent / f".{target.name}.plrm-staging"
+            staging = staging_path(target)
             work = staging if recipe.run.overwrite and staging.is_dir() else target
             where = Place(target, work, staged=work != target, resumed=resume, marker=read_marker(work))
         if where.resumed:
