@@ -219,17 +219,26 @@ def _resolved_with_defaults(recipe) -> dict:
     return out
 
 
+def checked_recipe(name: str, overrides: list[str]):
+    """The recipe ``name`` with ``overrides``, validated against plrm.catalog's description of the registries: the
+    same answer (or RecipeError) as the real classes give, without importing torch when the catalog is warm."""
+    from plrm import catalog
+    from plrm.recipe import load_recipe
+
+    return catalog.checked(lambda regs: load_recipe(name, overrides, registries=regs))
+
+
 def cmd_list(what: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from plrm import registry
+    from plrm import catalog
     from plrm.recipe import plugin_recipes
 
-    registry.ensure_builtins()
     console = Console(width=max(120, shutil.get_terminal_size().columns))
     plugin_rows = 0
-    for reg_name, reg in registry.REGISTRIES.items():
+    registries = catalog.registries()
+    for reg_name, reg in registries.items():
         if what not in (None, reg_name, "plugins"):
             continue
         table = Table(title=reg_name)
@@ -259,7 +268,7 @@ def cmd_list(what: str | None) -> None:
         for name, recipe in shipped.recipes.items():
             table.add_row(name, str(recipe.origin), str(recipe.path))
         console.print(table)
-    broken = [b for reg in registry.REGISTRIES.values() for b in reg.broken()] + shipped.broken
+    broken = [b for reg in registries.values() for b in reg.broken()] + shipped.broken
     if broken:
         table = Table(title="broken plugins (not loaded)")
         for col in ("group", "name", "from", "error"):
@@ -290,6 +299,7 @@ def no_plugins_message() -> str:
 
 
 def cmd_embed(args) -> None:
+    checked_recipe(args.recipe, args.overrides)  # a bad recipe fails before torch is imported
     from plrm import registry
     from plrm.data.datamodule import PreparedData
     from plrm.recipe import RecipeError, load_recipe, load_source
@@ -345,7 +355,7 @@ def cmd_bench(args) -> int:
 def cmd_recipes(args) -> None:
     import yaml
 
-    from plrm.recipe import all_recipes, load_recipe, plugin_recipes, read_recipe, schema_rows
+    from plrm.recipe import all_recipes, plugin_recipes, read_recipe, schema_rows
 
     if args.action == "list":
         recipes = all_recipes()
@@ -363,24 +373,27 @@ def cmd_recipes(args) -> None:
 
             print(load_bench(args.name, args.overrides).to_yaml(), end="")
             return
-        recipe = load_recipe(args.name, args.overrides)
+        recipe = checked_recipe(args.name, args.overrides)
         print(yaml.safe_dump(_resolved_with_defaults(recipe), sort_keys=False), end="")
     elif args.action == "copy":
         raw = read_recipe(args.name)  # an unknown recipe fails before anything is written
         dest = copy_destination(args.name, args.dest, args.make_parents)
         verb = "bench" if "bench" in raw else "fit"
         if verb == "fit":  # relative input paths were relative to the source's folder: the copy holds them absolute
+            from plrm import catalog
             from plrm.recipe import read_recipe_with_origins, resolve_paths
 
             raw, origins = read_recipe_with_origins(args.name)
-            resolve_paths(raw, origins)
+            resolve_paths(raw, origins, catalog.registries())
         tmp = dest.with_name(f".{dest.name}.tmp")
         tmp.write_text(f"# copied from plrm recipe '{args.name}' (extends merged); run with:\n"
                        f"#   plrm {verb} --recipe {dest}\n" + yaml.safe_dump(raw, sort_keys=False))
         tmp.replace(dest)
         print(f"wrote {dest}")
     elif args.action == "keys":
-        for key, tp, default, help_text in schema_rows():
+        from plrm import catalog
+
+        for key, tp, default, help_text in schema_rows(catalog.registries()):
             line = f"{key}  ({tp}, default {default!r})\n    {help_text}"
             if args.filter in line:
                 print(line)
@@ -478,23 +491,26 @@ def main(argv: list[str] | None = None) -> int:
 
             find_recipe(args.recipe)  # an unknown name or a missing file fails before the methods are imported
         if args.verb == "fit":
-            from plrm.recipe import load_recipe
-
-            recipe = load_recipe(args.recipe, args.overrides)
+            recipe = checked_recipe(args.recipe, args.overrides)  # a bad recipe fails before torch is imported
             if args.print_config:
                 import yaml
 
                 print(yaml.safe_dump(_resolved_with_defaults(recipe), sort_keys=False), end="")
                 return 0
             from plrm import runner
+            from plrm.recipe import load_recipe
 
             try:
-                runner.fit(recipe, resume=args.resume)
+                runner.fit(load_recipe(args.recipe, args.overrides), resume=args.resume)
             except KeyboardInterrupt:  # the runner has said what was saved and how to resume
                 return 130
         elif args.verb == "bench":
             return cmd_bench(args)
         elif args.verb == "profile":
+            from plrm import catalog
+            from plrm.recipe import dataset_options
+
+            catalog.checked(lambda regs: dataset_options(args.dataset, args.overrides, regs))  # before torch
             from plrm.eval.profile import run_profile
 
             stats = run_profile(args.dataset, args.overrides, args.out)

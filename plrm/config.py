@@ -20,8 +20,9 @@ class Bounds:
 
     Numbers are checked against ``min`` / ``max`` (inclusive) and ``gt`` / ``lt`` (exclusive); a value in
     ``also`` is accepted outside that range (``also=(-1,)``: -1 means "no limit"). Strings are checked against
-    ``choices``. A list is checked item by item against all of these, and must not be empty with ``nonempty``
-    (a string with ``nonempty`` must not be ""). ``None`` (an option that may be null) is never out of range.
+    ``choices``. A list is checked item by item against all of these, must not be empty with ``nonempty`` (a
+    string with ``nonempty`` must not be "") and must not repeat an item with ``unique``. ``None`` (an option that
+    may be null) is never out of range.
     """
 
     min: float | None = None
@@ -30,6 +31,7 @@ class Bounds:
     lt: float | None = None
     choices: tuple[Any, ...] | None = None
     nonempty: bool = False
+    unique: bool = False
     also: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
@@ -64,7 +66,8 @@ class Bounds:
         """The whole constraint in words, as ``plrm recipes keys`` shows it beside the type."""
         text = self.range_text()
         if is_list:
-            return ", ".join(filter(None, ["not empty" if self.nonempty else "", f"each {text}" if text else ""]))
+            return ", ".join(filter(None, ["not empty" if self.nonempty else "", "no repeats" if self.unique else "",
+                                           f"each {text}" if text else ""]))
         return ", ".join(filter(None, ["not empty" if self.nonempty else "", text]))
 
     def _item_problem(self, value: Any) -> str | None:
@@ -86,7 +89,12 @@ class Bounds:
         if isinstance(value, (list, tuple)):
             if self.nonempty and not value:
                 return [("", "must not be empty")]
-            return [(f"[{i}]", p) for i, v in enumerate(value) if (p := self._item_problem(v))]
+            found = [(f"[{i}]", p) for i, v in enumerate(value) if (p := self._item_problem(v))]
+            if self.unique and not found:
+                repeated = sorted({repr(v) for i, v in enumerate(value) if v in value[:i]})
+                if repeated:
+                    found.append(("", f"must not repeat an item, got {', '.join(repeated)} more than once"))
+            return found
         if self.nonempty and value == "":
             return [("", "must not be empty")]
         p = self._item_problem(value)
@@ -96,19 +104,20 @@ class Bounds:
 def opt(default: Any = MISSING, help: str = "", *,  # noqa: A002 - "help" is the natural name
         min: float | None = None, max: float | None = None,  # noqa: A002 - the natural names of the bounds
         gt: float | None = None, lt: float | None = None, choices: tuple | list | None = None,
-        nonempty: bool = False, also: tuple = (), path: bool = False, **kwargs: Any) -> Any:
+        nonempty: bool = False, unique: bool = False, also: tuple = (), path: bool = False, **kwargs: Any) -> Any:
     """A dataclass field with help text, and the values it accepts beyond its type (see :class:`Bounds`).
 
     ``min`` / ``max``: inclusive bounds of a number; ``gt`` / ``lt``: exclusive ones; ``also``: values accepted
     outside that range (``opt(-1, ..., min=1, also=(-1,))``: -1 or >= 1); ``choices``: the strings accepted;
     ``nonempty``: a list (or string) that must not be empty. On a list option the bounds and choices apply to
-    each item. ``path=True`` marks an option that names an input file or folder (a string or a list of them): a
+    each item; ``unique``: a list that must not repeat an item. ``path=True`` marks an option that names an input
+    file or folder (a string or a list of them): a
     relative path written in a recipe file is taken relative to that file's folder. Recipe validation reports a
     value out of bounds with its key path, e.g. ``methods.lore.rank: must be >= 1, got 0``. Mutable defaults
     (lists) are copied per instance.
     """
     bounds = Bounds(min=min, max=max, gt=gt, lt=lt, choices=None if choices is None else tuple(choices),
-                    nonempty=nonempty, also=tuple(also))
+                    nonempty=nonempty, unique=unique, also=tuple(also))
     metadata: dict[str, Any] = {"help": help}
     if bounds != Bounds():
         metadata["bounds"] = bounds
@@ -118,6 +127,57 @@ def opt(default: Any = MISSING, help: str = "", *,  # noqa: A002 - "help" is the
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
+
+
+class Not:
+    """In a :class:`Forbid` condition: any value but these (``Not("none")``: the option is not "none")."""
+
+    def __init__(self, *values: Any) -> None:
+        self.values = values
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Not) and other.values == self.values
+
+    def __repr__(self) -> str:
+        return f"Not({', '.join(map(repr, self.values))})"
+
+
+@dataclass(frozen=True)
+class Forbid:
+    """A combination of option values a Config refuses, declared as data (so that ``plrm recipes keys`` shows it
+    and plrm.catalog can check it without importing the class's module)::
+
+        @dataclass
+        class Config(MethodConfig):
+            ...
+            forbid = (Forbid({"basis": "none", "meta_learning": False},
+                             "basis: none with meta_learning: false would train a whole MLP per user"),)
+
+    ``when`` maps option names to a value, a tuple of values (any of them) or :class:`Not` (any value but
+    these); the rule applies when every option matches. ``message`` starts with an option's name, like a
+    ``check()`` message: recipe validation reports it as ``methods.mrm.basis: none with ...``. A Config's rules are
+    those of its class and of every base class (``forbid`` is not a dataclass field: no annotation)."""
+
+    when: dict[str, Any]
+    message: str
+
+    def matches(self, config: Any) -> bool:
+        for name, wanted in self.when.items():
+            value = getattr(config, name)
+            if isinstance(wanted, Not):
+                if value in wanted.values:
+                    return False
+            elif isinstance(wanted, tuple):
+                if value not in wanted:
+                    return False
+            elif value != wanted:
+                return False
+        return True
+
+
+def forbidden(cls: type) -> list[Forbid]:
+    """The :class:`Forbid` rules of Config class ``cls``: its own and its bases', base classes first."""
+    return [rule for k in reversed(cls.__mro__) for rule in vars(k).get("forbid", ())]
 
 
 def bounds_of(f: dataclasses.Field) -> Bounds | None:

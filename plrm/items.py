@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
+
+from plrm.lazy import lazy_module
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
 
 ITEM_SEP = "\x1f"  # joins prompt and response into an item key; a control char that never occurs in text
 

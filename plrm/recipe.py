@@ -26,7 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from plrm import registry
-from plrm.config import bounds_of, check_value, default_of, help_of, is_path, opt, type_hints, type_name
+from plrm.config import bounds_of, check_value, default_of, forbidden, help_of, is_path, opt, type_hints, type_name
 from plrm.errors import RecipeError  # noqa: F401  (re-exported: plrm.errors defines every error class)
 from plrm.registry import BrokenPlugin, Origin
 
@@ -386,21 +386,28 @@ def component_config_class(reg: Any, values: Any, default_name: str | None) -> t
         return None
 
 
-def resolve_paths(raw: dict, origins: Origins) -> None:
-    """In place: the relative path options of a run recipe, resolved against the folder of the recipe file that
-    wrote each of them (:func:`resolve_paths_of`); the sections' classes are found as validation finds them."""
-    from plrm import registry
-
+def _registries(registries: dict | None) -> dict:
+    """``registries`` (plrm.catalog's stand-ins), or plrm's own with the built-ins imported."""
+    if registries is not None:
+        return registries
     registry.ensure_builtins()
+    return registry.REGISTRIES
+
+
+def resolve_paths(raw: dict, origins: Origins, registries: dict | None = None) -> None:
+    """In place: the relative path options of a run recipe, resolved against the folder of the recipe file that
+    wrote each of them (:func:`resolve_paths_of`); the sections' classes are found as validation finds them (in
+    ``registries``: see :func:`validate`)."""
+    regs = _registries(registries)
     for name, cls in FIXED_SECTIONS.items():
         resolve_paths_of(raw.get(name), cls, (name,), origins)
-    for section, reg, default in (("data", registry.datasets, None), ("backbone", registry.backbones, "precomputed")):
+    for section, reg, default in (("data", regs["datasets"], None), ("backbone", regs["backbones"], "precomputed")):
         cls = component_config_class(reg, raw.get(section), default)
         if cls is not None:
             resolve_paths_of(raw[section], cls, (section,), origins)
     methods = raw.get("methods")
     for label, values in (methods.items() if isinstance(methods, dict) else ()):
-        cls = component_config_class(registry.methods, values, str(label))
+        cls = component_config_class(regs["methods"], values, str(label))
         if cls is not None:
             resolve_paths_of(values, cls, ("methods", str(label)), origins)
 
@@ -453,7 +460,8 @@ def build_section(cls: type, values: Any, path: str, problems: list[str], extra_
     Each value is checked against its type, then against the bounds its :func:`~plrm.config.opt` declares
     (``methods.lore.rank: must be >= 1, got 0``). Only a section without problems is built: its ``__post_init__``
     may reject a combination of values, and a ``check(self) -> list[str]`` method, if the class has one, may add
-    cross-field problems, each starting with the option's name (reported as ``<path>.<message>``)."""
+    cross-field problems, each starting with the option's name (reported as ``<path>.<message>``), as do the
+    combinations of values its :class:`~plrm.config.Forbid` rules refuse (checked first)."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -489,6 +497,7 @@ def build_section(cls: type, values: Any, path: str, problems: list[str], extra_
     except (TypeError, ValueError) as exc:  # a Config's __post_init__ may reject a combination of values
         problems.append(f"{path}: {exc}")
         return None
+    problems += [f"{path}.{rule.message}" for rule in forbidden(cls) if rule.matches(obj)]
     check = getattr(type(obj), "check", None)
     if callable(check):  # cross-field checks: messages start with the option's name ("max_steps: ...")
         problems += [f"{path}.{message}" for message in check(obj)]
@@ -514,20 +523,20 @@ def build_component(registry: Any, values: Any, path: str, problems: list[str], 
     return Component(name=name, config=config)
 
 
-def validate(raw: dict, source: str = "recipe") -> Recipe:
-    """Check a resolved raw recipe against the schema; raise one RecipeError listing every problem."""
-    from plrm import registry
-
-    registry.ensure_builtins()
+def validate(raw: dict, source: str = "recipe", registries: dict | None = None) -> Recipe:
+    """Check a resolved raw recipe against the schema; raise one RecipeError listing every problem.
+    ``registries``: the registries to check against (``{"methods": ..., "datasets": ..., "backbones": ...}``;
+    default plrm's own; plrm.catalog gives stand-ins that need no torch)."""
+    regs = _registries(registries)
     problems: list[str] = []
     for key in raw:
         if key not in TOP_LEVEL:
             problems.append(f"{key}: unknown section{did_you_mean(str(key), list(TOP_LEVEL))}")
     sections = {name: build_section(cls, raw.get(name), name, problems) for name, cls in FIXED_SECTIONS.items()}
-    data = build_component(registry.datasets, raw.get("data"), "data", problems) if "data" in raw else None
+    data = build_component(regs["datasets"], raw.get("data"), "data", problems) if "data" in raw else None
     if "data" not in raw:
         problems.append("data: required section is missing (which dataset to use; see `plrm list datasets`)")
-    backbone = build_component(registry.backbones, raw.get("backbone", {}), "backbone", problems,
+    backbone = build_component(regs["backbones"], raw.get("backbone", {}), "backbone", problems,
                                default_name="precomputed")
     methods: dict[str, Component] = {}
     raw_methods = raw.get("methods")
@@ -535,7 +544,7 @@ def validate(raw: dict, source: str = "recipe") -> Recipe:
         problems.append("methods: required section is missing or empty (a mapping label -> {name: <method>, ...})")
     else:
         for label, values in raw_methods.items():
-            comp = build_component(registry.methods, values if values is not None else {}, f"methods.{label}",
+            comp = build_component(regs["methods"], values if values is not None else {}, f"methods.{label}",
                               problems, default_name=str(label))
             if comp is not None:
                 methods[str(label)] = comp
@@ -546,7 +555,8 @@ def validate(raw: dict, source: str = "recipe") -> Recipe:
                   description=str(raw.get("description", "")), **sections)
 
 
-def read_with_overrides(name_or_path: str | dict, overrides: list[str] | None = None) -> dict:
+def read_with_overrides(name_or_path: str | dict, overrides: list[str] | None = None,
+                        registries: dict | None = None) -> dict:
     """A recipe (name, path or dict) read, with ``extends`` merged, ``overrides`` applied, interpolations resolved
     and relative path options made absolute (:func:`resolve_paths`): what :func:`validate` checks. A path in a
     recipe file is relative to that file's folder; one in an override or in a dict, to the working directory."""
@@ -561,16 +571,18 @@ def read_with_overrides(name_or_path: str | dict, overrides: list[str] | None = 
         raw, origins = read_recipe_with_origins(name_or_path)
     raw.pop("extends", None)
     raw = resolve(apply_overrides(raw, overrides))
-    resolve_paths(raw, forget_origins(origins, override_keys(overrides)))
+    resolve_paths(raw, forget_origins(origins, override_keys(overrides)), registries)
     return raw
 
 
-def load_recipe(name_or_path: str | dict, overrides: list[str] | None = None) -> Recipe:
-    """Read, merge ``extends``, apply overrides, resolve and validate a recipe (name, path or dict)."""
+def load_recipe(name_or_path: str | dict, overrides: list[str] | None = None,
+                registries: dict | None = None) -> Recipe:
+    """Read, merge ``extends``, apply overrides, resolve and validate a recipe (name, path or dict), against
+    ``registries`` (see :func:`validate`)."""
     source = str(name_or_path) if not isinstance(name_or_path, dict) else "recipe"
-    raw = read_with_overrides(name_or_path, overrides)
+    raw = read_with_overrides(name_or_path, overrides, registries)
     raw.setdefault("backbone", {"name": "precomputed"})
-    return validate(raw, source)
+    return validate(raw, source, registries)
 
 
 # ---- a dataset on its own (plrm profile, plrm tax) -----------------------------------------------------------
@@ -581,20 +593,25 @@ def _data_key(override: str) -> str:
     return override if body.startswith("data.") else f"{sign}data.{body}"
 
 
-def build_dataset(dataset: str, overrides: list[str]):
+def dataset_options(dataset: str, overrides: list[str], registries: dict | None = None) -> Component:
     """The registered dataset ``dataset`` with ``key=value`` options (``data.`` prefix optional), validated by
-    the recipe schema: a bad key or value raises RecipeError naming ``data.<key>``."""
-    from plrm import registry
-
-    registry.ensure_builtins()
+    the recipe schema against ``registries`` (see :func:`validate`): a bad key or value raises RecipeError naming
+    ``data.<key>``."""
+    regs = _registries(registries)
     dotted = [_data_key(o) for o in overrides]
     if any(o.lstrip("~+").split("=", 1)[0] == "data.name" for o in dotted):
         raise RecipeError(f"data.name: the dataset is '{dataset}', named on its own; drop the name= override")
     raw = resolve(apply_overrides({"data": {"name": dataset}}, dotted))
     problems: list[str] = []
-    component = build_component(registry.datasets, raw["data"], "data", problems)
+    component = build_component(regs["datasets"], raw["data"], "data", problems)
     if problems:
         raise RecipeError(f"dataset '{dataset}': {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return component
+
+
+def build_dataset(dataset: str, overrides: list[str]):
+    """The registered dataset ``dataset`` built with ``key=value`` options (see :func:`dataset_options`)."""
+    component = dataset_options(dataset, overrides)
     return registry.datasets.get(component.name)(component.config)
 
 
@@ -641,23 +658,25 @@ def describe_dataclass(cls: type, prefix: str) -> list[tuple[str, str, Any, str]
     """(key path, type, default, help) for every option of ``cls``; the type names the option's range or choices
     and marks input paths (:func:`option_type`)."""
     hints = type_hints(cls)
+    refused: dict[str, list[str]] = {}  # each Forbid rule is shown under the first option it names
+    for rule in forbidden(cls):
+        refused.setdefault(next(iter(rule.when)), []).append(rule.message)
     rows = []
     for f in dataclasses.fields(cls):
         default = default_of(f)
+        help_text = " ".join([help_of(f), *(f"Refused: {m}." for m in refused.get(f.name, []))]).strip()
         rows.append((f"{prefix}.{f.name}", option_type(f, hints[f.name]),
-                     "(required)" if default is dataclasses.MISSING else default, help_of(f)))
+                     "(required)" if default is dataclasses.MISSING else default, help_text))
     return rows
 
 
-def schema_rows() -> list[tuple[str, str, Any, str]]:
-    """Every key plrm knows, for ``plrm recipes keys``."""
-    from plrm import registry
-
-    registry.ensure_builtins()
+def schema_rows(registries: dict | None = None) -> list[tuple[str, str, Any, str]]:
+    """Every key plrm knows, for ``plrm recipes keys`` (``registries``: see :func:`validate`)."""
+    regs = _registries(registries)
     rows = []
     for name, cls in FIXED_SECTIONS.items():
         rows += describe_dataclass(cls, name)
-    sections = ((registry.datasets, "data"), (registry.backbones, "backbone"), (registry.methods, "methods.<label>"))
+    sections = ((regs["datasets"], "data"), (regs["backbones"], "backbone"), (regs["methods"], "methods.<label>"))
     for reg, prefix in sections:
         for name, cls in reg.items():
             summary = (cls.__doc__ or "").strip().splitlines()[0]

@@ -200,6 +200,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
         self._origins: dict[str, Origin] = {}
         self._broken: dict[str, BrokenPlugin] = {}
+        self._announced: set[str] = set()  # broken plugins named by PLRM_PLUGINS, said on stderr when they failed
         self._plugins_loaded = False
         self._entry_points_fn = entry_points  # tests swap in fake entry points
 
@@ -245,7 +246,7 @@ class Registry(Generic[T]):
         self._plugins_loaded = True
         if autoload_disabled():
             return
-        ensure_builtins()  # built-ins first, so a plugin can never take a built-in's name
+        ensure_builtins(self.kind)  # its built-ins first, so a plugin can never take a built-in's name
         allow = allowed_plugins()
         entry_points = self._entry_points_fn(self.group)
         if allow:
@@ -268,8 +269,7 @@ class Registry(Generic[T]):
                 self._broken[ep.name] = BrokenPlugin(ep.name, self.group, origin, plugin_failure(exc.cause, origin,
                                                                                                   exc.printed))
                 if allow:  # asked for by name: say at once that it is not there, and why
-                    print(f"plrm: PLRM_PLUGINS names '{ep.name}', a {self.kind} plugin of {origin}, which failed "
-                          f"to load: {self._broken[ep.name].error}", file=sys.stderr)
+                    self.announce_failure(ep.name)
                 continue
             if self._entries.get(ep.name) is obj:  # the plugin also used the decorator: same object
                 self._origins[ep.name] = origin
@@ -278,6 +278,21 @@ class Registry(Generic[T]):
                 self._add(ep.name, obj, origin)
             except RegistryError as exc:
                 self._broken[ep.name] = BrokenPlugin(ep.name, self.group, origin, str(exc))
+
+    def announce_failure(self, name: str) -> None:
+        """Say on stderr that plugin ``name``, which ``PLRM_PLUGINS`` asks for, failed to load, and why."""
+        b = self._broken[name]
+        print(f"plrm: PLRM_PLUGINS names '{name}', a {self.kind} plugin of {b.origin}, which failed to load: "
+              f"{b.error}", file=sys.stderr)
+        self._announced.add(name)
+
+    def announced(self) -> set[str]:
+        """The broken plugins whose failure :meth:`announce_failure` said (plrm.catalog replays it)."""
+        return set(self._announced)
+
+    def say_unknown_allowed(self, allow: set[str]) -> None:
+        """Warn about each name of ``PLRM_PLUGINS`` that is no installed entry point (see below)."""
+        self._say_unknown_allowed(allow, list(self._entry_points_fn(self.group)))
 
     def _say_unknown_allowed(self, allow: set[str], entry_points: list) -> None:
         """Warn (once per name and view of the installed plugins, not once per registry) about each name of
@@ -375,15 +390,20 @@ def forget_plugins() -> None:
         for name in [n for n, o in reg._origins.items() if not o.is_builtin]:
             del reg._entries[name], reg._origins[name]
         reg._broken.clear()
+        reg._announced.clear()
         reg._plugins_loaded = False
     _said_unknown.clear()
 
 
-def ensure_builtins() -> None:
-    """Import the built-in modules so their decorators run."""
-    import plrm.backbones  # noqa: F401
-    import plrm.data  # noqa: F401
-    import plrm.methods  # noqa: F401
+def ensure_builtins(*kinds: str) -> None:
+    """Import the built-in modules so their decorators run: those of the registries of ``kinds`` ("method",
+    "dataset", "backbone"), all of them by default. The datasets' need neither torch nor Lightning."""
+    if not kinds or "backbone" in kinds:
+        import plrm.backbones  # noqa: F401
+    if not kinds or "dataset" in kinds:
+        import plrm.data  # noqa: F401
+    if not kinds or "method" in kinds:
+        import plrm.methods  # noqa: F401
 
 
 def plugin_provenance(used: dict[str, list[str]]) -> list[dict[str, str]]:

@@ -28,7 +28,7 @@ PACKAGE = "plrm"
 # prefix (a module name or a package above it) that matches it; the package's own __init__ is ``plrm`` and matches
 # nothing else. A new module that matches no row fails test_every_module_has_a_layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("plrm", "plrm.config", "plrm.errors", "plrm.items", "plrm.distributed", "plrm.checkpoint",
+    ("base", ("plrm", "plrm.config", "plrm.errors", "plrm.items", "plrm.lazy", "plrm.catalog", "plrm.distributed", "plrm.checkpoint",
               "plrm.capabilities", "plrm.registry", "plrm.tracking")),
     ("backbones", ("plrm.backbones",)),
     ("data", ("plrm.data",)),

@@ -25,7 +25,7 @@ from plrm import capabilities as cap
 from plrm.backbones import models
 from plrm.backbones.base import Backbone
 from plrm.backbones.text import item_texts, pad, pool, ragged_select, tokenize_items
-from plrm.config import opt
+from plrm.config import Forbid, Not, opt
 from plrm.errors import BackboneError, DataValidationError
 from plrm.items import ItemIndex
 from plrm.registry import backbones
@@ -51,12 +51,8 @@ class HFModelConfig:
         "auto", "Weights dtype: auto = bfloat16 on a CUDA GPU that supports it, float32 on CPU.")
     inference_batch_size: int = opt(64, "Items per forward pass when scoring without gradients (eval, adapt).", min=1)
 
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("backbone.model is required: a Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), a local "
-                             f"directory, or an alias ({', '.join(models.ALIASES)})")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+    forbid = (Forbid({"model": ""}, "model: is required: a Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), a local "
+                                    f"directory, or an offline alias ({', '.join(models.ALIASES)})"),)
 
 
 class HFEncoder(nn.Module):
@@ -171,13 +167,9 @@ class TransformerBackbone(HFBackbone):
         bnb_4bit_double_quant: bool = opt(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
         gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower).")
 
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            if self.quantization != "none" and self.finetune == "full":
-                raise ValueError(f"finetune=full cannot train {self.quantization} quantized weights; "
-                                 "use finetune=lora (QLoRA) or quantization=none")
-            if self.lora_r < 1:
-                raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        forbid = (Forbid({"finetune": "full", "quantization": Not("none")},
+                         "finetune: full cannot train quantized (4bit or 8bit) weights; use finetune: lora (QLoRA) "
+                         "or quantization: none"),)
 
     def prepare(self, data, items: ItemIndex) -> None:
         self._check_text(data)

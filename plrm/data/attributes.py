@@ -45,16 +45,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import datasets
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from plrm import capabilities as cap
 from plrm.config import opt
 from plrm.data.lowrank import label_pairs
 from plrm.data.source import DatasetSource, PreferenceData
+from plrm.lazy import lazy_module
 from plrm.registry import datasets as dataset_registry
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
 
 # name -> (pole -1, pole +1)
 ATTRIBUTES: dict[str, tuple[str, str]] = {
@@ -383,6 +384,7 @@ class AttributeWorld(DatasetSource):
         return first[pick], second[pick]
 
     def load(self) -> PreferenceData:
+        import datasets  # imported when used: it takes ~1 s, and `plrm list` needs none
         c = self.config
         text_seed, world_seed = np.random.SeedSequence(c.seed).spawn(2)  # wording does not move with user options
         prompt_texts, plans = self._prompts(np.random.default_rng(text_seed))

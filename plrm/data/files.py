@@ -27,9 +27,8 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,6 +38,9 @@ from plrm.config import opt
 from plrm.data.schema import EMBEDDING, OPTIONAL_TEXT, REQUIRED, DataValidationError
 from plrm.data.source import DatasetSource, PreferenceData
 from plrm.registry import datasets as dataset_registry
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 TEXT_COLUMNS = (*REQUIRED, *OPTIONAL_TEXT)
@@ -88,6 +90,7 @@ class PreferenceFiles(DatasetSource):
         return path, files, formats.pop()
 
     def _read(self, path: Path, files: list[Path], fmt: str) -> datasets.Dataset:
+        import datasets  # imported when used: it takes ~1 s, and `plrm list` needs none
         options = {}
         if fmt == "csv":  # every cell as text: no guessed numbers, and 'NA' / 'None' stay what they say
             header = _csv_header(files[0])

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import datasets
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from plrm import capabilities as cap
 from plrm.config import opt
 from plrm.data.source import DatasetSource, FeatureTable, PreferenceData, item_keys
+from plrm.lazy import lazy_module
 from plrm.registry import datasets as dataset_registry
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
 
 
 def dirichlet(rng: np.random.Generator, alpha: float | np.ndarray, n: int, k: int) -> np.ndarray:
@@ -182,6 +183,7 @@ class LowRankWorld(DatasetSource):
         return prompt, first[prompt], second[prompt]
 
     def load(self) -> PreferenceData:
+        import datasets  # imported when used: it takes ~1 s, and `plrm list` needs none
         c = self.config
         rng = np.random.default_rng(c.seed)
         n_prompts = c.n_train_prompts + c.n_test_prompts

@@ -21,10 +21,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from plrm.config import opt
@@ -34,6 +33,12 @@ from plrm.errors import (
     DataValidationError,
 )
 from plrm.items import ITEM_SEP
+from plrm.lazy import lazy_module
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
+
+if TYPE_CHECKING:
+    import datasets
 
 
 # ---- where the files come from --------------------------------------------------------------------------------
@@ -150,6 +155,7 @@ def load_fingerprint(config, files: list[Path]) -> str:
 def canonical_dataset(table: pa.Table | pd.DataFrame, config, files: list[Path]) -> datasets.Dataset:
     """The canonical pairs as a ``datasets.Dataset`` fingerprinted by :func:`load_fingerprint`: without an explicit
     fingerprint, ``datasets`` hashes the table by pickling it, a copy of gigabytes of text at PersonalLLM size."""
+    import datasets  # imported when used: it takes ~1 s, and `plrm list` needs none
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
     return datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=load_fingerprint(config, files))

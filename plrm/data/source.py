@@ -14,11 +14,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -28,6 +26,12 @@ from plrm.data.published import LoadReport
 from plrm.data.schema import MAX_LISTED, duplicate_rows, row_name, validate_pairs
 from plrm.errors import DataValidationError
 from plrm.items import ITEM_SEP, item_keys  # noqa: F401  (re-exported: sources import them from here)
+from plrm.lazy import lazy_module
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
+
+if TYPE_CHECKING:
+    import datasets
 
 # the load-report rule under which exact duplicate rows are dropped (PreferenceData, duplicates="drop")
 DUPLICATES = "exact duplicates of an earlier row (same user_id, prompt, chosen and rejected)"
@@ -177,6 +181,7 @@ class PreferenceData:
     def _drop_duplicates(self) -> None:
         """After loading, no (user, prompt, chosen, rejected) occurs twice, so no pair can sit on both sides of
         a split. Later copies are dropped through the load report's rule DUPLICATES, or refused."""
+        import datasets  # imported when used: it takes ~1 s, and `plrm list` needs none
         if self.duplicates not in ("drop", "error"):
             raise DataValidationError(f"{self.name}: duplicates must be 'drop' or 'error', got {self.duplicates!r}")
         table = self.pairs.data.table

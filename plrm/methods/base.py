@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plrm import capabilities as cap
-from plrm.config import opt
+from plrm.config import Forbid, opt
 from plrm.errors import PlrmError
 from plrm.methods.losses import bradley_terry_nll
 from plrm.methods.peruser import fit_per_user
@@ -60,12 +60,8 @@ class MethodConfig:
                                     "(LoRe, Bose et al., arXiv 2504.14439, eq. 10); with equal pairs per user "
                                     "it changes nothing.")
 
-    def check(self) -> list[str]:
-        """Problems of a combination of options, each starting with an option's name; plrm.recipe reports them
-        with the key path in front (a subclass that adds its own calls ``super().check()``)."""
-        if self.max_epochs == -1 and self.max_steps == -1:
-            return ["max_epochs: -1 together with max_steps: -1 never stops training; give one of them a limit"]
-        return []
+    forbid = (Forbid({"max_epochs": -1, "max_steps": -1},
+                     "max_epochs: -1 together with max_steps: -1 never stops training; give one of them a limit"),)
 
 
 @dataclass

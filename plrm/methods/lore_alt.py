@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from plrm.config import opt
+from plrm.config import Forbid, Not, opt
 from plrm.errors import RecipeError
 from plrm.methods.lore import LoRe
 from plrm.registry import methods
@@ -37,9 +37,9 @@ class LoReAlt(LoRe):
             None, "A `bt` checkpoint (<run>/seed-<s>/<label>.ckpt) whose head is the reference reward.", path=True)
         reference_weight: float = opt(0.0, "Weight of the penalty keeping user rewards near the reference.", min=0)
 
-        def __post_init__(self) -> None:
-            if self.reference_weight > 0 and not self.reference_checkpoint:
-                raise ValueError("reference_weight > 0 needs reference_checkpoint")
+        forbid = (Forbid({"reference_weight": Not(0.0), "reference_checkpoint": (None, "")},
+                         "reference_weight: > 0 needs reference_checkpoint (the `bt` checkpoint of the reference "
+                         "reward)"),)
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from plrm.config import opt
+from plrm.config import Forbid, opt
 from plrm.methods import meta
 from plrm.methods.base import AdaptConfig, MethodConfig
 from plrm.methods.episodic import EpisodeConfig, EpisodicRewardModel
@@ -91,18 +91,9 @@ class MRM(EpisodicRewardModel):
         max_epochs: int = opt(20, "Epochs over the seen users (§5.1.4 selects them on held-out data).",
                               min=1, also=(-1,))
 
-        def __post_init__(self) -> None:
-            if not 0.0 < self.rho <= 1.0:
-                raise ValueError(f"rho must be in (0, 1], got {self.rho}")
-            if self.gamma < 0:
-                raise ValueError(f"gamma must be >= 0 (0: hard filtering), got {self.gamma}")
-            if not 0.0 < self.support_fraction < 1.0:
-                raise ValueError(f"support_fraction must be in (0, 1), got {self.support_fraction}")
-            if self.meta_batch_size < 1 or self.inner_steps < 0 or self.n_basis < 1:
-                raise ValueError("meta_batch_size and n_basis must be >= 1 and inner_steps >= 0")
-            if self.basis == "none" and not self.meta_learning:
-                raise ValueError("basis: none with meta_learning: false would train a whole MLP per user from "
-                                 "its own few pairs; Table 2 removes one component at a time")
+        forbid = (Forbid({"basis": "none", "meta_learning": False},
+                         "basis: none with meta_learning: false would train a whole MLP per user from "
+                         "its own few pairs; Table 2 removes one component at a time"),)
 
     def __new__(cls, config: Config | None = None, *args, **kwargs):
         # Table 2's ablation 3 is its own small class; recipes keep writing `basis: none` under `mrm`. (config is

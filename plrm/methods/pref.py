@@ -153,14 +153,6 @@ class PReF(PersonalizedRewardModel):
             "accuracy within 40 answers, 'information' does in 12 (benchmarks/results/pref_dense.md).")
         adapt_steps: int = opt(20, "Newton steps of new-user adaptation (the problem is concave).", min=0)
 
-        def __post_init__(self) -> None:
-            if self.adapt_beta <= 0:
-                raise ValueError(f"adapt_beta must be > 0, got {self.adapt_beta}")
-            if self.rank != "elbow" and self.rank < 1:
-                raise ValueError(f"rank must be >= 1 or 'elbow', got {self.rank}")
-            if self.max_steps < 0 and self.max_epochs < 0:
-                raise ValueError("max_steps and max_epochs are both -1: training would never stop")
-
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
         self.spectrum: list[float] = []  # leading singular values of the training matrix (set by before_fit)

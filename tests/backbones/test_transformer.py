@@ -183,7 +183,7 @@ def test_feature_only_dataset_is_refused_with_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["backbone.model=offline:nope"], "unknown alias; known aliases: offline:minilm"),
-    (["backbone.finetune=full", "backbone.quantization=4bit"], "finetune=full cannot train 4bit quantized"),
+    (["backbone.finetune=full", "backbone.quantization=4bit"], "backbone.finetune: full cannot train quantized"),
     (["backbone.model="], "backbone.model: expected str, got None"),
 ])
 def test_bad_backbone_options_name_the_problem(tmp_path, length_pairs, overrides, message, text_recipe):

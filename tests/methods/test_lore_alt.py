@@ -6,13 +6,18 @@ import torch
 from plrm import runner
 from plrm.checkpoint import load_checkpoint
 from plrm.methods.lore_alt import LoReAlt
+from plrm.recipe import build_section
 
 
 def test_config_requires_a_reference_for_the_penalty():
-    import pytest
-
-    with pytest.raises(ValueError, match="reference_weight > 0 needs reference_checkpoint"):
-        LoReAlt.Config(reference_weight=1.0)
+    problems: list[str] = []
+    assert build_section(LoReAlt.Config, {"reference_weight": 1.0}, "methods.la", problems) is not None
+    assert problems == ["methods.la.reference_weight: > 0 needs reference_checkpoint (the `bt` checkpoint of the "
+                        "reference reward)"]
+    problems = []
+    build_section(LoReAlt.Config, {"reference_weight": 1.0, "reference_checkpoint": "bt.ckpt"}, "m", problems)
+    build_section(LoReAlt.Config, {"reference_weight": 0.0}, "m", problems)
+    assert problems == []
 
 
 def test_alternating_training_learns_and_beats_the_global_model(tmp_path, tiny_overrides):

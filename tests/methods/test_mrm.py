@@ -13,7 +13,7 @@ from plrm.data.hooks import MethodHooks
 from plrm.data.splits import TRAIN, make_split
 from plrm.methods import meta
 from plrm.methods.mrm import MRM
-from plrm.recipe import RecipeError, load_recipe
+from plrm.recipe import RecipeError, build_section, load_recipe
 
 
 def _model(**changes):
@@ -193,8 +193,24 @@ def test_config_errors_name_the_key(tmp_path, key, value, message):
 
 
 def test_basis_none_needs_meta_learning():
-    with pytest.raises(ValueError, match="Table 2 removes one component at a time"):
-        MRM.Config(basis="none", meta_learning=False)
+    problems: list[str] = []
+    build_section(MRM.Config, {"basis": "none", "meta_learning": False}, "methods.mrm", problems)
+    assert problems == ["methods.mrm.basis: none with meta_learning: false would train a whole MLP per user from its "
+                        "own few pairs; Table 2 removes one component at a time"]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"rho": 0.0}, "methods.mrm.rho: must be in (0, 1], got 0.0"),
+    ({"rho": 1.5}, "methods.mrm.rho: must be in (0, 1], got 1.5"),
+    ({"gamma": -0.1}, "methods.mrm.gamma: must be >= 0, got -0.1"),
+    ({"support_fraction": 1.0}, "methods.mrm.support_fraction: must be in (0, 1), got 1.0"),
+    ({"meta_batch_size": 0}, "methods.mrm.meta_batch_size: must be >= 1, got 0"),
+    ({"inner_steps": -1}, "methods.mrm.inner_steps: must be >= 0, got -1"),
+])
+def test_out_of_range_options_name_their_key(changes, message):
+    problems: list[str] = []
+    build_section(MRM.Config, changes, "methods.mrm", problems)
+    assert problems == [message]
 
 
 def test_personalllm_recipe_keeps_lowrank_personalllm_world_split_and_lore():

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from plrm import capabilities as cap
@@ -70,7 +69,10 @@ from plrm.data.published import (
 )
 from plrm.data.schema import DataValidationError
 from plrm.data.source import DatasetSource, PreferenceData
+from plrm.lazy import lazy_module
 from plrm.registry import datasets as dataset_registry
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
 
 WHAT = "personal_llm"
 # LoRe's order (PersonalLLM/train_basis.py); Hub ids and score mean/sd in PersonalLLM's eval/constants.py

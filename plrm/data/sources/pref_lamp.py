@@ -49,9 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import datasets
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from plrm import capabilities as cap
@@ -69,9 +67,14 @@ from plrm.data.published import (
 from plrm.data.schema import DataValidationError
 from plrm.data.source import DatasetSource, EncoderRequest, PreferenceData
 from plrm.items import ItemIndex
+from plrm.lazy import lazy_module
 from plrm.registry import datasets as dataset_registry
 
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
+
 if TYPE_CHECKING:
+    import datasets
+
     from plrm.backbones.base import Backbone
 
 WHAT = "pref_lamp"
@@ -207,6 +210,7 @@ def embed_texts(texts: np.ndarray, encoder: Backbone) -> np.ndarray:
     """(N, D) features of ``texts`` from ``encoder``, a backbone whose ``inputs`` are features (the frozen encoder
     of PrefLaMP.encoder_request, with its disk cache). Each text is an item with an empty prompt: an encoder reads
     [CLS] [SEP] text [SEP]; a decoder reads it without a chat template."""
+    import datasets  # imported when used: it takes ~1 s, and `plrm list` needs none
     import torch
 
     n = len(texts)

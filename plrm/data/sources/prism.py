@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from plrm import capabilities as cap
@@ -61,7 +60,10 @@ from plrm.data.published import (
 )
 from plrm.data.schema import DataValidationError
 from plrm.data.source import DatasetSource, PreferenceData
+from plrm.lazy import lazy_module
 from plrm.registry import datasets as dataset_registry
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
 
 WHAT = "prism"
 CONVERSATIONS = "conversations.jsonl"

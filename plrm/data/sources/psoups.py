@@ -33,9 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import datasets
 import numpy as np
-import pandas as pd
 
 from plrm import capabilities as cap
 from plrm.config import opt
@@ -53,7 +51,10 @@ from plrm.data.published import (
 )
 from plrm.data.schema import DataValidationError
 from plrm.data.source import DatasetSource, PreferenceData
+from plrm.lazy import lazy_module
 from plrm.registry import datasets as dataset_registry
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
 
 WHAT = "psoups"
 PREFERENCE_PROMPTS = {
@@ -103,6 +104,7 @@ def prlhf_test_rows(n_rows: int, test_size: float, seed: int) -> np.ndarray:
     """Rows that P-RLHF's ``shuffle(seed)`` then ``train_test_split(test_size, seed)`` put in its eval split.
 
     Done with ``datasets`` itself on a row-number column, so the permutation is the library's own."""
+    import datasets  # imported when used: it takes ~1 s, and `plrm list` needs none
     index = datasets.Dataset.from_dict({"row": np.arange(n_rows)})
     held_out = index.shuffle(seed=seed).train_test_split(test_size=test_size, seed=seed)["test"]
     return np.asarray(held_out["row"], dtype=np.int64)

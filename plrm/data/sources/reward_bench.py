@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from plrm import capabilities as cap
@@ -53,7 +52,10 @@ from plrm.data.published import (
     resolve_files,
 )
 from plrm.data.source import DatasetSource, PreferenceData
+from plrm.lazy import lazy_module
 from plrm.registry import datasets as dataset_registry
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
 
 WHAT = "reward_bench"
 GLOBAL_USER = "__global__"

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 
 from plrm import capabilities as cap
 from plrm.config import opt
@@ -62,7 +61,10 @@ from plrm.data.published import (
 )
 from plrm.data.schema import DataValidationError
 from plrm.data.source import DatasetSource, PreferenceData
+from plrm.lazy import lazy_module
 from plrm.registry import datasets as dataset_registry
+
+pd = lazy_module("pandas")  # imported at first use: `plrm list` imports this module, reads no data
 
 WHAT = "tldr"
 HUB_SPLITS = ("train", "validation")
