@@ -10,7 +10,9 @@ method, plugins included, 2 split seeds) in a temporary directory and compares
 
 and the quickstart's printed table with ``results/invariance/quickstart_table.txt``. A float metric that moved
 by at most 1e-6 (the order of a float32 sum changed, no maths did) is listed apart and does not fail the check;
-any other difference does. The committed copies were
+so is a method registered after the reference was recorded that bench/quick's feature world cannot run (its
+cells skipped with a capability reason, e.g. P-DPO and GenARM, which need a causal LM): its skipped cells and its
+rows of the report's "Skipped cells" table are set aside. Any other difference fails. The committed copies were
 written on main before the architecture refactor (commit 4dd5b31) with ``--write``.
 
     python benchmarks/invariance.py            # compare; exit 1 and show the differences when any
@@ -44,6 +46,23 @@ PLUGIN_LEGEND = ' "(plugin: package version)" marks a method or dataset an insta
 def report_above_cost(path: Path) -> str:
     text = path.read_text().replace(PLUGIN_LEGEND, "")
     return PLUGIN_MARK.sub("", text.split("\n## Cost", 1)[0].rstrip() + "\n")
+
+
+def set_aside_new_skips(report: str, metrics: dict, reference: dict) -> tuple[str, dict, list[str]]:
+    """The report and metrics without the cells of methods the reference does not know that this run skipped,
+    and a line for each such method."""
+    known = {key.split("/")[1] for key in reference}
+    new = sorted({key.split("/")[1] for key, v in metrics.items() if v == "skipped" and key.split("/")[1] not in known
+                  and all(metrics[k] == "skipped" for k in metrics if k.split("/")[1] == key.split("/")[1])})
+    kept = {k: v for k, v in metrics.items() if k.split("/")[1] not in new}
+    lines = [line for line in report.split("\n") if not any(line.startswith("| ") and f"| {m} |" in line
+                                                             for m in new)]
+    text = "\n".join(lines)
+    empty = "## Skipped cells\n\n| dataset | method | why |\n|---|---|---|\n\n"
+    text = text.replace(empty, "")
+    cells = len({tuple(k.split("/")[:2]) for k in metrics if k.split("/")[1] in new})  # (dataset, method) cells
+    text = re.sub(r"^(\d+) cells \(", lambda m: f"{int(m.group(1)) - cells} cells (", text, count=1, flags=re.M)
+    return text, kept, [f"(new method, skipped on this world) {m}" for m in new]
 
 
 def cell_metrics(bench_dir: Path) -> dict:
@@ -103,19 +122,22 @@ def main() -> int:
         print(f"wrote the reference to {REF}")
         return 0
     problems = []
+    reference = json.loads((REF / "bench_quick_metrics.json").read_text())
+    report, metrics, new_methods = set_aside_new_skips(report, metrics, reference)
+    problems += new_methods
     if report != (REF / "bench_quick_report.md").read_text():
         problems.append("bench/quick report.md differs above its Cost section")
-    problems += [f"bench/quick metrics {d}" for d in
-                 diff(json.loads((REF / "bench_quick_metrics.json").read_text()), metrics)]
+    problems += [f"bench/quick metrics {d}" for d in diff(reference, metrics)]
     if table.strip() != (REF / "quickstart_table.txt").read_text().strip():
         problems.append("quickstart table differs:\n" + table)
-    rounding = [p for p in problems if "(rounding)" in p]
-    problems = [p for p in problems if "(rounding)" not in p]
+    rounding = [p for p in problems if p.startswith(("(new method", )) or "(rounding)" in p]
+    problems = [p for p in problems if p not in rounding]
     for p in rounding + problems:
         print(p)
     verdict = "identical to the reference" if not problems else f"{len(problems)} difference(s)"
     if rounding and not problems:
-        verdict += f", but for {len(rounding)} float metric(s) that moved by at most {ROUNDING:g} (summation order)"
+        verdict += (f", but for {len(rounding)} float metric(s) that moved by at most {ROUNDING:g} (summation order)"
+                    " and new methods skipped on this world, listed above")
     print("invariance: " + verdict)
     return 1 if problems else 0
 

@@ -21,6 +21,14 @@ BT: g = its linear head, W = ones (the same reward for everyone). Export directo
     merged/              with --merge (finetune=lora, unquantized): the base with the adapter merged in, and
                          the tokenizer: a plain transformers directory
 
+A method on a ``causal_lm`` backbone (P-DPO, GenARM) exports as an LM (``"kind": "lm"`` in plrm_export.json):
+its reward is a log-likelihood, not ``W[u] . g(h)``. The directory holds ``adapter/`` (or ``model/``),
+``tokenizer/``, ``recipe.yaml`` and, for a method with soft user tokens, ``user_tokens.safetensors`` (the user
+model's tables, with the user ids in row order); plrm_export.json records beta, whether the reward subtracts the
+reference model (the base model with the adapter off) and how items are tokenized. The loader
+(:class:`ExportedLMRewardModel`) gives ``reward(prompts, responses, users)`` and greedy ``generate(prompts,
+users)``, with plrm.backbones.causal_lm's log-probability code and no training code.
+
 A ``frozen_encoder`` backbone exports no weights of its own: features come from the frozen model it names (the
 loader loads it), then the recorded normalization. A ``precomputed`` backbone's features ship with its dataset:
 the export holds the head and the user weights only, and rewards come from the same features
@@ -55,7 +63,8 @@ HEAD_FILE = "head.safetensors"
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR, MODEL_DIR, TOKENIZER_DIR, MERGED_DIR = "adapter", "model", "tokenizer", "merged"
 USER_WEIGHTS = "user_weights"
-BACKBONES = ("transformer", "frozen_encoder", "precomputed")
+BACKBONES = ("transformer", "frozen_encoder", "precomputed", "causal_lm")
+USER_TOKENS_FILE = "user_tokens.safetensors"
 STATS_ROWS = 512  # train pairs scored at once for the reward statistics
 
 
@@ -243,7 +252,8 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
     label = _pick_label(recipe, method)
     comp = recipe.methods[label]
     cls = registry.methods.get(comp.name)
-    if getattr(cls, "export_head", None) is getattr(PersonalizedRewardModel, "export_head"):  # not overridden
+    lm = recipe.backbone.name == "causal_lm"
+    if not lm and getattr(cls, "export_head", None) is getattr(PersonalizedRewardModel, "export_head"):
         raise ExportError(f"method '{comp.name}' ({cls.__name__}) has no export_head(): plrm export writes rewards "
                           "of the form W[u] . g(h) and this method does not say how it is one")
     if recipe.backbone.name not in BACKBONES:
@@ -252,6 +262,9 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
     c = recipe.backbone.config
     finetune = getattr(c, "finetune", None)
     quant = getattr(c, "quantization", "none")
+    if merge and lm:
+        raise ExportError("--merge refused for a causal_lm method: its reward needs the base model without the "
+                          "adapter (the reference) as well as with it; export without --merge")
     if merge:
         if recipe.backbone.name != "transformer" or finetune != "lora":
             raise ExportError(f"--merge merges a LoRA adapter into its base model, but backbone "
@@ -277,6 +290,8 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
     model = run.build_method(label, seed)
     model.load_checkpoint_state(state["state_dict"])
     model.eval()
+    if lm:
+        return _export_lm(run, recipe, model, label, comp.name, seed, ckpt_name, adapted, out, show)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     try:
@@ -349,22 +364,81 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
     return out
 
 
-# ---- loading (no training code) ---------------------------------------------------------------------------------
-class ExportedRewardModel:
-    """A reward model read from a ``plrm export`` directory: ``reward(prompts, responses, users)``."""
+def _trained_users(model, split, adapted: bool) -> tuple[Tensor, bool]:
+    """Which users' state was trained (the seen users; all of them for an adapted checkpoint or a generic model),
+    and whether the model is generic (one reward for every user)."""
+    generic = model.adapts_new_users == "generic"
+    trained = torch.zeros(len(split.user_ids), dtype=torch.bool)
+    trained[torch.from_numpy(split.seen_users)] = True
+    if adapted or generic:
+        trained[:] = True
+    return trained, generic
 
-    def __init__(self, meta: dict, tensors: dict[str, Tensor], encoder: nn.Module | None, tokenizer,
-                 device: torch.device):
-        self.meta, self.tensors, self.encoder, self.tokenizer, self.device = meta, tensors, encoder, tokenizer, device
+
+def _export_lm(run, recipe, model, label: str, name: str, seed: int, ckpt_name: str, adapted: bool, out: Path,
+               show: bool) -> Path:
+    """``plrm export`` of a method on a causal_lm backbone: adapter, tokenizer, soft user tokens, recipe."""
+    from safetensors.torch import save_file
+
+    from plrm import __version__
+    from plrm.runner import RECIPE_FILE as RUN_RECIPE_FILE
+
+    split = run.split(seed)
+    c = recipe.backbone.config
+    trained, generic = _trained_users(model, split, adapted)
+    tokens = getattr(model, "user_tokens", None)
+    files = {"recipe": RECIPE_FILE, "tokenizer": TOKENIZER_DIR, "adapter": None, "model": None,
+             "user_tokens": USER_TOKENS_FILE if tokens is not None else None}
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "plrm_version": __version__, "kind": "lm",
+        "method": {"name": name, "label": label, "class": type(model).__name__},
+        "source": {"run": str(run.dir), "seed": seed, "checkpoint": ckpt_name, "adapted": adapted},
+        "backbone": {**_backbone_meta(recipe, run.prepared), "append_eos": bool(c.append_eos)},
+        "reward": {"beta": float(model.config.beta), "reference": bool(getattr(model, "uses_reference", False))},
+        "user_tokens": None if tokens is None else {"model": tokens.kind, "n_tokens": tokens.n_tokens,
+                                                    "dim": tokens.dim},
+        "users": {"ids": [str(u) for u in split.user_ids], "trained": trained.tolist(), "generic": generic},
+        "files": files,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        shutil.copyfile(run.dir / RUN_RECIPE_FILE, tmp / RECIPE_FILE)
+        run.prepared.backbone.tokenizer().save_pretrained(tmp / TOKENIZER_DIR)
+        if c.finetune == "lora":
+            model.encoder.model.save_pretrained(tmp / ADAPTER_DIR)
+            files["adapter"] = ADAPTER_DIR
+        elif c.finetune == "full":
+            model.encoder.model.save_pretrained(tmp / MODEL_DIR)
+            files["model"] = MODEL_DIR
+        if tokens is not None:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in tokens.state_dict().items()},
+                      str(tmp / USER_TOKENS_FILE), metadata={"format": "pt", "plrm_format": FORMAT})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if show:
+        print(f"exported {label} ({name}, seed {seed}, {ckpt_name}): {int(trained.sum())} users, causal LM reward "
+              f"(beta {meta['reward']['beta']:g}{', minus the reference' if meta['reward']['reference'] else ''})"
+              f" -> {out}")
+    return out
+
+
+# ---- loading (no training code) ---------------------------------------------------------------------------------
+class _ExportedUsers:
+    """The user ids of an export and the row of each (shared by both kinds of export)."""
+
+    def _read_users(self, meta: dict) -> None:
         users = meta["users"]
         self.user_ids: list[str] = list(users["ids"])
         self.trained_user_ids: list[str] = [u for u, t in zip(users["ids"], users["trained"]) if t]
         self.generic: bool = bool(users.get("generic", False))
         self._row = {u: i for i, u in enumerate(self.user_ids)}
         self._trained = dict(zip(users["ids"], users["trained"]))
-        self.user_weights = tensors[meta["user_weights"]]
-        self.reward_mean: float = float(meta["reward"]["mean"])
-        self.reward_std: float = float(meta["reward"]["std"])
 
     def user_rows(self, users: list[str]) -> Tensor:
         rows = []
@@ -382,6 +456,77 @@ class ExportedRewardModel:
                                "export the checkpoint written by `plrm adapt` (--checkpoint <label>.adapted-k<k>.ckpt)")
             rows.append(self._row[u])
         return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+
+class ExportedLMRewardModel(_ExportedUsers):
+    """A causal-LM reward read from a ``plrm export`` directory (P-DPO, GenARM): ``reward(prompts, responses,
+    users)`` = beta (log pi(y | [user tokens,] x) [- log pi_ref(y | x)]), and ``generate(prompts, users)``."""
+
+    def __init__(self, meta: dict, user_tensors: dict[str, Tensor], model: nn.Module, tokenizer,
+                 device: torch.device):
+        from plrm.backbones.causal_lm import CausalLM
+
+        self.meta, self.tensors, self.tokenizer, self.device = meta, user_tensors, tokenizer, device
+        self._read_users(meta)
+        b = meta["backbone"]
+        self.lm = CausalLM(model, b["pad_token_id"], int(b.get("inference_batch_size") or 64)).eval()
+        self.beta: float = float(meta["reward"]["beta"])
+        self.uses_reference: bool = bool(meta["reward"]["reference"])
+
+    def user_tokens(self, users: list[str]) -> Tensor | None:
+        """The soft tokens (N, T_u, d) of ``users`` (None for a method without them)."""
+        spec = self.meta.get("user_tokens")
+        if spec is None:
+            return None
+        rows, t = self.user_rows(users), self.tensors
+        if spec["model"] == "individual":
+            return t["generic_tokens"].unsqueeze(0) + t["offsets"][rows]
+        weights = torch.softmax(t["logits"][rows], dim=-1)
+        return (weights @ t["cluster_tokens"].flatten(1)).view(-1, spec["n_tokens"], spec["dim"])
+
+    def _items(self, prompts: list[str], responses: list[str]) -> dict:
+        from plrm.backbones.text import tokenize_items
+
+        b = self.meta["backbone"]
+        suffix = (self.tokenizer.eos_token_id,) if b["append_eos"] else ()
+        toks = tokenize_items(self.tokenizer, list(prompts), list(responses), b["max_length"], True,
+                              b["chat_template"], response_suffix=suffix, min_prompt=1)
+        return {"ids": toks.ids.to(self.device), "lengths": toks.lengths.to(self.device),
+                "prompt_lengths": toks.prompt_lengths.to(self.device)}
+
+    @torch.inference_mode()
+    def reward(self, prompts: list[str], responses: list[str], users: list[str]) -> Tensor:
+        """Reward (N,) of each (prompt, response) for its user."""
+        if not (len(prompts) == len(responses) == len(users)):
+            raise ValueError(f"prompts, responses and users differ in length: {len(prompts)}, {len(responses)}, "
+                             f"{len(users)}")
+        prefix = self.user_tokens(users)  # unknown users fail before the LM runs
+        items = self._items(prompts, responses)
+        logps = self.lm.sequence_logprob(items, prefix)
+        if self.uses_reference:
+            with self.lm.reference():
+                logps = logps - self.lm.sequence_logprob(items)
+        return (self.beta * logps).cpu()
+
+    def generate(self, prompts: list[str], users: list[str], max_new_tokens: int = 64, **generate_kwargs) -> list[str]:
+        """Each user's continuation of each prompt (greedy unless ``generate_kwargs`` say otherwise), the prompt
+        rendered as in training (chat template), the user's soft tokens in front."""
+        prefix = self.user_tokens(users)
+        items = self._items(prompts, [""] * len(prompts))
+        rows = self.lm.generate(self.lm.prompts(items), prefix, max_new_tokens, **generate_kwargs)
+        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+
+
+class ExportedRewardModel(_ExportedUsers):
+    """A reward model read from a ``plrm export`` directory: ``reward(prompts, responses, users)``."""
+
+    def __init__(self, meta: dict, tensors: dict[str, Tensor], encoder: nn.Module | None, tokenizer,
+                 device: torch.device):
+        self.meta, self.tensors, self.encoder, self.tokenizer, self.device = meta, tensors, encoder, tokenizer, device
+        self._read_users(meta)
+        self.user_weights = tensors[meta["user_weights"]]
+        self.reward_mean: float = float(meta["reward"]["mean"])
+        self.reward_std: float = float(meta["reward"]["std"])
 
     @torch.inference_mode()
     def reward_from_features(self, features: Tensor, users: list[str], calibrated: bool = False) -> Tensor:
@@ -435,9 +580,12 @@ class ExportedRewardModel:
 
 def _load_transformer(meta: dict, root: Path, merged: bool, device: torch.device, base_model: str | None,
                       dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoModel
+    import transformers
 
     from plrm.backbones import models
+
+    # a causal-LM export needs the LM head; a reward-model export reads hidden states
+    AutoModel = transformers.AutoModelForCausalLM if meta.get("kind") == "lm" else transformers.AutoModel  # noqa: N806
 
     b, files = meta["backbone"], meta["files"]
     quant = b["quantization"]["kind"] if b.get("quantization") else "none"
@@ -483,7 +631,7 @@ def _load_transformer(meta: dict, root: Path, merged: bool, device: torch.device
 
 def load_exported(path: str | Path, merged: bool = False, device: str | torch.device = "cpu",
                   base_model: str | None = None, dtype: str | None = None,
-                  trust_remote_code: bool = False) -> ExportedRewardModel:
+                  trust_remote_code: bool = False) -> ExportedRewardModel | ExportedLMRewardModel:
     """Read a ``plrm export`` directory. ``merged``: use the merged transformer instead of base + adapter;
     ``base_model``: where the base model is now (default: the path or Hub id it was trained from, or its
     offline alias); ``dtype``: override the recorded weights dtype; ``trust_remote_code``: needed (and only
@@ -498,7 +646,12 @@ def load_exported(path: str | Path, merged: bool = False, device: str | torch.de
         raise ExportError(f"{root}: export format {meta.get('format')} v{meta.get('format_version')} is not one "
                           f"this plrm reads ({FORMAT} v{FORMAT_VERSION} or older)")
     device = torch.device(device)
-    tensors = {k: v.to(device) for k, v in load_file(str(root / meta["files"]["head"])).items()}
+    lm = meta.get("kind") == "lm"
+    if lm and merged:
+        raise ExportError(f"{root} is a causal-LM export: it has no merged model (its reward needs the base model "
+                          "without the adapter too)")
+    tensor_file = meta["files"]["user_tokens"] if lm else meta["files"]["head"]
+    tensors = {k: v.to(device) for k, v in load_file(str(root / tensor_file)).items()} if tensor_file else {}
     b = meta["backbone"]
     if b.get("trust_remote_code") and not trust_remote_code:
         raise ExportError(f"the base model {b['model']!r} runs its own modeling code; pass trust_remote_code=True "
@@ -518,4 +671,6 @@ def load_exported(path: str | Path, merged: bool = False, device: str | torch.de
         encoder.requires_grad_(False)
     elif merged:
         raise ExportError(f"{root} holds no transformer to merge (backbone '{b['name']}')")
+    if lm:
+        return ExportedLMRewardModel(meta, tensors, encoder, tokenizer, device)
     return ExportedRewardModel(meta, tensors, encoder, tokenizer, device)

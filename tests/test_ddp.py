@@ -155,6 +155,46 @@ def test_two_process_ddp_reproduces_one_process(tmp_path):
             torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=f"{label} {key}")
 
 
+@pytest.mark.slow
+def test_two_process_ddp_reproduces_one_process_for_lm_methods(tmp_path):
+    """P-DPO (conditioned reward, soft user tokens, reference cache, adapt: fit) and GenARM on a tiny causal LM with
+    LoRA: 2 gloo processes give the 1-process accuracies and weights."""
+    import yaml
+
+    from tests.conftest import _text_recipe, write_length_pairs
+
+    data = write_length_pairs(tmp_path / "pairs.jsonl", n_users=12, pairs_per_user=8)
+    backbone = {"name": "causal_lm", "model": "tiny-random:qwen2", "lr": 3e-3, "lora_dropout": 0.0,
+                "dtype": "float32"}
+    methods = {"pdpo": {"lr": 0.01, "batch_size": 13, "max_epochs": 1, "adapt_steps": 5, "adapt_lr": 0.01},
+               "genarm": {"batch_size": 13, "max_epochs": 1}}
+    recipe = _text_recipe(tmp_path, data, backbone, methods)
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+
+    def fit(name: str, extra: list[str]) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "plrm.cli", "fit", "--recipe", str(tmp_path / "lm.yaml"),
+                               f"run.output_dir={tmp_path}", f"run.name={name}", *extra], cwd=tmp_path, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc
+
+    fit("one", [])
+    two = fit("two", ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.num_threads=1"])
+    assert "MEMBER: 2/2" in two.stdout + two.stderr
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["per_seed"]["0"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["per_seed"]["0"]
+    for label in methods:
+        for group in GROUPS:
+            for key in ("accuracy", "auroc", "n_pairs", "n_users"):
+                assert two[label][group][key] == pytest.approx(one[label][group][key], abs=1e-6), (label, group, key)
+        a = load_checkpoint(tmp_path / "one" / "seed-0" / f"{label}.ckpt")["state_dict"]
+        b = load_checkpoint(tmp_path / "two" / "seed-0" / f"{label}.ckpt")["state_dict"]
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=f"{label} {key}")
+
+
 def test_fsdp_on_cpu_is_refused_with_one_clear_message(tmp_path, tiny_overrides):
     from plrm import runner
     from plrm.recipe import RecipeError

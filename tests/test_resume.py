@@ -129,19 +129,33 @@ EVERY_METHOD = ["data.n_users=60", "data.pairs_per_user=12", "data.n_train_promp
 
 
 def method_names() -> list[str]:
-    """Every registered method (built-ins and installed plugins: all of them train on frozen features today)."""
+    """Every registered method (built-ins and installed plugins)."""
     from plrm import registry
 
     registry.ensure_builtins()
     return sorted(name for name, _ in registry.methods.items())
 
 
+def _needs_lm(method: str) -> bool:
+    from plrm import capabilities as cap
+    from plrm import registry
+
+    return cap.LM in registry.methods.get(method).needs
+
+
 @pytest.mark.parametrize("method", method_names())
-def test_every_method_resumes_to_the_uninterrupted_results(tmp_path, monkeypatch, method):
+def test_every_method_resumes_to_the_uninterrupted_results(tmp_path, monkeypatch, method, length_pairs, text_recipe):
     """Each method (its own optimizers, schedulers, episodes drawn from the global RNG, data hooks) stopped
-    mid-training and resumed ends with an uninterrupted run's weights and metrics."""
-    recipe = {"extends": "quickstart", "methods": {method: {"name": method, "max_epochs": 4, "batch_size": 64}}}
-    base = EVERY_METHOD + [f"run.output_dir={tmp_path}", "~methods.bt", "~methods.lore"]
+    mid-training and resumed ends with an uninterrupted run's weights and metrics. Methods on frozen features
+    train on the low-rank world; LM methods (P-DPO, GenARM) on text pairs with a tiny random causal LM + LoRA."""
+    if _needs_lm(method):
+        backbone = {"name": "causal_lm", "model": "tiny-random:qwen2", "lora_dropout": 0.0, "dtype": "float32"}
+        recipe = text_recipe(tmp_path, length_pairs, backbone, {method: {"max_epochs": 2, "batch_size": 24}})
+        base = ["logger.kind=none", "trainer.progress_bar=false", "run.checkpoint_interval=0",
+                "run.checkpoint_every_n_steps=2", f"run.output_dir={tmp_path}"]
+    else:
+        recipe = {"extends": "quickstart", "methods": {method: {"name": method, "max_epochs": 4, "batch_size": 64}}}
+        base = EVERY_METHOD + [f"run.output_dir={tmp_path}", "~methods.bt", "~methods.lore"]
     if method in ("bt", "lore"):
         base = [o for o in base if o != f"~methods.{method}"]
     whole = runner.fit(recipe, base + ["run.name=whole"], show=False)

@@ -1,3 +1,3 @@
 """Backbones; importing this package registers the built-ins."""
 
-from plrm.backbones import frozen, precomputed, transformer  # noqa: F401
+from plrm.backbones import causal_lm, frozen, precomputed, transformer  # noqa: F401

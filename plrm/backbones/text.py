@@ -65,6 +65,7 @@ class TokenizedItems:
     ids: Tensor        # (total,) int64
     offsets: Tensor    # (I + 1,) int64
     n_truncated: int = 0
+    prompt_lengths: Tensor | None = None  # (I,) int64: tokens before the response (with any separator before it)
 
     @property
     def lengths(self) -> Tensor:
@@ -82,9 +83,14 @@ def ragged_select(ids: Tensor, starts: Tensor, lengths: Tensor, which: Tensor) -
     return {"ids": ids[torch.repeat_interleave(starts[which], ln) + inner], "lengths": ln}
 
 
-def tokenize_items(tokenizer, prompts, responses, max_length: int, decoder: bool, chat: bool) -> TokenizedItems:
+def tokenize_items(tokenizer, prompts, responses, max_length: int, decoder: bool, chat: bool,
+                   response_suffix: tuple[int, ...] = (), min_prompt: int = 0) -> TokenizedItems:
     """Token ids of each (prompt, response); prompts are truncated from the left first (the response is what is
-    scored), then the response from the right. Each unique prompt is rendered once."""
+    scored), then the response from the right. Each unique prompt is rendered once. ``response_suffix``: ids
+    appended to every response (a likelihood model's EOS: it learns to stop; a reward model reads the last
+    response token and gets none). ``min_prompt``: prompt tokens kept however long the response (a likelihood
+    model needs one before the first response token to predict it). The result records each item's prompt
+    length."""
     uniq_prompts, prompt_idx = np.unique(np.asarray(prompts, dtype=object).astype(str), return_inverse=True)
     if decoder:
         if chat:
@@ -94,6 +100,7 @@ def tokenize_items(tokenizer, prompts, responses, max_length: int, decoder: bool
         else:
             p_ids = tokenizer([plain_prompt(p) + "\n" for p in uniq_prompts], add_special_tokens=True)["input_ids"]
         r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        r_ids = [list(r) + list(response_suffix) for r in r_ids]
         sep_head, sep_mid, sep_tail = [], [], []
     else:  # [CLS] prompt [SEP] response [SEP]
         p_ids = tokenizer([plain_prompt(p) for p in uniq_prompts], add_special_tokens=False)["input_ids"]
@@ -102,25 +109,27 @@ def tokenize_items(tokenizer, prompts, responses, max_length: int, decoder: bool
         sep_head = [cls] if cls is not None else []
         sep_mid = sep_tail = [sep] if sep is not None else []
     pieces, lengths, truncated = [], np.empty(len(r_ids), np.int64), 0
+    prompt_lengths = np.empty(len(r_ids), np.int64)
     fixed = len(sep_head) + len(sep_mid) + len(sep_tail)
     for i, (pi, r) in enumerate(zip(prompt_idx, r_ids)):
         p = p_ids[pi]
         room = max_length - fixed
         if len(p) + len(r) > room:
             truncated += 1
-            r = r[:room]
+            r = r[:room - min(len(p), min_prompt)]
             keep = room - len(r)
             p = p[len(p) - keep:] if keep > 0 else []
         seq = sep_head + list(p) + sep_mid + list(r) + sep_tail
         pieces.append(seq)
         lengths[i] = len(seq)
+        prompt_lengths[i] = len(sep_head) + len(p) + len(sep_mid)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids = np.fromiter((t for s in pieces for t in s), dtype=np.int64, count=int(offsets[-1]))
     if truncated:
         warnings.warn(f"{truncated} of {len(r_ids)} items are longer than max_length={max_length} tokens and were "
                       "truncated (prompt from the left, then response from the right); raise backbone.max_length "
                       "to keep them whole", stacklevel=2)
-    return TokenizedItems(torch.from_numpy(ids), torch.from_numpy(offsets), truncated)
+    return TokenizedItems(torch.from_numpy(ids), torch.from_numpy(offsets), truncated, torch.from_numpy(prompt_lengths))
 
 
 def pad(batch: dict, pad_id: int = 0) -> tuple[Tensor, Tensor]:

@@ -145,6 +145,7 @@ class TransformerBackbone(HFBackbone):
     """A Hugging Face transformer fine-tuned with the reward head: LoRA (default), full, or frozen; 4/8-bit."""
 
     registry_name = "transformer"
+    auto_model = "AutoModel"  # the transformers class that loads it (a causal LM backbone: AutoModelForCausalLM)
 
     @dataclass
     class Config(HFModelConfig):
@@ -183,20 +184,21 @@ class TransformerBackbone(HFBackbone):
         return self.tokens.gather(item_ids)
 
     def load_base(self, device_map=None) -> nn.Module:
-        """The pretrained transformer (no head), quantized if configured."""
-        from transformers import AutoModel
+        """The pretrained transformer (no head; ``auto_model`` decides), quantized if configured."""
+        import transformers
 
         c = self.config
         kwargs = dict(revision=c.revision, trust_remote_code=c.trust_remote_code, dtype=resolve_dtype(c.dtype))
         if c.quantization != "none":
             kwargs.update(quantization_config=bnb_config(c, kwargs["dtype"]),
-                          device_map=device_map or _quantized_device_map(c.quantization))
-        model = AutoModel.from_pretrained(self.path, **kwargs)
+                          device_map=device_map or quantized_device_map(c.quantization))
+        model = getattr(transformers, self.auto_model).from_pretrained(self.path, **kwargs)
         if c.quantization != "none":
             disable_cpu_repack(model)
         return model
 
-    def encoder(self) -> nn.Module:
+    def trainable_model(self) -> nn.Module:
+        """The loaded model made trainable as ``finetune`` says: LoRA adapters (peft), all weights, or none."""
         c = self.config
         model = self.load_base()
         if c.finetune == "frozen":
@@ -207,7 +209,11 @@ class TransformerBackbone(HFBackbone):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # from_pretrained returns eval mode, and Lightning keeps submodules' modes: train mode turns on dropout
         model.train(c.finetune != "frozen")
-        return HFEncoder(model, self.pooling, self.pad_id, c.inference_batch_size,
+        return model
+
+    def encoder(self) -> nn.Module:
+        c = self.config
+        return HFEncoder(self.trainable_model(), self.pooling, self.pad_id, c.inference_batch_size,
                          lr=c.lr, weight_decay=c.weight_decay)
 
 
@@ -227,7 +233,7 @@ def bnb_config(c, compute_dtype: torch.dtype):
                               bnb_4bit_use_double_quant=c.bnb_4bit_double_quant, bnb_4bit_compute_dtype=compute_dtype)
 
 
-def _quantized_device_map(kind: str) -> dict:
+def quantized_device_map(kind: str) -> dict:
     # bitsandbytes quantizes at load time on the device it loads to; each DDP rank takes its own GPU.
     if torch.cuda.is_available():
         return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"}

@@ -1,3 +1,3 @@
 """Methods, one per file; importing this package registers the built-ins."""
 
-from plrm.methods import bt, lore, lore_alt, mrm, pref  # noqa: F401
+from plrm.methods import bt, genarm, lore, lore_alt, mrm, pdpo, pref  # noqa: F401

@@ -319,8 +319,8 @@ class PersonalizedRewardModel(L.LightningModule):
         """r_u(y+) - r_u(y-) of a conditioned method, chosen and rejected in one (2B) forward; ``stats``: their
         item statistics when the caller has them (evaluation computes them once per unique item)."""
         n = len(user_idx)
-        items = _concat(chosen, rejected)
-        item_stats = self.item_statistics(items) if stats is None else _concat_optional(*stats)
+        items = concat_inputs(chosen, rejected)
+        item_stats = self.item_statistics(items) if stats is None else concat_optional(*stats)
         r = self.conditioned_reward(items, torch.cat([user_idx, user_idx]), item_stats)  # (2B,)
         return r[:n] - r[n:]
 
@@ -331,7 +331,7 @@ class PersonalizedRewardModel(L.LightningModule):
     def embed_pairs(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Item embeddings of a batch's chosen and rejected responses, encoded in one forward pass."""
         n = len(batch["user_idx"])
-        items = _concat(batch["chosen"], batch["rejected"])
+        items = concat_inputs(batch["chosen"], batch["rejected"])
         z = self.item_embedding(self.encode(items))  # (2B, Z)
         return z[:n], z[n:]
 
@@ -431,13 +431,16 @@ class PersonalizedRewardModel(L.LightningModule):
         return torch.optim.AdamW(self.optimizer_groups(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
 
-def _concat_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+def concat_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return None if a is None else torch.cat([a, b])
 
 
-def _concat(a: Any, b: Any) -> Any:
+def concat_inputs(*parts: Any) -> Any:
+    """Backbone inputs of several batches as one: tensors concatenated, token batches key by key (ragged ids
+    and per-item tensors alike)."""
+    a = parts[0]
     if isinstance(a, Tensor):
-        return torch.cat([a, b])
+        return torch.cat(parts)
     if isinstance(a, dict):  # token batches of LM backbones
-        return {k: torch.cat([a[k], b[k]]) for k in a}
+        return {k: torch.cat([p[k] for p in parts]) for k in a}
     raise TypeError(f"cannot batch backbone inputs of type {type(a).__name__}")

@@ -1,4 +1,5 @@
-"""Losses as pure functions of tensors: a test calls them with numbers, no model, no batch dict.
+"""Losses as pure functions of tensors: a test calls them with numbers, no model, no batch dict (Bradley-Terry,
+MRM's robust objective, DPO and GenARM).
 
 Methods compose them; the base class's ``nll`` is :func:`bradley_terry_nll` with the batch's user weights.
 """
@@ -56,3 +57,28 @@ def robust_objective(losses: Tensor, rho: float, gamma: float, population: Tenso
     else:
         weights = torch.sigmoid((losses - tau) / gamma)
     return (weights * losses).sum() / len(whole)
+
+
+def dpo_logits(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
+               ref_rejected_logps: Tensor | None = None, beta: float = 0.1) -> Tensor:
+    """beta [(log pi(y+) - log pi_ref(y+)) - (log pi(y-) - log pi_ref(y-))] of each pair (P,), from summed response
+    log-probabilities: DPO's implicit reward margin (Rafailov et al., arXiv 2305.18290, eq. 7). Without a reference
+    (None) it is beta (log pi(y+) - log pi(y-)): GenARM's (Xu et al., arXiv 2410.08193, eq. 4)."""
+    margin = chosen_logps - rejected_logps
+    if ref_chosen_logps is not None:
+        margin = margin - (ref_chosen_logps - ref_rejected_logps)
+    return beta * margin
+
+
+def dpo_loss(logits: Tensor, label_smoothing: float = 0.0, margin: float = 0.0,
+             pair_weight: Tensor | None = None) -> Tensor:
+    """Mean over pairs of -(1 - eps) log sigmoid(l - gamma) - eps log sigmoid(-(l - gamma)), l = :func:`dpo_logits`:
+    the DPO loss (eps = 0, gamma = 0), with conservative label smoothing eps (cDPO: each label flipped with
+    probability eps) and GenARM's target margin gamma. ``pair_weight`` (P,) weighs each pair (user balance)."""
+    shifted = logits - margin
+    per_pair = -F.logsigmoid(shifted)
+    if label_smoothing:
+        per_pair = (1.0 - label_smoothing) * per_pair - label_smoothing * F.logsigmoid(-shifted)
+    if pair_weight is not None:
+        per_pair = per_pair * pair_weight
+    return per_pair.mean()

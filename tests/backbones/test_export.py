@@ -16,7 +16,7 @@ from plrm.cli import main
 from plrm.data.splits import TRAIN
 from plrm.export import ExportError, export, load_exported
 from plrm.runner import Run
-from tests.backbones.conftest import _text_recipe, write_length_pairs
+from tests.conftest import _text_recipe, write_length_pairs
 
 
 def _fit(tmp, backbone: dict, methods: dict):

@@ -1,0 +1,217 @@
+"""causal_lm: a Hugging Face causal language model whose output is the log-probability of responses.
+
+The backbone of LM-level methods: P-DPO (soft user tokens in front of the prompt; the implicit DPO reward) and
+GenARM (an autoregressive reward model, r = beta_r sum_t log pi_r(y_t | x, y_<t)). The model is loaded, quantized
+and fitted with LoRA exactly as the ``transformer`` backbone does (same options), but as
+``AutoModelForCausalLM``: what it serves is
+
+    log pi(y_t | [prefix,] x, y_<t)   for every response token   -> :meth:`CausalLM.response_logprobs` (N, R)
+    sum_t log pi(y_t | [prefix,] x, y_<t)                           -> :meth:`CausalLM.forward` (N, 1)
+
+Tokenization (spec conventions of plrm's LM methods): prompt and response are tokenized separately and their ids
+concatenated, the prompt through the tokenizer's chat template (``chat_template``), and the response ends with
+the tokenizer's EOS (``append_eos``: a likelihood model must learn to stop; a sequence reward model, the
+``transformer`` backbone, appends nothing). A batch is left-padded, with position ids counted over the real
+tokens, so the responses end at the same column and the LM head runs only on the last R + 1 positions
+(``logits_to_keep``): on a long prompt with a short response most of the vocabulary projection is skipped.
+
+A prefix of soft tokens (``inputs_embeds``; P-DPO's user embeddings, (N, T_u, d)) goes in front of each row,
+before its padding: with the mask on the pads and positions counted over real tokens, that is the same
+computation as ``[pads][prefix][prompt][response]``. :meth:`CausalLM.reference` disables the LoRA adapter (the
+frozen base model, DPO's reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from plrm import capabilities as cap
+from plrm.backbones.text import item_texts, ragged_select, tokenize_items
+from plrm.backbones.transformer import TransformerBackbone
+from plrm.config import Forbid, opt
+from plrm.errors import BackboneError
+from plrm.items import ItemIndex
+from plrm.registry import backbones
+
+
+def left_pad(items: dict, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Ragged {'ids', 'lengths'} -> left-padded (N, L) input_ids and attention_mask (every row ends at column
+    L - 1), L = the longest in the batch."""
+    ids, lengths = items["ids"], items["lengths"]
+    n, width = len(lengths), int(lengths.max()) if len(lengths) else 0
+    mask = torch.arange(width, device=ids.device)[None, :] >= (width - lengths)[:, None]
+    input_ids = torch.full((n, width), pad_id, dtype=ids.dtype, device=ids.device)
+    input_ids[mask] = ids  # row-major fill matches the ragged order
+    return input_ids, mask.long()
+
+
+def select_rows(items: dict, rows: Tensor) -> dict:
+    """Rows ``rows`` of a causal_lm batch: the ragged ids of those items and every per-item tensor."""
+    starts = torch.cumsum(items["lengths"], 0) - items["lengths"]
+    out = ragged_select(items["ids"], starts, items["lengths"], rows)
+    return {**{k: v[rows] for k, v in items.items() if k not in ("ids", "lengths")}, **out}
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(logits)[target] at every position: (N, T, V) logits, (N, T) targets -> (N, T) float32. Rows
+    are upcast one at a time in low precision (a (N, T, V) float32 copy of a 150k vocabulary does not fit)."""
+    if logits.dtype == torch.float32:
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.stack([token_logprobs(row.float(), t) for row, t in zip(logits, targets)])
+
+
+class CausalLM(nn.Module):
+    """A causal LM (with LoRA adapters, when fine-tuned) serving response log-probabilities; chunks itself
+    when gradients are off (evaluation, reference log-probabilities)."""
+
+    def __init__(self, model: nn.Module, pad_id: int, inference_batch_size: int, lr: float | None = None,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.pad_id, self.inference_batch_size = pad_id, inference_batch_size
+        self.lr, self.weight_decay = lr, weight_decay  # the optimizer group of the trainable LM weights
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The frozen base model inside the block: the LoRA adapter disabled (a frozen model is its own
+        reference). A fully fine-tuned model has no reference left: refused."""
+        if hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield
+        elif any(p.requires_grad for p in self.model.parameters()):
+            raise BackboneError("causal_lm with finetune=full keeps no copy of the base model to serve as the "
+                                "reference; use finetune=lora (or frozen)")
+        else:
+            yield
+
+    def _response_logprobs(self, items: dict, prefix: Tensor | None) -> tuple[Tensor, Tensor]:
+        input_ids, mask = left_pad(items, self.pad_id)
+        n, width = input_ids.shape
+        responses = items["lengths"] - items["prompt_lengths"]                   # (N,) response tokens per row
+        keep = int(responses.max()) if n else 0
+        if prefix is None:
+            kwargs = {"input_ids": input_ids}
+        else:
+            embeds = self.input_embeddings()(input_ids)
+            kwargs = {"inputs_embeds": torch.cat([prefix.to(embeds.dtype), embeds], dim=1)}
+            mask = torch.cat([mask.new_ones(n, prefix.shape[1]), mask], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        logits = self.model(**kwargs, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1,
+                            use_cache=False).logits[:, :-1]                       # (N, R, V): predicts the last R ids
+        right = token_logprobs(logits, input_ids[:, width - keep:])            # (N, R), responses right-aligned
+        # left-align: response token t of row i at column t (the reward of the t-th token, whatever the padding)
+        column = torch.arange(keep, device=right.device)
+        valid = column[None, :] < responses[:, None]                            # (N, R)
+        source = (column[None, :] + keep - responses[:, None]).clamp(0, max(keep - 1, 0))
+        return right.gather(1, source) * valid, valid
+
+    def response_logprobs(self, items: dict, prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """log pi(y_t | prefix, x, y_<t) of every response token, (N, R) float32 left-aligned (token t of the
+        response in column t), and the (N, R) mask of real tokens; R = the longest response of the batch."""
+        n, chunk = len(items["lengths"]), self.inference_batch_size
+        if torch.is_grad_enabled() or n <= chunk:
+            return self._response_logprobs(items, prefix)
+        parts = []
+        for s in range(0, n, chunk):
+            rows = torch.arange(s, min(s + chunk, n), device=items["lengths"].device)
+            parts.append(self._response_logprobs(select_rows(items, rows), None if prefix is None else prefix[rows]))
+        width = max(p[0].shape[1] for p in parts)
+        return (torch.cat([F.pad(p[0], (0, width - p[0].shape[1])) for p in parts]),
+                torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in parts]))
+
+    def sequence_logprob(self, items: dict, prefix: Tensor | None = None) -> Tensor:
+        """sum_t log pi(y_t | prefix, x, y_<t): (N,) float32."""
+        return self.response_logprobs(items, prefix)[0].sum(1)
+
+    def forward(self, items: dict) -> Tensor:
+        """The summed response log-probability as a (N, 1) feature (what a factored method's head reads)."""
+        return self.sequence_logprob(items).unsqueeze(1)
+
+    def prompts(self, items: dict) -> dict:
+        """The prompt part of each item, as a ragged batch {'ids', 'lengths'} (what generation continues)."""
+        starts = torch.cumsum(items["lengths"], 0) - items["lengths"]
+        return ragged_select(items["ids"], starts, items["prompt_lengths"], torch.arange(len(starts),
+                                                                                         device=starts.device))
+
+    @torch.no_grad()
+    def generate(self, prompts: dict, prefix: Tensor | None = None, max_new_tokens: int = 64,
+                 **generate_kwargs) -> list[list[int]]:
+        """Continuations of ragged ``prompts`` ({'ids', 'lengths'}), each after its soft-token ``prefix`` (N, T, d)
+        if given: transformers' ``generate`` prefilled with ``inputs_embeds`` (prefix, then the left-padded
+        prompt) and continued with its KV cache; greedy unless ``generate_kwargs`` say otherwise. The new token ids
+        of each row, up to and including the first EOS."""
+        input_ids, mask = left_pad(prompts, self.pad_id)
+        embeds = self.input_embeddings()(input_ids)
+        if prefix is not None:
+            embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+            mask = torch.cat([mask.new_ones(len(mask), prefix.shape[1]), mask], dim=1)
+        kwargs = {"do_sample": False, "pad_token_id": self.pad_id, **generate_kwargs}
+        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        rows = []
+        for row in out.tolist():  # cut at the first stop token (generate pads finished rows)
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            rows.append(row[:cut])
+        return rows
+
+
+@backbones.register("causal_lm")
+class CausalLMBackbone(TransformerBackbone):
+    """A Hugging Face causal LM (LoRA / full / frozen; 4/8-bit) serving response log-probabilities."""
+
+    registry_name = "causal_lm"
+    auto_model = "AutoModelForCausalLM"
+    provides = frozenset({cap.LM})
+
+    @dataclass
+    class Config(TransformerBackbone.Config):
+        append_eos: bool = opt(True, "End every response with the tokenizer's EOS token, so the LM learns to stop "
+                                     "(TRL does the same); its log-probability counts in the response's.")
+
+        forbid = (Forbid({"architecture": "encoder"}, "architecture: encoder has no next-token head; causal_lm "
+                                                      "needs a decoder (Qwen2, LLaMA, SmolLM2, ...)"),)
+
+    def prepare(self, data, items: ItemIndex) -> None:
+        self._check_text(data)
+        self._resolve()
+        if not self.decoder:
+            raise BackboneError(f"backbone.model={self.config.model!r} is not a causal LM (no next-token head); "
+                                "causal_lm needs a decoder such as Qwen2, LLaMA or SmolLM2")
+        tok = self.tokenizer()
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.config.append_eos and tok.eos_token_id is None:
+            raise BackboneError(f"backbone.append_eos=true, but the tokenizer of {self.config.model!r} has no EOS "
+                                "token; set append_eos=false")
+        suffix = (tok.eos_token_id,) if self.config.append_eos else ()
+        prompts, responses = item_texts(data, items)
+        self.tokens = tokenize_items(tok, prompts, responses, self.config.max_length, True, self.use_chat(tok),
+                                     response_suffix=suffix, min_prompt=1)
+        empty = int((self.tokens.lengths - self.tokens.prompt_lengths <= 0).sum())
+        if empty:
+            raise BackboneError(f"{empty} item(s) have no response token left after truncation to "
+                                f"max_length={self.config.max_length}; raise backbone.max_length")
+
+    def inputs(self, item_ids: Tensor) -> dict:
+        """Ragged ids, lengths, prompt lengths and the item ids themselves (a method may cache per item: P-DPO's
+        reference log-probabilities)."""
+        return {**self.tokens.gather(item_ids), "prompt_lengths": self.tokens.prompt_lengths[item_ids],
+                "item": item_ids}
+
+    def encoder(self) -> nn.Module:
+        c = self.config
+        return CausalLM(self.trainable_model(), self.pad_id, c.inference_batch_size, lr=c.lr,
+                        weight_decay=c.weight_decay)
