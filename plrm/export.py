@@ -44,12 +44,14 @@ pairs, each scored for its own user (std with Bessel's correction): ``(r - mean)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -136,6 +138,22 @@ def apply_ops(ops: list[dict], tensors: dict[str, Tensor], x: Tensor) -> Tensor:
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A new folder beside ``out`` to write an export into: renamed to ``out`` (empty or absent, checked before)
+    when the block ends normally, removed otherwise, so a failed export leaves nothing behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty directory; not overwriting it (choose another --out)")
@@ -305,19 +323,12 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
     feature_ops, feature_tensors = _feature_ops(prepared.backbone, prepared)
     stats = _reward_stats(model, prepared, split, ops, tensors, weights, device)
 
-    generic = model.adapts_new_users == "generic"
-    trained = torch.zeros(len(split.user_ids), dtype=torch.bool)
-    trained[torch.from_numpy(split.seen_users)] = True
-    if adapted or generic:
-        trained[:] = True
+    trained, generic = _trained_users(model, split, adapted)
     bb = _backbone_meta(recipe, prepared)
     files = {"head": HEAD_FILE, "recipe": RECIPE_FILE, "tokenizer": None, "adapter": None, "model": None,
              "merged": None}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         shutil.copyfile(run.dir / RUN_RECIPE_FILE, tmp / RECIPE_FILE)
         save_file({**tensors, **feature_tensors, USER_WEIGHTS: weights}, str(tmp / HEAD_FILE),
                   metadata={"format": "pt", "plrm_format": FORMAT})
@@ -352,11 +363,6 @@ def export(run_dir: str | Path, out: str | Path, method: str | None = None, seed
             "files": files,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if show:
         n = int(trained.sum())
         print(f"exported {label} ({comp.name}, seed {seed}, {ckpt_name}): {n} users, reward mean "
@@ -400,10 +406,7 @@ def _export_lm(run, recipe, model, label: str, name: str, seed: int, ckpt_name: 
         "users": {"ids": [str(u) for u in split.user_ids], "trained": trained.tolist(), "generic": generic},
         "files": files,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         shutil.copyfile(run.dir / RUN_RECIPE_FILE, tmp / RECIPE_FILE)
         run.prepared.backbone.tokenizer().save_pretrained(tmp / TOKENIZER_DIR)
         if c.finetune == "lora":
@@ -416,11 +419,6 @@ def _export_lm(run, recipe, model, label: str, name: str, seed: int, ckpt_name: 
             save_file({k: v.detach().float().cpu().contiguous() for k, v in tokens.state_dict().items()},
                       str(tmp / USER_TOKENS_FILE), metadata={"format": "pt", "plrm_format": FORMAT})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if show:
         print(f"exported {label} ({name}, seed {seed}, {ckpt_name}): {int(trained.sum())} users, causal LM reward "
               f"(beta {meta['reward']['beta']:g}{', minus the reference' if meta['reward']['reference'] else ''})"
