@@ -159,7 +159,8 @@ class UserTokenRewardModel(PersonalizedRewardModel):
 
     def item_statistics(self, items: dict) -> Tensor | None:
         """log pi_ref(y | x) (N, 1) of each item, with the adapter off and no soft tokens: computed once per item
-        id and kept. None when the method has no reference."""
+        id and kept. None when the method has no reference. The ids are the backbone's item ids of the data this
+        model was built for (the runner builds a new model for other data, e.g. `plrm adapt --pairs`)."""
         if not self.uses_reference:
             return None
         ids = items["item"]
