@@ -150,7 +150,8 @@ def test_every_method_resumes_to_the_uninterrupted_results(tmp_path, monkeypatch
     train on the low-rank world; LM methods (P-DPO, GenARM) on text pairs with a tiny random causal LM + LoRA."""
     if _needs_lm(method):
         backbone = {"name": "causal_lm", "model": "tiny-random:qwen2", "lora_dropout": 0.0, "dtype": "float32"}
-        recipe = text_recipe(tmp_path, length_pairs, backbone, {method: {"max_epochs": 2, "batch_size": 24}})
+        recipe = text_recipe(tmp_path, length_pairs, backbone, {method: {"max_epochs": 2, "batch_size": 24,
+                                                                      "adapt_steps": 2}})
         base = ["logger.kind=none", "trainer.progress_bar=false", "run.checkpoint_interval=0",
                 "run.checkpoint_every_n_steps=2", f"run.output_dir={tmp_path}"]
     else:
