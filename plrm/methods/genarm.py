@@ -23,10 +23,9 @@ from torch import Tensor
 
 from plrm import capabilities as cap
 from plrm.config import opt
-from plrm.errors import RecipeError
 from plrm.methods.base import MethodConfig, PersonalizedRewardModel
 from plrm.methods.losses import dpo_loss
-from plrm.methods.user_tokens import UserTokenConfig, UserTokenRewardModel
+from plrm.methods.user_tokens import UserTokenConfig, UserTokenRewardModel, require_causal_lm
 from plrm.registry import methods
 
 
@@ -60,9 +59,7 @@ class GenARM(PersonalizedRewardModel):
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder=None):
         super().__init__(config, n_users, feature_dim, encoder)
-        if not hasattr(self.encoder, "response_logprobs"):
-            raise RecipeError("genarm needs backbone causal_lm (a causal LM's log-probabilities); got "
-                              f"{type(self.encoder).__name__}")
+        require_causal_lm(self)
 
     def item_embedding(self, h: Tensor) -> Tensor:
         return h  # (N, 1): sum_t log pi_r(y_t | x, y_<t), the causal_lm backbone's feature

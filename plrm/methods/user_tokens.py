@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -98,6 +99,14 @@ class SoftUserTokens(nn.Module):
         return self.generic_logits.detach().unsqueeze(0).repeat(n, 1)
 
 
+def require_causal_lm(model: PersonalizedRewardModel) -> None:
+    """Refuse a method built on an encoder that serves no log-probabilities (the runner's capability check stops
+    a recipe earlier; this one is for code that builds the method itself)."""
+    if not hasattr(model.encoder, "response_logprobs"):
+        raise RecipeError(f"{type(model).__name__} needs backbone causal_lm (a causal LM's log-probabilities); got "
+                          f"{type(model.encoder).__name__}")
+
+
 @dataclass
 class UserTokenConfig:
     """Options of the soft-token user model (P-DPO; GenARM with ``personalized: true``)."""
@@ -135,15 +144,14 @@ class UserTokenRewardModel(PersonalizedRewardModel):
 
     def __init__(self, config: Any, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
-        if not hasattr(self.encoder, "response_logprobs"):
-            raise RecipeError(f"{type(self).__name__} needs backbone causal_lm (a causal LM's log-probabilities); "
-                              f"got {type(self.encoder).__name__}")
+        require_causal_lm(self)
         embeddings = self.encoder.input_embeddings().weight if config.init == "vocab" else None
         self.user_tokens = SoftUserTokens(n_users, config.n_tokens, self.encoder.hidden_size, config.user_model,
                                           config.n_clusters, embeddings)
         self.user_state = tuple(f"user_tokens.{name}" for name in self.user_tokens.user_state)
         # summed reference log-probability of each item (by backbone item id), NaN until computed
         self.register_buffer("reference_logps", torch.empty(0), persistent=False)
+        self.reference_ready = False  # before_fit cached every training item: training steps only index the cache
 
     # ---- the reward -----------------------------------------------------------------------------------------
     def before_fit(self, seen: SeenUsersData) -> None:
@@ -154,8 +162,9 @@ class UserTokenRewardModel(PersonalizedRewardModel):
             return
         pairs = seen.pairs()
         items = concat_inputs(pairs["chosen"], pairs["rejected"])
-        _, first = _first_occurrences(items["item"])
-        self.item_statistics(select_rows(items, first))
+        _, first = np.unique(items["item"].cpu().numpy(), return_index=True)  # each item once, in item order
+        self.item_statistics(select_rows(items, torch.from_numpy(first).to(items["item"].device)))
+        self.reference_ready = True
 
     def item_statistics(self, items: dict) -> Tensor | None:
         """log pi_ref(y | x) (N, 1) of each item, with the adapter off and no soft tokens: computed once per item
@@ -200,7 +209,10 @@ class UserTokenRewardModel(PersonalizedRewardModel):
     def loss(self, batch: dict) -> Tensor:
         users, n = batch["user_idx"], len(batch["user_idx"])
         items = concat_inputs(batch["chosen"], batch["rejected"])                 # (2B): chosen, then rejected
-        ref = self.item_statistics(items)
+        if self.uses_reference and self.reference_ready:  # a plain index: no host sync in the training step
+            ref = self.reference_logps[items["item"]].unsqueeze(1)
+        else:
+            ref = self.item_statistics(items)
         alpha = self.config.alpha
         prefixes = ([self.user_tokens(users).repeat(2, 1, 1)] if alpha > 0 else []) + \
                    ([self.user_tokens.generic(2 * n)] if alpha < 1 else [])
@@ -253,10 +265,3 @@ class UserTokenRewardModel(PersonalizedRewardModel):
                 q.requires_grad_(True)
         return state.detach()
 
-
-def _first_occurrences(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """The sorted unique values of ``ids`` and the position of each one's first occurrence."""
-    uniq, inverse = torch.unique(ids, return_inverse=True)
-    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
-    return uniq, first

@@ -149,6 +149,29 @@ def test_adapt_fit_changes_only_the_new_users_tokens(prepared, cls, options):
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n or "user_tokens" in n)
 
 
+def test_lm_methods_refuse_an_encoder_without_log_probabilities():
+    from plrm.errors import RecipeError
+
+    for cls, options, name in ((PDPO, {}, "PDPO"), (GenARM, {}, "GenARM"), (GenARM, {"personalized": True},
+                                                                          "PersonalizedGenARM")):
+        with pytest.raises(RecipeError, match=rf"{name} needs backbone causal_lm \(a causal LM's log-probabilities\); "
+                                              r"got Identity"):
+            cls(cls.Config(**options), n_users=2, feature_dim=4)
+
+
+def test_causal_lm_options_refuse_an_encoder_architecture_and_a_missing_model():
+    from plrm.recipe import build_section
+
+    problems: list[str] = []
+    build_section(CausalLMBackbone.Config, {"model": "m", "architecture": "encoder"}, "backbone", problems,
+                  extra_valid=("name",))
+    build_section(CausalLMBackbone.Config, {}, "backbone", problems)
+    assert problems == [
+        "backbone.architecture: encoder has no next-token head; causal_lm needs a decoder (Qwen2, LLaMA, SmolLM2, ...)",
+        "backbone.model: is required: a Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), a local directory, or an offline "
+        "alias (offline:minilm, offline:smollm2, tiny-random:qwen2, tiny-random:llama, tiny-random:bert)"]
+
+
 # ---- through the runner ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_pdpo_and_genarm_train_checkpoint_only_what_trained_and_reproduce(tmp_path, length_pairs, text_recipe):
@@ -187,12 +210,20 @@ def test_pdpo_and_genarm_train_checkpoint_only_what_trained_and_reproduce(tmp_pa
     table = {k: [v[i] for i in picked] for k, v in whole.items()}
     users = table["user_id"]
     rows = torch.tensor(picked)
+    from plrm.errors import ExportError
+
+    with pytest.raises(ExportError, match="--merge refused for a causal_lm method: its reward needs the base model "
+                                          "without the adapter"):
+        export(result.run_dir, tmp_path / "merged", method="pdpo", merge=True, show=False)
+    assert not (tmp_path / "merged").exists()
     for label in methods:
         out = export(result.run_dir, tmp_path / f"export-{label}", method=label, show=False)
         assert (out / "adapter" / "adapter_config.json").is_file() and (out / "recipe.yaml").is_file()
         assert (out / "user_tokens.safetensors").is_file() == (label == "pdpo")
         loaded = load_exported(out)
         assert isinstance(loaded, ExportedLMRewardModel)
+        with pytest.raises(ExportError, match="is a causal-LM export: it has no merged model"):
+            load_exported(out, merged=True)
         model = run.load_method(label, 0)
         index = {u: i for i, u in enumerate(run.users(0)[0])}
         user_idx = torch.tensor([index[u] for u in users])
