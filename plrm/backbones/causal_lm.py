@@ -18,14 +18,15 @@ tokens, so the responses end at the same column and the LM head runs only on the
 A prefix of soft tokens (``inputs_embeds``; P-DPO's user embeddings, (N, T_u, d)) goes in front of each row,
 before its padding: with the mask on the pads and positions counted over real tokens, that is the same
 computation as ``[pads][prefix][prompt][response]``. :meth:`CausalLM.reference` disables the LoRA adapter (the
-frozen base model, DPO's reference).
+frozen base model, DPO's reference). :meth:`CausalLM.prefill` and :meth:`CausalLM.advance` serve the next-token
+log-probabilities over the whole vocabulary, one KV-cached step at a time (token-level rewards for decoding).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,18 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     if logits.dtype == torch.float32:
         return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return torch.stack([token_logprobs(row.float(), t) for row, t in zip(logits, targets)])
+
+
+@dataclass
+class LMState:
+    """An incremental (KV-cached) forward over a batch of prompts, one row per prompt: the cache, the attention
+    mask and each row's last position so far, and ``logprobs`` (B, V) float32, log pi(. | [prefix,] x, y_<t) of
+    the next token. :meth:`CausalLM.advance` extends the cache in place: a state is used once."""
+
+    cache: Any
+    mask: Tensor
+    positions: Tensor
+    logprobs: Tensor
 
 
 class CausalLM(nn.Module):
@@ -145,6 +158,31 @@ class CausalLM(nn.Module):
         starts = torch.cumsum(items["lengths"], 0) - items["lengths"]
         return ragged_select(items["ids"], starts, items["prompt_lengths"], torch.arange(len(starts),
                                                                                          device=starts.device))
+
+    @torch.no_grad()
+    def prefill(self, prompts: dict, prefix: Tensor | None = None) -> LMState:
+        """Run ragged ``prompts`` ({'ids', 'lengths'}) once, each after its soft-token ``prefix`` (N, T, d) if
+        given, keeping the KV cache: the next-token log-probabilities over the whole vocabulary after each prompt
+        (what a token-level reward guides decoding with). Left-padded, positions counted over real tokens."""
+        input_ids, mask = left_pad(prompts, self.pad_id)
+        if prefix is None:
+            kwargs = {"input_ids": input_ids}
+        else:
+            embeds = self.input_embeddings()(input_ids)
+            kwargs = {"inputs_embeds": torch.cat([prefix.to(embeds.dtype), embeds], dim=1)}
+            mask = torch.cat([mask.new_ones(len(mask), prefix.shape[1]), mask], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model(**kwargs, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return LMState(out.cache, mask, positions[:, -1], F.log_softmax(out.logits[:, -1].float(), -1))
+
+    @torch.no_grad()
+    def advance(self, state: LMState, tokens: Tensor) -> LMState:
+        """Append one token per row (B,) to a :meth:`prefill` state: one cached forward of B tokens."""
+        mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=1)
+        positions = state.positions + 1
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
+                         cache=state.cache, use_cache=True)
+        return LMState(out.cache, mask, positions, F.log_softmax(out.logits[:, -1].float(), -1))
 
     @torch.no_grad()
     def generate(self, prompts: dict, prefix: Tensor | None = None, max_new_tokens: int = 64,

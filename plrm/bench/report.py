@@ -45,6 +45,9 @@ def cells(records: list[dict]) -> list[dict]:
             FAILED if not done else "partial"
         cell = {"dataset": dataset, "method": method, "status": status,
                 "seeds": sorted(r["seed"] for r in recs), "seeds_done": sorted(r["seed"] for r in done)}
+        backbone = next((r["recipe"].get("backbone") for r in done if isinstance(r.get("recipe"), dict)), None)
+        if isinstance(backbone, dict) and backbone.get("name"):
+            cell["backbone"] = " ".join(str(backbone[k]) for k in ("name", "model") if backbone.get(k))
         if done:
             cell["summary"] = run_report.aggregate({r["seed"]: {method: r["metrics"]} for r in done})[method]
             for key in ("wall_seconds", "peak_rss_mb", "peak_gpu_mb"):
@@ -120,7 +123,9 @@ def markdown(spec: BenchSpec, cell_list: list[dict], oracle_rows: dict, broken: 
         lines += [f"## {dataset_name(dataset)}", "",
                   "| method | seen | unseen | overall | worst 10% | worst 20% | worst 50% | AUROC | seeds |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        entries = [(method(c["method"]) + ("" if c["status"] == DONE else f" ({c['status']})"), c["summary"],
+        mixed = len({c.get("backbone") for c in rows}) > 1  # methods on their own backbones: say which
+        entries = [(method(c["method"]) + (f" [{c.get('backbone')}]" if mixed else "")
+                    + ("" if c["status"] == DONE else f" ({c['status']})"), c["summary"],
                     f"{len(c['seeds_done'])}/{len(c['seeds'])}") for c in rows]
         entries += [(name, s, "") for name, s in oracle_rows.get(dataset, {}).items()]
         for name, s, seeds in entries:

@@ -10,10 +10,15 @@ A benchmark recipe is YAML like a run recipe (``extends`` and ``key=value`` over
       k_list: [1, 3, 9]         # the few-shot curve
     cell:                       # any run-recipe section shared by every cell: split, eval, trainer, logger, backbone
       trainer: {num_threads: 1}
-    method_options:             # per method: its recipe options (used wherever the method runs)
-      lore: {rank: 4}
+    method_options:             # per method: its recipe options (used wherever the method runs), and optionally
+      lore: {rank: 4}           # a `backbone:` section for its cells
+      pdpo: {backbone: {name: causal_lm, model: offline:smollm2}}
     dataset_options:            # per dataset: its options, and optionally a `backbone:` section for its cells
       attribute_world: {n_users: 60, backbone: {name: frozen_encoder}}
+
+A cell's backbone is the method's own ``backbone:`` if it has one, else the dataset's, else ``cell.backbone``:
+an LM-level method (P-DPO, GenARM: a causal LM) runs beside feature-based ones in one benchmark, and where its
+backbone cannot read the dataset (a feature-only world has no text) the cell is skipped with that reason.
 
 Each (dataset, method, seed) *unit* becomes an ordinary run recipe (:meth:`BenchSpec.cell_recipe`), validated
 by plrm.recipe like any other, so every option error names its key path. Units come in a fixed order (datasets,
@@ -113,17 +118,34 @@ class BenchSpec:
             else list(b.datasets)
 
     def units(self) -> list[Unit]:
-        return [Unit(d, m, s) for d in self.dataset_names() for m in self.method_names() for s in self.bench.seeds]
+        """Datasets, then methods, then seeds; within a dataset, methods that share a backbone run together (in
+        their listed order), so each (dataset, backbone) is loaded and prepared once."""
+        units = []
+        for d in self.dataset_names():
+            backbones = [yaml.safe_dump(self.backbone_raw(d, m), sort_keys=True) for m in self.method_names()]
+            first = {b: i for i, b in reversed(list(enumerate(backbones)))}
+            order = sorted(range(len(backbones)), key=lambda i: first[backbones[i]])  # stable: listed order kept
+            units += [Unit(d, self.method_names()[i], s) for i in order for s in self.bench.seeds]
+        return units
+
+    def backbone_raw(self, dataset: str, method: str) -> dict | None:
+        """The backbone section of a (dataset, method) cell: the method's, else the dataset's, else the cell's."""
+        for own in ((self.method_options.get(method) or {}), (self.dataset_options.get(dataset) or {})):
+            if "backbone" in own:
+                return copy.deepcopy(own["backbone"])
+        return copy.deepcopy(self.cell.get("backbone"))
 
     # ---- the run recipe of one unit ------------------------------------------------------------------------------
     def cell_raw(self, unit: Unit, runs_dir: str) -> dict:
         raw = copy.deepcopy(self.cell)
         d_opts = copy.deepcopy(self.dataset_options.get(unit.dataset) or {})
-        if "backbone" in d_opts:  # a dataset-specific backbone replaces the shared one
-            raw["backbone"] = d_opts.pop("backbone")
+        m_opts = copy.deepcopy(self.method_options.get(unit.method) or {})
+        backbone = self.backbone_raw(unit.dataset, unit.method)
+        d_opts.pop("backbone", None), m_opts.pop("backbone", None)
+        if backbone is not None:
+            raw["backbone"] = backbone
         raw["data"] = {"name": unit.dataset, **d_opts}
-        raw["methods"] = {unit.method: {"name": unit.method, **copy.deepcopy(self.method_options.get(unit.method)
-                                                                             or {})}}
+        raw["methods"] = {unit.method: {"name": unit.method, **m_opts}}
         raw.setdefault("run", {}).update(name=f"{unit.dataset}/{unit.method}/seed-{unit.seed}", output_dir=runs_dir,
                                          overwrite=True)  # a run left half-done by an interrupt is replaced
         raw.setdefault("split", {}).update(seeds=[unit.seed], k=self.bench.k)
@@ -247,7 +269,7 @@ def _resolve_bench_paths(raw: dict, origins: Origins) -> None:
             if cls is not None:
                 resolve_paths_of(opts, cls, (section, str(name)), origins)
             own = component_config_class(registry.backbones, opts.get("backbone"), "precomputed")
-            if section == "dataset_options" and own is not None:
+            if own is not None:
                 resolve_paths_of(opts["backbone"], own, (section, str(name), "backbone"), origins)
 
 

@@ -14,7 +14,8 @@ style       prose: one paragraph                              list: one "- " bul
 tone        neutral: no exclamation mark                      enthusiastic: an excited opener, "!" endings
 ==========  ================================================  ==================================================
 
-An attribute left out of ``attributes`` stays at a fixed pole (long, formal, plain, prose, neutral). The
+An attribute left out of ``attributes`` stays at a fixed pole (long, formal, plain, prose, neutral, unless
+``fixed_poles`` names the other one: ``[short]`` makes every response one sentence). The
 responses of a prompt share everything else (topic, sentences, analogies, jargon, openers, all drawn per
 prompt from seeded pools), so they differ only in their attributes; responses of different prompts differ in
 wording. Each prompt's attribute vectors are distinct: one random combination, its opposite (so every
@@ -67,6 +68,7 @@ ATTRIBUTES: dict[str, tuple[str, str]] = {
 }
 # the pole an attribute keeps when it is not one of the world's attributes
 FIXED_POLE = {"length": 1, "formality": 1, "expertise": -1, "style": -1, "tone": -1}
+POLE_OF = {pole: name for name, poles in ATTRIBUTES.items() for pole in poles}  # pole name -> attribute
 WEIGHT_RANGE = (0.5, 1.5)  # magnitude of a user's weight on each attribute they care about
 TIE_TOLERANCE = 1e-9       # reward differences below this are ties (only exact ties occur: rewards are sums of +-w)
 
@@ -280,6 +282,10 @@ class AttributeWorld(DatasetSource):
         attributes: list[str] = opt(["length", "formality", "expertise", "style"], "Attributes that responses "
                                     f"vary along, from: {', '.join(ATTRIBUTES)}. The others keep a fixed pole.",
                                     nonempty=True, choices=ATTRIBUTES)
+        fixed_poles: list[str] = opt([], "Poles that attributes left out of `attributes` keep instead of long, "
+                                         "formal, plain, prose and neutral, by pole name (e.g. [short]: one-sentence "
+                                         "responses, far cheaper for an LM).",
+                                     choices=tuple(p for poles in ATTRIBUTES.values() for p in poles))
         attributes_per_user: int = opt(2, "How many attributes each user cares about (a random pole of each).", min=1)
         labels: str = opt("extremes", "'extremes': the user's truly preferred response of the pair (never a tie); "
                                       "'bradley_terry': that pair's order drawn with P = sigmoid(delta / "
@@ -321,6 +327,16 @@ class AttributeWorld(DatasetSource):
                 raise ValueError(f"n_responses must be between 2 and 2 ** len(attributes) = "
                                  f"{2 ** len(self.attributes)} (distinct attribute combinations), "
                                  f"got {self.n_responses}")
+            for pole in self.fixed_poles:
+                name = POLE_OF.get(pole)
+                if name is None:
+                    raise ValueError(f"fixed_poles: unknown pole {pole!r}; poles: {', '.join(POLE_OF)}")
+                if name in self.attributes:
+                    raise ValueError(f"fixed_poles: {pole!r} is a pole of {name!r}, which is one of `attributes` "
+                                     "(it varies); fix only attributes left out")
+            fixed = [POLE_OF[p] for p in self.fixed_poles]
+            if len(set(fixed)) != len(fixed):
+                raise ValueError(f"fixed_poles: one pole per attribute, got {self.fixed_poles}")
             if not 1 <= self.attributes_per_user <= len(self.attributes):
                 raise ValueError(f"attributes_per_user must be between 1 and len(attributes) = "
                                  f"{len(self.attributes)}, got {self.attributes_per_user}")
@@ -391,7 +407,9 @@ class AttributeWorld(DatasetSource):
         rng = np.random.default_rng(world_seed)
         n_prompts = c.n_train_prompts + c.n_test_prompts
         item_attributes = self._attribute_combinations(rng, n_prompts)     # (P, R, A)
-        responses = np.array([[render_response(plans[p], dict(zip(c.attributes, map(int, item_attributes[p, r]))))
+        fixed = {POLE_OF[p]: ATTRIBUTES[POLE_OF[p]].index(p) * 2 - 1 for p in c.fixed_poles}  # name -> -1 / +1
+        responses = np.array([[render_response(plans[p], {**fixed, **dict(zip(c.attributes,
+                                                                                map(int, item_attributes[p, r])))})
                                for r in range(c.n_responses)] for p in range(n_prompts)], dtype=object)  # (P, R)
         user_weights = self._user_weights(rng)                             # (U, A)
         mean_weights = user_weights.mean(axis=0)                           # (A,)

@@ -13,6 +13,10 @@ Defaults: beta_r 0.05, lr 5e-4 with LoRA r 8 / alpha 16 (the authors' HH-RLHF sc
 GenARM is a global model (one reward for every user). ``personalized: true`` is plrm's own extension, in no paper:
 P-DPO's user model on the reward LM (soft user tokens e_u in front of the prompt, loss alpha L(u) + (1 - alpha)
 L(u_0), new users fit their own tokens), which gives a token-level personalized reward.
+
+The token-level reward that guides decoding (GenARM samples from pi_decode ~ pi_base pi_r^alpha) is
+``next_token_rewards``: beta_r log pi_r(v | x, y_<t) for every vocabulary item v, one KV-cached forward per step
+(``prefill`` then ``advance``).
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ from plrm import capabilities as cap
 from plrm.config import opt
 from plrm.methods.base import MethodConfig, PersonalizedRewardModel
 from plrm.methods.losses import dpo_loss
-from plrm.methods.user_tokens import UserTokenConfig, UserTokenRewardModel, require_causal_lm
+from plrm.methods.user_tokens import TokenRewards, UserTokenConfig, UserTokenRewardModel, require_causal_lm
 from plrm.registry import methods
 
 
 @methods.register("genarm")
-class GenARM(PersonalizedRewardModel):
+class GenARM(TokenRewards, PersonalizedRewardModel):
     """GenARM: an autoregressive reward LM, r = beta_r sum_t log pi_r(y_t | x, y_<t); global unless personalized."""
 
     needs = frozenset({cap.LM, cap.USERS})

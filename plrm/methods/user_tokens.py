@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plrm import capabilities as cap
-from plrm.backbones.causal_lm import select_rows
+from plrm.backbones.causal_lm import LMState, select_rows
 from plrm.config import opt
 from plrm.errors import RecipeError
 from plrm.methods.base import CONDITIONED, PersonalizedRewardModel, SeenUsersData, concat_inputs
@@ -130,7 +130,53 @@ class UserTokenConfig:
     adapt_steps: int = opt(50, "Full-batch Adam steps of adapt: fit.", min=0)
 
 
-class UserTokenRewardModel(PersonalizedRewardModel):
+@dataclass
+class TokenRewardState:
+    """Decoding state of a token-level reward: the reward LM's (after the user's tokens, if any) and, for a
+    reward relative to the frozen reference (P-DPO's implicit reward), the reference model's."""
+
+    lm: LMState
+    reference: LMState | None = None
+
+
+class TokenRewards:
+    """The token-level reward of a causal-LM reward model over the whole vocabulary, for reward-guided decoding:
+
+        r(v | x, y_<t) = beta (log pi(v | [e_u,] x, y_<t) [- log pi_ref(v | x, y_<t)])    for every token v
+
+    one cached forward per generated token (two with a reference): ``state = prefill(prompts, users)``, then
+    ``next_token_rewards(state)`` (B, V) and ``state = advance(state, tokens)`` for each chosen token. Summed along
+    a response it is the sequence reward (``token_rewards`` scores a whole response in one forward)."""
+
+    uses_reference: ClassVar[bool] = False
+
+    def token_prefix(self, user_idx: Tensor) -> Tensor | None:
+        """The soft-token prefix of each row's user (B, T, d), or None for a reward that ignores the user."""
+        return None
+
+    def prefill(self, prompts: dict, user_idx: Tensor) -> TokenRewardState:
+        """Run ragged prompts ({'ids', 'lengths'}, the backbone's token ids) for users ``user_idx`` (B,) once."""
+        lm = self.encoder.prefill(prompts, self.token_prefix(user_idx))
+        if not self.uses_reference:
+            return TokenRewardState(lm)
+        with self.encoder.reference():
+            return TokenRewardState(lm, self.encoder.prefill(prompts))
+
+    def advance(self, state: TokenRewardState, tokens: Tensor) -> TokenRewardState:
+        """Append the chosen token of each row (B,); the old state is consumed (its caches grow in place)."""
+        lm = self.encoder.advance(state.lm, tokens)
+        if state.reference is None:
+            return TokenRewardState(lm)
+        with self.encoder.reference():
+            return TokenRewardState(lm, self.encoder.advance(state.reference, tokens))
+
+    def next_token_rewards(self, state: TokenRewardState) -> Tensor:
+        """r(v | x, y_<t) for every vocabulary item v: (B, V) float32."""
+        logps = state.lm.logprobs if state.reference is None else state.lm.logprobs - state.reference.logprobs
+        return self.config.beta * logps
+
+
+class UserTokenRewardModel(TokenRewards, PersonalizedRewardModel):
     """Base of methods whose user is a soft-token prefix of a causal LM (backbone ``causal_lm``): the reward
     r_u(x, y) = beta (log pi(y | e_u, x) [- log pi_ref(y | x)]), trained with alpha * L(u) + (1 - alpha) * L(u_0)
     where both terms come from the same batch (one forward of 4B sequences: chosen and rejected, each with the
@@ -184,6 +230,9 @@ class UserTokenRewardModel(PersonalizedRewardModel):
             with torch.no_grad(), self.encoder.reference():
                 self.reference_logps[ids[rows]] = self.encoder.sequence_logprob(select_rows(items, rows))
         return self.reference_logps[ids].unsqueeze(1)
+
+    def token_prefix(self, user_idx: Tensor) -> Tensor:
+        return self.user_tokens(user_idx)
 
     def conditioned_reward(self, items: dict, user_idx: Tensor, item_stats: Tensor | None) -> Tensor:
         logps = self.encoder.sequence_logprob(items, self.user_tokens(user_idx))

@@ -76,6 +76,50 @@ def test_units_are_ordered_and_shards_partition_them():
             parse_shard(bad)
 
 
+def test_a_methods_own_backbone_replaces_the_cells_and_groups_its_units():
+    spec = load_bench("bench/text", ["bench.methods=[pdpo,bt,genarm,lore]", "bench.seeds=[0,1]"])
+    assert [u.key for u in spec.units()][::2] == ["attribute_world/pdpo/seed-0", "attribute_world/genarm/seed-0",
+                                                 "attribute_world/bt/seed-0", "attribute_world/lore/seed-0"]
+    pdpo, bt = (spec.cell_recipe(Unit("attribute_world", m, 0), "-") for m in ("pdpo", "bt"))
+    assert (pdpo.backbone.name, bt.backbone.name) == ("causal_lm", "frozen_encoder")
+    assert "backbone" not in pdpo.raw["methods"]["pdpo"] and pdpo.backbone.config.chat_template == "never"
+
+
+TINY_LM = "tiny-random:qwen2"
+TEXT_TINY = [f"{k}.backbone.{o}" for k in ("cell", "method_options.pdpo", "method_options.genarm")
+             for o in (f"model={TINY_LM}", "max_length=256")] + [
+    "dataset_options.attribute_world.n_users=8", "dataset_options.attribute_world.pairs_per_user=4",
+    "dataset_options.attribute_world.n_train_prompts=12", "dataset_options.attribute_world.n_test_prompts=4",
+    "dataset_options.attribute_world.test_pairs_per_user=2", "bench.k=2", "bench.k_list=[2]",
+    "method_options.pdpo.adapt_steps=2", "method_options.mrm.max_epochs=2", "method_options.lore.max_epochs=5",
+    "method_options.bt.max_epochs=3", "method_options.pref.max_epochs=3"]
+
+
+@pytest.mark.slow
+def test_text_bench_runs_feature_and_lm_methods_each_on_its_own_backbone(tmp_path):
+    """bench/text on a tiny random LM: the six methods finish on the attribute world, each on its backbone, and on
+    a feature-only world the LM methods' causal_lm (which needs text) is skipped with that reason."""
+    spec = load_bench("bench/text", [*TEXT_TINY, f"bench.output_dir={tmp_path}",
+                                     "bench.datasets=[attribute_world,lowrank_world]",
+                                     "dataset_options.lowrank_world.backbone.name=precomputed",
+                                     "dataset_options.lowrank_world.n_users=20",
+                                     "dataset_options.lowrank_world.feature_dim=8"])
+    outcome = run_bench(spec, show=False)
+    records = read_records(outcome.bench_dir)
+    for m in ("bt", "lore", "pref", "mrm", "pdpo", "genarm"):
+        rec = records[f"attribute_world/{m}/seed-0"]
+        assert rec["status"] == "done", (m, rec.get("error"))
+        assert rec["recipe"]["backbone"]["name"] == ("causal_lm" if m in ("pdpo", "genarm") else "frozen_encoder")
+        assert 0 <= rec["metrics"]["unseen"]["accuracy"] <= 1
+        assert records[f"lowrank_world/{m}/seed-0"]["status"] == ("skipped" if m in ("pdpo", "genarm") else "done")
+    assert records["lowrank_world/pdpo/seed-0"]["reason"] == (
+        "backbone 'causal_lm' needs prompt and response text ('text'), which dataset 'lowrank_world' does not provide")
+    report = (outcome.bench_dir / "report.md").read_text()
+    assert f"| pdpo [causal_lm {TINY_LM}] |" in report and f"| bt [frozen_encoder {TINY_LM}] |" in report
+    assert "| bt |" in report.split("## lowrank_world")[1]  # one backbone on that world: no label
+    assert not outcome.failed
+
+
 def test_methods_all_includes_the_installed_plugin():
     spec = load_bench("bench/quick")
     assert {"bt", "lore", "lore_alt", "mrm", "pref", "shrunk_individual"} <= set(spec.method_names())

@@ -246,6 +246,16 @@ def test_attributes_outside_the_world_keep_their_fixed_pole():
     assert (data.oracle_logits["oracle/personal"] > 0).all()
 
 
+
+def test_fixed_poles_replace_the_default_pole_of_attributes_left_out():
+    """fixed_poles = [short, casual]: every response is one casual sentence; the varying attribute still varies."""
+    data = world(attributes=["tone"], n_responses=2, attributes_per_user=1, fixed_poles=["short", "casual"])
+    texts = list(data.truth["responses"].ravel())
+    assert {sentences(t) for t in texts} == {1} and all("'" in t for t in texts)
+    assert sum("!" in t for t in texts) == len(texts) // 2
+    assert (data.oracle_logits["oracle/personal"] > 0).all()
+
+
 # ---- configuration errors -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(("changes", "message"), [
     ({"attributes": ["length", "humor"]}, r"attributes: unknown attribute\(s\) \['humor'\]; valid attributes: "
@@ -263,6 +273,10 @@ def test_attributes_outside_the_world_keep_their_fixed_pole():
                                              rf"the {prompt_capacity()} distinct prompts"),
     ({"n_responses": 17}, r"n_responses must be between 2 and 2 \*\* len\(attributes\) = 16 .*got 17"),
     ({"n_responses": 1}, r"n_responses must be between 2 and .*got 1"),
+    ({"fixed_poles": ["tiny"]}, r"fixed_poles: unknown pole 'tiny'; poles: short, long, casual"),
+    ({"fixed_poles": ["short"]}, r"fixed_poles: 'short' is a pole of 'length', which is one of `attributes`"),
+    ({"attributes": ["style"], "attributes_per_user": 1, "n_responses": 2, "fixed_poles": ["short", "long"]},
+     r"fixed_poles: one pole per attribute, got \['short', 'long'\]"),
     ({"attributes_per_user": 5}, r"attributes_per_user must be between 1 and len\(attributes\) = 4, got 5"),
 ])
 def test_config_errors(changes, message):

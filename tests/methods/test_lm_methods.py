@@ -130,6 +130,33 @@ def test_personalized_genarm_is_the_soft_token_model_without_reference(prepared)
     assert isinstance(model, PersonalizedGenARM) and model.item_statistics(_batch(prepared, [0], [0])["chosen"]) is None
 
 
+@pytest.mark.parametrize("cls, options", [(GenARM, {}), (GenARM, {"personalized": True}), (PDPO, {})])
+def test_next_token_rewards_step_by_step_equal_the_token_rewards_of_whole_responses(prepared, cls, options):
+    """The decoding API (prefill, then one cached step per token) scores every vocabulary item; at the tokens
+    a response actually has, it gives what one forward over the whole response gives, reference included."""
+    model = _method(cls, prepared, **options).eval()
+    with torch.no_grad():  # a trained adapter (LoRA starts as the identity) and trained user offsets
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "offsets" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    items, users = prepared.backbone.inputs(torch.arange(5)), torch.tensor([0, 1, 2, 3, 1])
+    starts = items["lengths"].cumsum(0) - items["lengths"]
+    responses = items["lengths"] - items["prompt_lengths"]
+    with torch.no_grad():
+        expected = model.token_rewards(items, users)                            # (5, R)
+        state = model.prefill(model.encoder.prompts(items), users)
+        got = torch.zeros_like(expected)
+        for t in range(int(responses.max())):
+            at = (starts + items["prompt_lengths"] + t).clamp_max(len(items["ids"]) - 1)
+            tokens = torch.where(t < responses, items["ids"][at], 0)               # rows already done: any token
+            rewards = model.next_token_rewards(state)
+            assert rewards.shape == (5, prepared.backbone.tokenizer().vocab_size)
+            got[:, t] = rewards.gather(1, tokens[:, None])[:, 0] * (t < responses)
+            state = model.advance(state, tokens)
+    assert (responses > 1).all() and len(set(responses.tolist())) > 1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("cls, options", [(PDPO, {}), (GenARM, {"personalized": True}),
                                           (PDPO, {"user_model": "cluster"})])
 def test_adapt_fit_changes_only_the_new_users_tokens(prepared, cls, options):
