@@ -352,3 +352,17 @@ def test_fit_through_the_recipe(tmp_path):
     assert saved["data"]["drops"] == {NO_GOLD: 1, EMPTY: 1, REPEATED: 1, FEW_PAPERS: 1}
     assert {"bt", "lore", "lore_alt"} <= set(saved["per_seed"]["0"])
     assert sorted(pd.unique(result.per_user["user_id"])) == ["100", "101", "102"]
+
+
+@needs_minilm
+@pytest.mark.slow
+def test_lm_recipe_runs_the_lm_methods_on_the_fixture(tmp_path):
+    """pref_lamp/lm (P-DPO, GenARM, personalized GenARM; new users fit their soft tokens) on the fixture, a tiny
+    random LM in SmolLM2's place."""
+    overrides = [f"data.path={FIXTURE}", "data.min_papers=3", "data.top_k=1", f"run.output_dir={tmp_path}",
+                 "logger.kind=none", "trainer.progress_bar=false", "split.k=1", "eval.k_list=[1]",
+                 "backbone.model=tiny-random:qwen2", "methods.pdpo.adapt_steps=2", "methods.genarm_user.adapt_steps=2"]
+    result = runner.fit("pref_lamp/lm", overrides, show=False)
+    assert {"pdpo", "genarm", "genarm_user"} == set(result.per_seed[0]) - {m for m in result.per_seed[0]
+                                                                           if m.startswith("oracle")}
+    assert result.per_seed[0]["pdpo"]["unseen"]["n_users"] >= 1

@@ -194,3 +194,14 @@ def test_psoups_lore_recipe_runs_on_the_fixture_and_records_the_load_report(tmp_
     for method in ("bt", "lore"):
         assert result.per_seed[0][method]["seen"]["n_users"] == 6
         assert result.per_seed[0][method]["unseen"] is None  # Dong et al. (arXiv 2502.19158) evaluate P-SOUPS users as seen users
+
+
+@pytest.mark.slow
+def test_psoups_lm_recipe_runs_the_lm_methods_on_the_fixture(tmp_path):
+    """psoups/lm (P-DPO, GenARM, personalized GenARM) on the fixture, a tiny random LM in SmolLM2's place."""
+    overrides = [f"data.path={FIXTURE}", "data.prlhf_test_size=0.3", "data.prlhf_seed=5", "logger.kind=none",
+                 f"run.output_dir={tmp_path}", "trainer.progress_bar=false", "backbone.model=tiny-random:qwen2"]
+    result = runner.fit("psoups/lm", overrides, show=False)
+    for method in ("pdpo", "genarm", "genarm_user"):
+        seen = result.per_seed[0][method]["seen"]
+        assert seen["n_users"] == 6 and 0 <= seen["accuracy"] <= 1
