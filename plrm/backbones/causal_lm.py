@@ -230,7 +230,8 @@ class CausalLMBackbone(TransformerBackbone):
             raise BackboneError(f"backbone.model={self.config.model!r} is not a causal LM (no next-token head); "
                                 "causal_lm needs a decoder such as Qwen2, LLaMA or SmolLM2")
         tok = self.tokenizer()
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # pads are masked out, so any id serves: the tokenizer's pad, else its EOS, else 0
+        self.pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
         if self.config.append_eos and tok.eos_token_id is None:
             raise BackboneError(f"backbone.append_eos=true, but the tokenizer of {self.config.model!r} has no EOS "
                                 "token; set append_eos=false")

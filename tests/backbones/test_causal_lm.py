@@ -128,6 +128,22 @@ def test_an_encoder_model_and_a_full_finetune_reference_are_refused(length_pairs
             pass
 
 
+def test_append_eos_needs_an_eos_token(length_pairs, monkeypatch):
+    original = CausalLMBackbone.tokenizer
+
+    def without_eos(self):
+        tok = original(self)
+        tok.eos_token, tok.pad_token = None, "<pad>"
+        return tok
+
+    monkeypatch.setattr(CausalLMBackbone, "tokenizer", without_eos)
+    with pytest.raises(BackboneError, match=r"backbone.append_eos=true, but the tokenizer of 'tiny-random:qwen2' has "
+                                            r"no EOS token; set append_eos=false"):
+        _prepared(length_pairs, model="tiny-random:qwen2")
+    items = _prepared(length_pairs, model="tiny-random:qwen2", append_eos=False).backbone.inputs(torch.arange(2))
+    assert (items["lengths"] > items["prompt_lengths"]).all()
+
+
 def test_generation_with_a_soft_token_prefix_equals_a_loop_without_cache(length_pairs):
     """transformers' generate prefilled with inputs_embeds (prefix + left-padded prompt) and continued with its
     KV cache gives, token for token, what a full forward at every step (no cache, one row at a time) gives."""
