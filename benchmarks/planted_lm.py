@@ -11,7 +11,8 @@ The world (recipe ``lm_attributes`` and its twins): two groups of users who pref
   each user's preferred response higher on held-out pairs: >= 80% for unseen users after adaptation (their soft
   tokens fitted on k support pairs);
 - global DPO (``dpo``: P-DPO with alpha = 0, every user the generic one) and GenARM (Xu et al., ICLR 2025, arXiv
-  2410.08193) stay near 50% (within 15 points here).
+  2410.08193) stay near 50%: precisely, at most the non-personalized oracle (the population-mean reward, which
+  is above 50% only where one group outnumbers the other among the evaluated users) plus 5 points.
 
 Writes ``benchmarks/results/planted_<recipe>.{md,json}`` (``--quick``: /tmp/planted_lm_quick) with the per-seed and
 mean +- std accuracies and the two checks; the numbers come from the runs' results.
@@ -34,20 +35,21 @@ from _tables import fewshot_table, pct  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 PERSONAL = ("pdpo", "genarm_user")
 GLOBAL = ("dpo", "genarm")
-UNSEEN_TARGET = 0.8   # the issue's bar for personalized methods on unseen users
-GLOBAL_BAND = 0.15    # global methods within 50% +- this
+UNSEEN_TARGET = 0.8   # the bar for personalized methods on unseen users
+GLOBAL_SLACK = 0.05   # global methods at most the non-personalized oracle + this
+ORACLES = ("oracle/personal", "oracle/non-personalized")
 QUICK = ["backbone.model=tiny-random:qwen2", "backbone.max_length=256", "split.seeds=[0]",
          "methods.pdpo.adapt_steps=2", "methods.genarm_user.adapt_steps=2"]
 
 
 def table(summary: dict) -> list[str]:
     lines = ["| method | kind | seen | unseen (adapted) | overall | train s |", "|---|---|---|---|---|---|"]
-    for label in (*PERSONAL, *GLOBAL):
+    for label in (*PERSONAL, *GLOBAL, *ORACLES):
         agg = summary.get(label)
         if agg is None:
             continue
         secs = f"{agg['train_seconds']['mean']:.0f}" if agg.get("train_seconds") else "-"
-        kind = "personalized" if label in PERSONAL else "global"
+        kind = "personalized" if label in PERSONAL else "global" if label in GLOBAL else "oracle (true rewards)"
         lines.append(f"| {label} | {kind} | {pct((agg.get('seen') or {}).get('accuracy'))} | "
                      f"{pct((agg.get('unseen') or {}).get('accuracy'))} | "
                      f"{pct((agg.get('overall') or {}).get('accuracy'))} | {secs} |")
@@ -58,8 +60,10 @@ def checks(summary: dict) -> dict[str, bool]:
     def unseen(label: str) -> float:
         return summary[label]["unseen"]["accuracy"]["mean"]
 
+    ceiling = unseen("oracle/non-personalized") + GLOBAL_SLACK
     return {f"{m} unseen >= {UNSEEN_TARGET:.0%}": unseen(m) >= UNSEEN_TARGET for m in PERSONAL} | \
-           {f"{m} unseen within 50% +- {GLOBAL_BAND:.0%}": abs(unseen(m) - 0.5) <= GLOBAL_BAND for m in GLOBAL}
+           {f"{m} unseen <= non-personalized oracle + {GLOBAL_SLACK:.0%} ({ceiling:.1%})": unseen(m) <= ceiling
+            for m in GLOBAL}
 
 
 def main() -> int:
@@ -86,7 +90,7 @@ def main() -> int:
     result = runner.fit(args.recipe, overrides, show=False)
     summary, ok = result.summary, checks(result.summary)
     per_seed = {str(s): {m: {g: (r[m].get(g) or {}).get("accuracy") for g in ("seen", "unseen")}
-                         for m in (*PERSONAL, *GLOBAL) if m in r} for s, r in result.per_seed.items()}
+                         for m in (*PERSONAL, *GLOBAL, *ORACLES) if m in r} for s, r in result.per_seed.items()}
     name = f"planted_{args.recipe.replace('/', '_')}" + ("_quick" if args.quick else "")
     meta = {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "platform": platform.platform(), "recipe": args.recipe, "seeds": sorted(result.per_seed)}
