@@ -224,7 +224,9 @@ def test_lora_on_pretrained_smollm2_learns_a_length_preference_on_held_out_pairs
 def test_cpu_twins_of_the_cluster_recipes_run_the_same_recipe_on_tiny_models(tmp_path, recipe):
     if "qlora" in recipe:
         pytest.importorskip("bitsandbytes")
-    resolved = load_recipe(recipe, ["data.n_users=16", "methods.lore.max_epochs=1", "logger.kind=none",
+    # the twin's world, shrunk: byte tokens make its multi-sentence responses ~500 tokens long
+    resolved = load_recipe(recipe, ["data.n_users=16", "data.pairs_per_user=6", "data.test_pairs_per_user=2",
+                                    "split.k=1", "eval.k_list=[1]", "methods.lore.max_epochs=1", "logger.kind=none",
                                     f"run.output_dir={tmp_path}", "trainer.progress_bar=false"])
     cluster = load_recipe(recipe.removesuffix("_tiny"))
     assert cluster.trainer.accelerator == "gpu" and resolved.trainer.accelerator == "cpu"
