@@ -110,17 +110,24 @@ class CausalLM(nn.Module):
         else:
             yield
 
+    def _model_inputs(self, ragged: dict, prefix: Tensor | None, embeds: bool = False) -> tuple[Tensor, dict, Tensor]:
+        """Left-padded ids (N, L) of ragged rows, the model's input (``input_ids``, or ``inputs_embeds`` with the
+        soft-token ``prefix`` (N, T, d) in front of each row; ``embeds`` forces embeddings) and the attention
+        mask (N, T + L); positions follow from the mask (counted over real tokens)."""
+        input_ids, mask = left_pad(ragged, self.pad_id)
+        if prefix is None and not embeds:
+            return input_ids, {"input_ids": input_ids}, mask
+        vectors = self.input_embeddings()(input_ids)
+        if prefix is not None:
+            vectors = torch.cat([prefix.to(vectors.dtype), vectors], dim=1)
+            mask = torch.cat([mask.new_ones(len(mask), prefix.shape[1]), mask], dim=1)
+        return input_ids, {"inputs_embeds": vectors}, mask
+
     def _response_logprobs(self, items: dict, prefix: Tensor | None) -> tuple[Tensor, Tensor]:
-        input_ids, mask = left_pad(items, self.pad_id)
+        input_ids, kwargs, mask = self._model_inputs(items, prefix)
         n, width = input_ids.shape
         responses = items["lengths"] - items["prompt_lengths"]                   # (N,) response tokens per row
         keep = int(responses.max()) if n else 0
-        if prefix is None:
-            kwargs = {"input_ids": input_ids}
-        else:
-            embeds = self.input_embeddings()(input_ids)
-            kwargs = {"inputs_embeds": torch.cat([prefix.to(embeds.dtype), embeds], dim=1)}
-            mask = torch.cat([mask.new_ones(n, prefix.shape[1]), mask], dim=1)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         logits = self.model(**kwargs, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1,
                             use_cache=False).logits[:, :-1]                       # (N, R, V): predicts the last R ids
@@ -164,13 +171,7 @@ class CausalLM(nn.Module):
         """Run ragged ``prompts`` ({'ids', 'lengths'}) once, each after its soft-token ``prefix`` (N, T, d) if
         given, keeping the KV cache: the next-token log-probabilities over the whole vocabulary after each prompt
         (what a token-level reward guides decoding with). Left-padded, positions counted over real tokens."""
-        input_ids, mask = left_pad(prompts, self.pad_id)
-        if prefix is None:
-            kwargs = {"input_ids": input_ids}
-        else:
-            embeds = self.input_embeddings()(input_ids)
-            kwargs = {"inputs_embeds": torch.cat([prefix.to(embeds.dtype), embeds], dim=1)}
-            mask = torch.cat([mask.new_ones(len(mask), prefix.shape[1]), mask], dim=1)
+        _, kwargs, mask = self._model_inputs(prompts, prefix)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         out = self.model(**kwargs, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         return LMState(out.cache, mask, positions[:, -1], F.log_softmax(out.logits[:, -1].float(), -1))
@@ -191,13 +192,9 @@ class CausalLM(nn.Module):
         if given: transformers' ``generate`` prefilled with ``inputs_embeds`` (prefix, then the left-padded
         prompt) and continued with its KV cache; greedy unless ``generate_kwargs`` say otherwise. The new token ids
         of each row, up to and including the first EOS."""
-        input_ids, mask = left_pad(prompts, self.pad_id)
-        embeds = self.input_embeddings()(input_ids)
-        if prefix is not None:
-            embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
-            mask = torch.cat([mask.new_ones(len(mask), prefix.shape[1]), mask], dim=1)
+        _, inputs, mask = self._model_inputs(prompts, prefix, embeds=True)
         kwargs = {"do_sample": False, "pad_token_id": self.pad_id, **generate_kwargs}
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+        out = self.model.generate(**inputs, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
         eos = self.model.generation_config.eos_token_id
         stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         rows = []

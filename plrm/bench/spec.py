@@ -120,12 +120,12 @@ class BenchSpec:
     def units(self) -> list[Unit]:
         """Datasets, then methods, then seeds; within a dataset, methods that share a backbone run together (in
         their listed order), so each (dataset, backbone) is loaded and prepared once."""
-        units = []
+        units, methods = [], self.method_names()
         for d in self.dataset_names():
-            backbones = [yaml.safe_dump(self.backbone_raw(d, m), sort_keys=True) for m in self.method_names()]
+            backbones = [yaml.safe_dump(self.backbone_raw(d, m), sort_keys=True) for m in methods]
             first = {b: i for i, b in reversed(list(enumerate(backbones)))}
-            order = sorted(range(len(backbones)), key=lambda i: first[backbones[i]])  # stable: listed order kept
-            units += [Unit(d, self.method_names()[i], s) for i in order for s in self.bench.seeds]
+            order = sorted(range(len(methods)), key=lambda i: first[backbones[i]])  # stable: listed order kept
+            units += [Unit(d, methods[i], s) for i in order for s in self.bench.seeds]
         return units
 
     def backbone_raw(self, dataset: str, method: str) -> dict | None:

@@ -285,7 +285,7 @@ class AttributeWorld(DatasetSource):
         fixed_poles: list[str] = opt([], "Poles that attributes left out of `attributes` keep instead of long, "
                                          "formal, plain, prose and neutral, by pole name (e.g. [short]: one-sentence "
                                          "responses, far cheaper for an LM).",
-                                     choices=tuple(p for poles in ATTRIBUTES.values() for p in poles))
+                                     choices=tuple(POLE_OF))
         attributes_per_user: int = opt(2, "How many attributes each user cares about (a random pole of each).", min=1)
         labels: str = opt("extremes", "'extremes': the user's truly preferred response of the pair (never a tie); "
                                       "'bradley_terry': that pair's order drawn with P = sigmoid(delta / "
