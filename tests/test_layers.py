@@ -1,4 +1,4 @@
-"""Imports point one way, down the layers of LAYERS: base -> backbones -> data -> methods -> recipe -> eval ->
+"""Imports point one way, down the layers of LAYERS: base -> backbones -> data -> methods -> decoding -> recipe -> eval ->
 runner -> commands -> cli.
 
 An AST scan of every module under plrm/ (imports inside functions included) checks three rules, and each failure
@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backbones", ("plrm.backbones",)),
     ("data", ("plrm.data",)),
     ("methods", ("plrm.methods",)),
+    ("decoding", ("plrm.decoding",)),  # reward-guided decoding: a policy LM and a method's reward (guides)
     # recipe.py imports the base layer (and, for annotations only, the dataset and backbone base classes), but
     # through the registry it validates the Config of a dataset, a backbone and every method, and build_dataset /
     # load_source build a dataset and the item encoder it asks for: it assembles all three kinds of component,

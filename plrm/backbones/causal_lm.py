@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plrm import capabilities as cap
-from plrm.backbones.text import item_texts, ragged_select, tokenize_items
+from plrm.backbones.text import TokenizedItems, item_texts, ragged_select, tokenize_items
 from plrm.backbones.transformer import TransformerBackbone
 from plrm.config import Forbid, opt
 from plrm.errors import BackboneError
@@ -222,7 +222,7 @@ class CausalLMBackbone(TransformerBackbone):
 
     def prepare(self, data, items: ItemIndex) -> None:
         self._check_text(data)
-        self._resolve()
+        self.resolve()
         if not self.decoder:
             raise BackboneError(f"backbone.model={self.config.model!r} is not a causal LM (no next-token head); "
                                 "causal_lm needs a decoder such as Qwen2, LLaMA or SmolLM2")
@@ -232,14 +232,20 @@ class CausalLMBackbone(TransformerBackbone):
         if self.config.append_eos and tok.eos_token_id is None:
             raise BackboneError(f"backbone.append_eos=true, but the tokenizer of {self.config.model!r} has no EOS "
                                 "token; set append_eos=false")
-        suffix = (tok.eos_token_id,) if self.config.append_eos else ()
-        prompts, responses = item_texts(data, items)
-        self.tokens = tokenize_items(tok, prompts, responses, self.config.max_length, True, self.use_chat(tok),
-                                     response_suffix=suffix, min_prompt=1)
+        self.tokens = self.tokenize_texts(*item_texts(data, items))
         empty = int((self.tokens.lengths - self.tokens.prompt_lengths <= 0).sum())
         if empty:
             raise BackboneError(f"{empty} item(s) have no response token left after truncation to "
                                 f"max_length={self.config.max_length}; raise backbone.max_length")
+
+    def tokenize_texts(self, prompts, responses) -> TokenizedItems:
+        """Token ids of (prompt, response) texts as this backbone reads items: each response ends with EOS
+        (``append_eos``), and at least one prompt token survives truncation (it predicts the first response
+        token)."""
+        tok = self.tokenizer()
+        suffix = (tok.eos_token_id,) if self.config.append_eos else ()
+        return tokenize_items(tok, prompts, responses, self.config.max_length, True, self.use_chat(tok),
+                              response_suffix=suffix, min_prompt=1)
 
     def inputs(self, item_ids: Tensor) -> dict:
         """Ragged ids, lengths, prompt lengths and the item ids themselves (a method may cache per item: P-DPO's

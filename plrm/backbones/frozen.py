@@ -81,7 +81,7 @@ class FrozenEncoder(HFBackbone):
 
     def prepare(self, data, items: ItemIndex) -> None:
         self._check_text(data)
-        self._resolve()
+        self.resolve()
         c = self.config
         tok = self.tokenizer()
         chat = self.use_chat(tok)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from plrm import capabilities as cap
 from plrm.backbones import models
 from plrm.backbones.base import Backbone
-from plrm.backbones.text import item_texts, pad, pool, ragged_select, tokenize_items
+from plrm.backbones.text import TokenizedItems, item_texts, pad, pool, ragged_select, tokenize_items
 from plrm.config import Forbid, Not, opt
 from plrm.errors import BackboneError, DataValidationError
 from plrm.items import ItemIndex
@@ -107,7 +107,10 @@ class HFBackbone(Backbone):
     needs = frozenset({cap.TEXT})
     provides = frozenset({cap.FEATURES})
 
-    def _resolve(self) -> None:
+    def resolve(self) -> None:
+        """Find the model (building an offline alias on first use) and read its config: what every other call
+        needs. ``prepare`` calls it; code that only tokenizes or loads the model (a policy for decoding) calls it
+        alone."""
         c = self.config
         self.path = models.resolve(c.model)
         quiet_transformers()
@@ -117,10 +120,13 @@ class HFBackbone(Backbone):
         self.pooling = ("last" if self.decoder else "mean") if c.pooling == "auto" else c.pooling
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        """The model's tokenizer, loaded once."""
+        if getattr(self, "_tokenizer", None) is None:
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path, revision=self.config.revision,
-                                             trust_remote_code=self.config.trust_remote_code)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path, revision=self.config.revision,
+                                                            trust_remote_code=self.config.trust_remote_code)
+        return self._tokenizer
 
     def use_chat(self, tok) -> bool:
         mode = self.config.chat_template
@@ -174,11 +180,25 @@ class TransformerBackbone(HFBackbone):
 
     def prepare(self, data, items: ItemIndex) -> None:
         self._check_text(data)
-        self._resolve()
+        self.resolve()
         tok = self.tokenizer()
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        prompts, responses = item_texts(data, items)
-        self.tokens = tokenize_items(tok, prompts, responses, self.config.max_length, self.decoder, self.use_chat(tok))
+        self.tokens = self.tokenize_texts(*item_texts(data, items))
+
+    def tokenize_texts(self, prompts, responses) -> TokenizedItems:
+        """Token ids of (prompt, response) texts as this backbone reads items (chat rendering, truncation,
+        nothing appended to the response): the items of ``prepare``, or new text (reward-guided decoding's
+        prompts, generated responses to judge)."""
+        tok = self.tokenizer()
+        return tokenize_items(tok, prompts, responses, self.config.max_length, self.decoder, self.use_chat(tok))
+
+    def tokenize(self, prompts, responses=None) -> dict:
+        """:meth:`tokenize_texts` as a ragged batch {'ids', 'lengths', 'prompt_lengths'}; without ``responses``,
+        the rendered prompts alone {'ids', 'lengths'} (what decoding continues; nothing appended)."""
+        tokens = self.tokenize_texts(prompts, [""] * len(prompts) if responses is None else responses)
+        if responses is None:
+            return ragged_select(tokens.ids, tokens.offsets[:-1], tokens.prompt_lengths, torch.arange(len(prompts)))
+        return {**tokens.gather(torch.arange(len(prompts))), "prompt_lengths": tokens.prompt_lengths}
 
     def inputs(self, item_ids: Tensor) -> dict:
         return self.tokens.gather(item_ids)

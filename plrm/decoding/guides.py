@@ -1,0 +1,248 @@
+"""Guides: what reward-guided decoding and policy accuracy ask of a reward model, on token ids it shares with
+the policy.
+
+At each step ARGS holds, per prompt, k candidate next tokens of the policy and needs each one's reward
+r(x, [y_<t, v]); policy accuracy needs the reward of every prefix of a whole response. A guide serves both:
+
+* :class:`SequenceGuide` -- any factored method (LoRe, PReF, MRM, BT, plugins) on a causal ``transformer``
+  backbone that reads the last token's hidden state. Its KV cache holds the prompt and the tokens chosen so far;
+  a step expands it to the B*k candidates (``DynamicCache.batch_repeat_interleave``), runs one token per row,
+  reads ``head(h, u)`` and collapses it to the chosen rows (``batch_select_indices``). Because nothing is
+  appended after a response when the RM is trained or scored, the hidden state at each response position of one
+  forward is the last-token feature of that prefix: all prefix rewards come out of one forward.
+* :class:`TokenGuide` -- a token-level method (GenARM: beta_r log pi_r; P-DPO: beta log pi_theta / pi_ref), which
+  rewards every vocabulary item of the next position in one cached forward of B rows: no k-fold expansion.
+
+Candidates that end the response (the policy's stop ids) get, under a sequence guide, the reward of the response
+without them, r(x, y_<t): the RM never saw a state at an end-of-turn token, and the response it would judge is
+the one already there (``eos_reward: prefix``). A token guide rewards them like any token (its LM was trained
+with EOS appended).
+
+Each guide also has a naive mode -- the whole prefix re-run for every candidate, no cache, through the method's
+ordinary ``reward`` -- which is the exactness oracle of the tests and the baseline of ``benchmarks/args_cache.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from plrm.backbones.causal_lm import left_pad
+from plrm.backbones.text import pad
+from plrm.backbones.transformer import HFEncoder
+from plrm.errors import RecipeError
+from plrm.methods.base import FACTORED, PersonalizedRewardModel
+
+
+def check_same_tokenizer(policy_tokenizer, guide_tokenizer, policy_name: str, guide_name: str) -> None:
+    """ARGS feeds the policy's candidate ids to the reward model: both must map text to the same ids (the
+    embedding matrices may be padded to different sizes; the vocabularies may not differ)."""
+    if policy_tokenizer.get_vocab() != guide_tokenizer.get_vocab():
+        raise RecipeError(f"reward-guided decoding needs the policy and the reward model to share a tokenizer: "
+                          f"policy {policy_name!r} and reward model {guide_name!r} map text to different token ids "
+                          "(pick a policy of the reward model's family, e.g. SmolLM2 with SmolLM2, Qwen2.5 with "
+                          "Qwen2.5)")
+
+
+def append_tokens(prompts: dict, generated: list[list[int]], extra: Tensor | None = None) -> dict:
+    """Ragged rows prompt ++ generated[b] (++ extra[b, i] for each of the k columns of ``extra``, one row per
+    (b, i), row b*k + i): the full sequences the naive mode re-runs."""
+    starts = torch.cumsum(prompts["lengths"], 0) - prompts["lengths"]
+    ids = prompts["ids"].tolist()
+    rows = []
+    for b, (s, n) in enumerate(zip(starts.tolist(), prompts["lengths"].tolist())):
+        base = ids[s:s + n] + generated[b]
+        rows.extend([base] if extra is None else [base + [v] for v in extra[b].tolist()])
+    device = prompts["ids"].device
+    return {"ids": torch.tensor([t for r in rows for t in r], dtype=torch.long, device=device),
+            "lengths": torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)}
+
+
+class Guide:
+    """What a reward model serves to decoding (see the module docstring). ``backbone``: the RM's backbone, which
+    renders its prompts (the RM may read the prompt in its own chat template; only response ids are shared)."""
+
+    name = "guide"
+
+    def __init__(self, method: PersonalizedRewardModel, backbone) -> None:
+        self.method, self.backbone = method, backbone
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.method.parameters()).device
+
+    def tokenize(self, prompts, responses=None) -> dict:
+        return {k: v.to(self.device) for k, v in self.backbone.tokenize(prompts, responses).items()}
+
+    # ---- cached decoding ----
+    def prefill(self, prompts: dict, users: Tensor) -> Any:
+        raise NotImplementedError
+
+    def candidate_rewards(self, state: Any, candidates: Tensor, stop: Tensor) -> Tensor:
+        """r(x, [y_<t, v]) (B, k) of each row's candidates (B, k); ``stop`` (B, k) marks candidates that end the
+        response."""
+        raise NotImplementedError
+
+    def advance(self, state: Any, candidates: Tensor, choice: Tensor) -> Any:
+        """Keep candidate ``choice[b]`` of each row (B,) after :meth:`candidate_rewards`."""
+        raise NotImplementedError
+
+    # ---- naive decoding (no cache) ----
+    def naive_candidate_rewards(self, prompts: dict, generated: list[list[int]], candidates: Tensor, stop: Tensor,
+                                users: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ---- whole responses ----
+    def response_rewards(self, items: dict, users: Tensor) -> tuple[Tensor, Tensor]:
+        """r(y_t | x, y_<t) of every response token of ragged ``items`` (from the RM's ``tokenize(prompts,
+        responses)``), (N, T) left-aligned, and the (N, T) mask: one forward per response."""
+        raise NotImplementedError
+
+    def sequence_reward(self, items: dict, users: Tensor) -> Tensor:
+        """The reward of whole responses (N,): the judge of the circular win rate."""
+        return self.method.reward(items, users)
+
+
+@dataclass
+class SequenceState:
+    """A sequence guide's cache (B rows, or B*k between ``candidate_rewards`` and ``advance``), mask, last
+    positions, the reward of each row's response so far (``prev``, (B,)) and of its candidates (B, k)."""
+
+    cache: Any
+    mask: Tensor
+    positions: Tensor
+    users: Tensor
+    prev: Tensor
+    rewards: Tensor | None = None
+
+
+class SequenceGuide(Guide):
+    """A factored method on a causal ``transformer`` backbone (last-token pooling), guided prefix by prefix."""
+
+    name = "sequence"
+
+    def __init__(self, method: PersonalizedRewardModel, backbone) -> None:
+        super().__init__(method, backbone)
+        encoder = method.encoder
+        if method.reward_shape != FACTORED or not isinstance(encoder, HFEncoder) or encoder.pooling != "last":
+            raise RecipeError(
+                f"{type(method).__name__} cannot guide decoding prefix by prefix: a sequence guide needs a factored "
+                "method on backbone 'transformer' with a decoder read at the last token (pooling: last); got "
+                f"{type(encoder).__name__}" + (f" with pooling {encoder.pooling!r}" if hasattr(encoder, "pooling")
+                                                else ""))
+        self.model, self.pad_id = encoder.model, encoder.pad_id
+
+    def _reward(self, hidden: Tensor, users: Tensor) -> Tensor:
+        return self.method.head(hidden.float(), users)
+
+    @torch.no_grad()
+    def prefill(self, prompts: dict, users: Tensor) -> SequenceState:
+        input_ids, mask = left_pad(prompts, self.pad_id)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        prev = self._reward(out.last_hidden_state[:, -1], users)          # r(x, empty response)
+        return SequenceState(out.cache, mask, positions[:, -1], users, prev)
+
+    @torch.no_grad()
+    def candidate_rewards(self, state: SequenceState, candidates: Tensor, stop: Tensor) -> Tensor:
+        b, k = candidates.shape
+        state.cache.batch_repeat_interleave(k)                              # row b*k + i continues prompt b
+        mask = torch.cat([state.mask.repeat_interleave(k, 0), state.mask.new_ones(b * k, 1)], dim=1)
+        positions = state.positions.repeat_interleave(k) + 1
+        out = self.model(input_ids=candidates.reshape(b * k, 1), attention_mask=mask,
+                         position_ids=positions[:, None], cache=state.cache, use_cache=True)
+        rewards = self._reward(out.last_hidden_state[:, -1], state.users.repeat_interleave(k)).view(b, k)
+        rewards = torch.where(stop, state.prev[:, None], rewards)           # ending now: the reward of y_<t
+        state.mask, state.rewards = mask, rewards
+        return rewards
+
+    @torch.no_grad()
+    def advance(self, state: SequenceState, candidates: Tensor, choice: Tensor) -> SequenceState:
+        b, k = candidates.shape
+        rows = torch.arange(b, device=choice.device) * k + choice
+        state.cache.batch_select_indices(rows)
+        return SequenceState(state.cache, state.mask[rows], state.positions + 1, state.users,
+                             state.rewards.gather(1, choice[:, None])[:, 0])
+
+    @torch.no_grad()
+    def naive_candidate_rewards(self, prompts: dict, generated: list[list[int]], candidates: Tensor, stop: Tensor,
+                                users: Tensor) -> Tensor:
+        b, k = candidates.shape
+        rows = append_tokens(prompts, generated, candidates)                # B*k full sequences
+        rewards = self.method.reward(rows, users.repeat_interleave(k)).view(b, k)
+        if stop.any():
+            prev = self.method.reward(append_tokens(prompts, generated), users)
+            rewards = torch.where(stop, prev[:, None], rewards)
+        return rewards
+
+    @torch.no_grad()
+    def response_rewards(self, items: dict, users: Tensor) -> tuple[Tensor, Tensor]:
+        """r(x, y_<=t) of every response prefix, from the hidden states of one forward over prompt ++ response
+        (right-padded: position t of row i is token t of the sequence)."""
+        input_ids, mask = pad(items, self.pad_id)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state        # (N, L, D)
+        responses = items["lengths"] - items["prompt_lengths"]
+        width = int(responses.max()) if len(responses) else 0
+        column = torch.arange(width, device=hidden.device)
+        valid = column[None, :] < responses[:, None]                                          # (N, T)
+        at = (items["prompt_lengths"][:, None] + column[None, :]).clamp_max(hidden.shape[1] - 1)
+        h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[2]))                    # (N, T, D)
+        return self.method.prefix_rewards(h.float(), users) * valid, valid
+
+
+class TokenGuide(Guide):
+    """A token-level method (``TokenRewards``: GenARM, personalized GenARM, P-DPO): every vocabulary item's reward
+    from one cached forward of B rows per step."""
+
+    name = "token"
+
+    def __init__(self, method: PersonalizedRewardModel, backbone) -> None:
+        super().__init__(method, backbone)
+        if not hasattr(method, "next_token_rewards"):
+            raise RecipeError(f"{type(method).__name__} has no token-level reward (next_token_rewards)")
+        self.beta = float(method.config.beta)
+
+    def prefill(self, prompts: dict, users: Tensor) -> Any:
+        return self.method.prefill(prompts, users)
+
+    def next_token_rewards(self, state: Any) -> Tensor:
+        return self.method.next_token_rewards(state)
+
+    def candidate_rewards(self, state: Any, candidates: Tensor, stop: Tensor) -> Tensor:
+        return self.method.next_token_rewards(state).gather(1, candidates)
+
+    def advance(self, state: Any, candidates: Tensor, choice: Tensor) -> Any:
+        return self.advance_tokens(state, candidates.gather(1, choice[:, None])[:, 0])
+
+    def advance_tokens(self, state: Any, tokens: Tensor) -> Any:
+        """Append one token per row (B,): the reward LM's cached step."""
+        return self.method.advance(state, tokens)
+
+    @torch.no_grad()
+    def naive_candidate_rewards(self, prompts: dict, generated: list[list[int]], candidates: Tensor, stop: Tensor,
+                                users: Tensor) -> Tensor:
+        # the reward LM over the whole prefix, no cache kept: every candidate's reward is one of its outputs
+        state = self.method.prefill(append_tokens(prompts, generated), users)
+        return self.method.next_token_rewards(state).gather(1, candidates)
+
+    @torch.no_grad()
+    def response_rewards(self, items: dict, users: Tensor) -> tuple[Tensor, Tensor]:
+        rewards = self.method.token_rewards(items, users)
+        responses = items["lengths"] - items["prompt_lengths"]
+        valid = torch.arange(rewards.shape[1], device=rewards.device)[None, :] < responses[:, None]
+        return rewards, valid
+
+    @torch.no_grad()
+    def sequence_reward(self, items: dict, users: Tensor) -> Tensor:
+        rewards, valid = self.response_rewards(items, users)
+        return (rewards * valid).sum(1)
+
+
+def guide_for(method: PersonalizedRewardModel, backbone) -> Guide:
+    """The guide a method serves: token-level if it has a token reward, else prefix by prefix."""
+    if hasattr(method, "next_token_rewards"):
+        return TokenGuide(method, backbone)
+    return SequenceGuide(method, backbone)

@@ -1,0 +1,223 @@
+"""ARGS and GenARM decoding on tiny random LMs: the cached loop against the naive one token for token, against
+transformers' greedy decoding, planted rewards, stopping, sampling, and the decoding path against the scoring
+path that policy accuracy reads."""
+
+import pytest
+import torch
+
+from plrm.backbones.causal_lm import CausalLMBackbone
+from plrm.backbones.transformer import TransformerBackbone
+from plrm.data.datamodule import PreparedData
+from plrm.data.files import PreferenceFiles
+from plrm.decoding.args import args_decode
+from plrm.decoding.genarm import genarm_decode
+from plrm.decoding.guides import Guide, SequenceGuide, TokenGuide, check_same_tokenizer, guide_for
+from plrm.decoding.policy import Policy, PolicyConfig
+from plrm.errors import RecipeError
+from plrm.methods.genarm import GenARM
+from plrm.methods.lore import LoRe
+
+PROMPTS = ["Tell me about the river.", "Hi", "Write one long sentence about the sea and the mountains, please."]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    return Policy.load(PolicyConfig(model="tiny-random:qwen2", dtype="float32"))
+
+
+def _perturb(model, seed):
+    with torch.no_grad():  # a trained adapter (LoRA starts as the identity) and per-user state
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "offsets" in name or "user_logits" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (3.0 if "user_logits" in name else 0.3))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lore(tmp_path_factory):
+    from tests.conftest import write_length_pairs
+
+    path = write_length_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", n_users=4, pairs_per_user=2)
+    prepared = PreparedData(PreferenceFiles(PreferenceFiles.Config(path=str(path))).load(),
+                            TransformerBackbone(TransformerBackbone.Config(model="tiny-random:qwen2", dtype="float32",
+                                                                           lora_dropout=0.0)))
+    torch.manual_seed(1)
+    method = LoRe(LoRe.Config(rank=4), n_users=4, feature_dim=prepared.backbone.feature_dim,
+                  encoder=prepared.backbone.encoder())
+    return SequenceGuide(_perturb(method, 2), prepared.backbone)
+
+
+@pytest.fixture(scope="module")
+def genarm(tmp_path_factory):
+    from tests.conftest import write_length_pairs
+
+    path = write_length_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", n_users=4, pairs_per_user=2)
+    prepared = PreparedData(PreferenceFiles(PreferenceFiles.Config(path=str(path))).load(),
+                            CausalLMBackbone(CausalLMBackbone.Config(model="tiny-random:qwen2", dtype="float32",
+                                                                     lora_dropout=0.0)))
+    torch.manual_seed(3)
+    method = GenARM(GenARM.Config(beta=0.5), n_users=4, feature_dim=prepared.backbone.feature_dim,
+                    encoder=prepared.backbone.encoder())
+    return TokenGuide(_perturb(method, 4), prepared.backbone)
+
+
+def _inputs(policy, guide, prompts=PROMPTS):
+    return policy.tokenize(prompts), (guide.tokenize(prompts) if guide is not None else None)
+
+
+def test_without_reward_args_is_the_policys_greedy_decoding(policy, lore):
+    p, g = _inputs(policy, lore)
+    users = torch.tensor([0, 1, 2])
+    expected = policy.lm.generate(p, max_new_tokens=10)
+    for guide, k, weight in ((None, 10, 1.0), (lore, 10, 0.0), (lore, 1, 50.0)):
+        assert args_decode(policy, guide, p, g, users, k=k, weight=weight, max_new_tokens=10).tokens == expected
+
+
+@pytest.mark.parametrize("which", ["lore", "genarm"])
+def test_cached_args_equals_naive_args_token_for_token(policy, lore, genarm, which):
+    guide = {"lore": lore, "genarm": genarm}[which]
+    p, g = _inputs(policy, guide)
+    users = torch.tensor([0, 3, 1])
+    kwargs = dict(k=5, weight=20.0, max_new_tokens=12)
+    cached = args_decode(policy, guide, p, g, users, **kwargs)
+    naive = args_decode(policy, guide, p, g, users, cached=False, **kwargs)
+    assert cached.tokens == naive.tokens
+    torch.testing.assert_close(cached.scores, naive.scores, atol=1e-4, rtol=1e-4)
+    unguided = args_decode(policy, None, p, g, users, max_new_tokens=12)
+    assert cached.tokens != unguided.tokens                   # the reward did change the choices
+    for row in range(3):                                      # batched (left-padded) == each prompt alone
+        alone = args_decode(policy, guide, *_inputs(policy, guide, [PROMPTS[row]]), users[row:row + 1], **kwargs)
+        assert alone.tokens[0] == cached.tokens[row]
+
+
+class PlantedGuide(Guide):
+    """+100 for one target token, 0 otherwise (no model): isolates ARGS's selection."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def prefill(self, prompts, users):
+        return None
+
+    def candidate_rewards(self, state, candidates, stop):
+        return (candidates == self.target).float() * 100.0
+
+    def advance(self, state, candidates, choice):
+        return None
+
+
+def test_a_planted_reward_picks_its_token_whenever_the_policy_offers_it(policy):
+    p, _ = _inputs(policy, None)
+    users = torch.tensor([0, 1, 2])
+    target = args_decode(policy, None, p, None, users, max_new_tokens=8).tokens[1][2]  # a token the policy likes
+    out = args_decode(policy, PlantedGuide(target), p, None, users, k=4, weight=1.0, max_new_tokens=8)
+    state, chosen = policy.prefill(p, users), 0
+    for t in range(out.alive.shape[1]):  # walk the policy along the output: its top-4 at every step
+        top = state.logprobs.topk(4).indices
+        token = torch.tensor([row[min(t, len(row) - 1)] for row in out.tokens])
+        for row in torch.nonzero(out.alive[:, t])[:, 0].tolist():
+            assert (int(token[row]) == target) == (target in top[row].tolist())
+            chosen += int(token[row]) == target
+        state = policy.advance(state, token)
+    assert chosen >= 2
+
+
+def test_a_row_that_ends_stops_and_the_others_go_on(policy):
+    p, _ = _inputs(policy, None)
+    users = torch.tensor([0, 1, 2])
+    eos = int(policy.stop_ids[0])
+
+    class EndRowOne(Guide):
+        def prefill(self, prompts, users):
+            return None
+
+        def candidate_rewards(self, state, candidates, stop):
+            return torch.tensor([[0.0], [1e4], [0.0]]) * stop
+
+        def advance(self, state, candidates, choice):
+            return None
+
+    out = args_decode(policy, EndRowOne(None, None), p, None, users, k=len(policy.backbone.tokenizer()),
+                      weight=1.0, max_new_tokens=7)
+    assert out.tokens[1] == [eos] or out.tokens[1][-1] in policy.stop_ids.tolist() and len(out.tokens[1]) == 1
+    assert out.alive[1].tolist() == [True] + [False] * (out.alive.shape[1] - 1)
+    assert len(out.tokens[0]) == len(out.tokens[2]) == 7 == out.alive.shape[1]
+
+
+def test_sampling_is_seeded_and_follows_the_score_distribution(policy, lore):
+    p, g = _inputs(policy, lore)
+    users = torch.tensor([0, 1, 2])
+    kwargs = dict(k=6, weight=3.0, max_new_tokens=6, mode="sample", temperature=0.7, keep_distributions=True)
+    a = args_decode(policy, lore, p, g, users, generator=torch.Generator().manual_seed(5), **kwargs)
+    b = args_decode(policy, lore, p, g, users, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert a.tokens == b.tokens
+    state, g_state = policy.prefill(p, users), lore.prefill(g, users)
+    lp, cand = state.logprobs.topk(6)
+    r = lore.candidate_rewards(g_state, cand, torch.isin(cand, policy.stop_ids))
+    torch.testing.assert_close(a.step_probabilities[0], torch.softmax((lp + 3.0 * r) / 0.7, -1))
+    cold = args_decode(policy, lore, p, g, users, k=6, weight=3.0, max_new_tokens=6, mode="sample",
+                       temperature=1e-4, generator=torch.Generator().manual_seed(1))
+    assert cold.tokens == args_decode(policy, lore, p, g, users, k=6, weight=3.0, max_new_tokens=6).tokens
+
+
+def test_decoding_scores_are_the_scoring_paths_prefix_rewards(policy, lore):
+    """What ARGS adds at each step equals what policy accuracy reads from one forward over the finished response:
+    the policy's log-probability of each token plus w times the RM's reward of the prefix ending there (the
+    previous prefix's for the stop token)."""
+    p, g = _inputs(policy, lore)
+    users = torch.tensor([2, 0, 1])
+    out = args_decode(policy, lore, p, g, users, k=5, weight=4.0, max_new_tokens=10)
+    stops = set(policy.stop_ids.tolist())
+    for row in range(3):
+        tokens = out.tokens[row]
+        body = [t for t in tokens if t not in stops]
+        items = _items(g, row, body)
+        rewards, valid = lore.response_rewards(items, users[row:row + 1])
+        prefix = rewards[0, :len(body)]
+        expected_r = prefix.tolist() + ([prefix[-1].item() if body else float("nan")] if len(body) < len(tokens)
+                                        else [])
+        torch.testing.assert_close(out.rewards[row, :len(tokens)], torch.tensor(expected_r), atol=1e-4, rtol=1e-4)
+        logps, _ = policy.response_logprobs(_items(p, row, tokens), users[row:row + 1])
+        torch.testing.assert_close(out.logprobs[row, :len(tokens)], logps[0, :len(tokens)], atol=1e-4, rtol=1e-4)
+
+
+def _items(prompts, row, response):
+    start = int(prompts["lengths"][:row].sum())
+    ids = prompts["ids"][start:start + int(prompts["lengths"][row])].tolist()
+    return {"ids": torch.tensor(ids + response), "lengths": torch.tensor([len(ids) + len(response)]),
+            "prompt_lengths": torch.tensor([len(ids)])}
+
+
+def test_users_with_different_weights_get_different_generations(policy, lore):
+    p, g = _inputs(policy, lore, [PROMPTS[0]] * 4)
+    out = args_decode(policy, lore, p, g, torch.arange(4), k=8, weight=200.0, max_new_tokens=8)
+    assert len({tuple(t) for t in out.tokens}) > 1  # same prompt, users' own weights: not one answer for all
+
+
+def test_args_over_the_whole_vocabulary_is_genarm_decoding(policy, genarm):
+    p, g = _inputs(policy, genarm)
+    users = torch.tensor([0, 1, 2])
+    vocab = policy.lm.model.get_input_embeddings().weight.shape[0]
+    native = genarm_decode(policy, genarm, p, g, users, alpha=2.0, max_new_tokens=10)
+    args = args_decode(policy, genarm, p, g, users, k=vocab, weight=2.0 / genarm.beta, max_new_tokens=10)
+    assert native.tokens == args.tokens
+    base = genarm_decode(policy, genarm, p, g, users, alpha=0.0, max_new_tokens=10)
+    assert base.tokens == policy.lm.generate(p, max_new_tokens=10)
+
+
+def test_guides_refuse_what_they_cannot_serve(policy, lore, genarm):
+    from transformers import AutoTokenizer
+
+    from plrm.backbones.models import resolve
+
+    with pytest.raises(RecipeError, match="policy 'tiny-random:qwen2' and reward model 'offline:minilm'"):
+        check_same_tokenizer(policy.backbone.tokenizer(), AutoTokenizer.from_pretrained(resolve("offline:minilm")),
+                             "tiny-random:qwen2", "offline:minilm")
+    check_same_tokenizer(policy.backbone.tokenizer(), lore.backbone.tokenizer(), "a", "b")
+    frozen = LoRe(LoRe.Config(rank=2), n_users=2, feature_dim=8)
+    with pytest.raises(RecipeError, match="needs a factored method on backbone 'transformer'"):
+        SequenceGuide(frozen, None)
+    assert isinstance(guide_for(genarm.method, genarm.backbone), TokenGuide)
+    assert isinstance(guide_for(lore.method, lore.backbone), SequenceGuide)
