@@ -117,12 +117,52 @@ class LoggerSection:
     group: str | None = opt(None, "W&B group of the run's W&B runs (null: the run name; `plrm bench`: the benchmark).")
 
 
+@dataclass
+class PolicySection:
+    """The policy stage (The Reward Model Selection Crisis in Personalized Alignment, Rezk et al., arXiv
+    2512.23067): after a method is trained and its unseen users adapted, a base policy LM decodes under its reward
+    (ARGS) and is judged by policy accuracy, ROUGE / BERTScore against the users' reference completions, and the
+    circular win rate."""
+
+    enabled: bool = opt(False, "Run the policy stage. A recipe's policy: section turns it on unless it says "
+                               "enabled: false.")
+    model: str = opt("offline:smollm2", "The base policy: a causal LM (Hub id, directory or offline alias) that "
+                                        "shares the reward model's tokenizer.", nonempty=True)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Policy weights dtype (auto: bfloat16 on a GPU that supports it, else float32).")
+    chat_template: Literal["auto", "always", "never"] = opt(
+        "auto", "Render prompts with the policy tokenizer's chat template (auto: when it has one).")
+    max_length: int = opt(1024, "Tokens of prompt (+ response when scoring) the policy reads.", min=2)
+    decoder: Literal["args", "genarm"] = opt(
+        "args", "args: ARGS for every reward method (Khanov et al., arXiv 2402.01694); genarm: token-level methods "
+                "decode GenARM's way, log pi + (lambda) r over the whole vocabulary (Xu et al., arXiv 2410.08193), "
+                "the others ARGS. P-DPO always generates from its own personalized policy.")
+    k: int = opt(10, "ARGS: candidates per step, the top-k of the policy (ARGS paper: 10).", min=1)
+    weight: float | Literal["auto"] = opt(
+        "auto", "lambda, the reward's weight in log pi + lambda r: a number, or auto = the lambda that maximizes "
+                "policy accuracy on the seen users' test pairs, found exactly (Selection Crisis App. F.2).", min=0)
+    lambda_max: float | None = opt(None, "auto: search lambda in [0, lambda_max] (null: no bound).", gt=0)
+    max_new_tokens: int = opt(32, "Generated tokens per prompt at most (a row stops at EOS / end of turn).", min=1)
+    mode: Literal["greedy", "sample"] = opt("greedy", "Decoding: greedy (the paper's) or sampling.")
+    temperature: float = opt(0.7, "Sampling temperature (mode: sample).", gt=0)
+    seed: int = opt(0, "Seed of sampling.")
+    prompts_per_user: int = opt(4, "Generations per unseen user: their first test prompts (distinct).", min=1)
+    pairs_per_user: int | None = opt(None, "Policy accuracy: test pairs per user at most (null: all; the paper "
+                                           "used 1 on PRISM).", min=1)
+    batch_size: int = opt(8, "Prompts decoded (or pairs scored) together.", min=1)
+    bertscore_model: str | None = opt(None, "BERTScore-F1 against the references with this model (e.g. "
+                                            "roberta-large on a cluster, offline:minilm offline; null: skip).")
+    bertscore_layers: int | None = opt(None, "Hidden layer BERTScore reads (null: the model's last; roberta-large: "
+                                             "17 in bert-score's defaults).", min=1)
+
+
 FIXED_SECTIONS: dict[str, type] = {
     "run": RunSection,
     "split": SplitSection,
     "eval": EvalSection,
     "trainer": TrainerSection,
     "logger": LoggerSection,
+    "policy": PolicySection,
 }
 DYNAMIC_SECTIONS = ("data", "backbone", "methods")
 TOP_LEVEL = (*FIXED_SECTIONS, *DYNAMIC_SECTIONS, "extends", "description")
@@ -143,6 +183,7 @@ class Recipe:
     eval: EvalSection
     trainer: TrainerSection
     logger: LoggerSection
+    policy: PolicySection
     data: Component
     backbone: Component
     methods: dict[str, Component]
@@ -533,6 +574,8 @@ def validate(raw: dict, source: str = "recipe", registries: dict | None = None) 
         if key not in TOP_LEVEL:
             problems.append(f"{key}: unknown section{did_you_mean(str(key), list(TOP_LEVEL))}")
     sections = {name: build_section(cls, raw.get(name), name, problems) for name, cls in FIXED_SECTIONS.items()}
+    if isinstance(raw.get("policy"), dict) and "enabled" not in raw["policy"] and sections["policy"] is not None:
+        sections["policy"].enabled = True  # a policy: section asks for the stage
     data = build_component(regs["datasets"], raw.get("data"), "data", problems) if "data" in raw else None
     if "data" not in raw:
         problems.append("data: required section is missing (which dataset to use; see `plrm list datasets`)")

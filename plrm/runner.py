@@ -79,6 +79,7 @@ from plrm.data.splits import VAL, Split, load_split, make_split, stored_users
 from plrm.errors import DataValidationError
 from plrm.eval import report
 from plrm.eval.metrics import per_user_accuracy, summarize
+from plrm.eval.policy_stage import ZeroShot, evaluate_policy, load_policy, policy_correlations
 from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, per_user_frame, score_rows, sync_user_state
 from plrm.recipe import Recipe, RecipeError, load_recipe, load_source
 from plrm.resume import ResumePoints
@@ -216,6 +217,17 @@ class Run:
         self.marker: dict | None = None
         self.finished: list[tuple[int, str]] = []  # (seed, label) units finished, this process or before
         self.current: tuple[int, str, ResumePoints] | None = None  # the unit training now
+        self._policy = None  # the policy stage's base policy, loaded once per process
+        self._zero_shot: dict[int, ZeroShot] = {}  # its zero-shot generations per split seed
+
+    def zero_shot(self, seed: int) -> ZeroShot:
+        """The policy stage's base policy and its zero-shot generations of split ``seed`` (shared by methods)."""
+        section = self.recipe.policy
+        if self._policy is None:
+            self._policy = load_policy(section)
+        if seed not in self._zero_shot:
+            self._zero_shot[seed] = ZeroShot(self._policy, section.max_new_tokens, section.batch_size)
+        return self._zero_shot[seed]
 
     @property
     def resumed(self) -> bool:
@@ -557,10 +569,13 @@ def _finish_run(run: Run, per_seed: dict, frames: list[pd.DataFrame], file: str,
     if not run.main:  # a distributed rank other than 0: it computed the same numbers, rank 0 writes them
         run.complete()
         return RunResult(run.dir, per_seed, summary, per_user)
-    report.write_json(run.dir / file, {
-        "recipe": run.recipe.raw, "versions": versions(), "plugins": provenance(run.recipe),
-        "backbone": backbone_stats or {}, "data": data_report or {},
-        "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary})
+    payload = {"recipe": run.recipe.raw, "versions": versions(), "plugins": provenance(run.recipe),
+               "backbone": backbone_stats or {}, "data": data_report or {},
+               "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary}
+    correlations = policy_correlations(per_seed)
+    if correlations:
+        payload["policy_correlations"] = correlations
+    report.write_json(run.dir / file, payload)
     if file == RESULTS_FILE:
         tmp = run.dir / "per_user.parquet.tmp"
         per_user.to_parquet(tmp, index=False)
@@ -568,6 +583,7 @@ def _finish_run(run: Run, per_seed: dict, frames: list[pd.DataFrame], file: str,
     run.complete()  # a run being created: marked complete, and a staged replacement swapped in
     if show:
         report.render(summary, run.recipe.split.k)
+        report.render_policy(summary)
         print(f"run directory: {run.dir}")
     return RunResult(run.dir, per_seed, summary, per_user)
 
@@ -656,6 +672,8 @@ def _fit_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
     diagnostics = model.diagnostics()
     if diagnostics:
         metrics["diagnostics"] = diagnostics
+    if recipe.policy.enabled:
+        metrics.update(_policy_stage(unit, model))
     per_user = unit.tag(ev.per_user)
     log_results(logger, {**_flat(label, ev.metrics), **_data_metrics(run.prepared)}, {"eval/per_user": per_user})
     finish(logger)
@@ -665,6 +683,30 @@ def _fit_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
     run.finished.append((seed, label))
     run.current = None
     return metrics, per_user
+
+
+def _policy_stage(unit: Unit, model) -> dict:
+    """The policy stage of a trained unit (plrm.eval.policy_stage), its unseen users adapted: its metrics and
+    settings for the unit's record, its generations and pair scores written next to the checkpoint. A method
+    that cannot guide decoding gets policy None and the reason (the run goes on)."""
+    run = unit.run
+    zero_shot = run.zero_shot(unit.seed)
+    start = time.perf_counter()
+    try:
+        metrics, settings, generations, pairs = evaluate_policy(model, unit.data, run.recipe.policy,
+                                                                zero_shot.policy, zero_shot)
+    except RecipeError as exc:
+        print(f"seed {unit.seed} {unit.label}: no policy stage: {exc}", file=sys.stderr)
+        return {"policy": None, "policy_skipped": str(exc)}
+    metrics["seconds"] = time.perf_counter() - start
+    if run.main:
+        for frame, suffix in ((generations.assign(method=unit.label, seed=unit.seed), "generations"),
+                              (pairs.assign(method=unit.label, seed=unit.seed), "policy_pairs")):
+            path = unit.seed_dir / f"{unit.label}.{suffix}.parquet"
+            tmp = path.with_name(path.name + ".tmp")
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+    return {"policy": metrics, "policy_settings": settings}
 
 
 def _fit_interruptibly(trainer: L.Trainer, model, dm: PreferenceDataModule, ckpt_path: Path | None) -> None:

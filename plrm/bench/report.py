@@ -24,6 +24,7 @@ from plrm import __version__  # noqa: E402
 from plrm.bench.records import DONE, FAILED, SKIPPED, SPEC_FILE, broken_plugins, git_commit, read_records  # noqa: E402
 from plrm.bench.spec import BenchSpec, Unit, load_bench  # noqa: E402
 from plrm.eval import report as run_report  # noqa: E402
+from plrm.eval.policy_stage import policy_correlations  # noqa: E402
 from plrm.recipe import RecipeError  # noqa: E402
 
 _fmt = run_report.format_stat  # "mean ± std" in %, "n/a" for a missing statistic: the same cells as `plrm fit` prints
@@ -94,7 +95,8 @@ def plugin_origins(records: list[dict]) -> dict[tuple[str, str], str]:
 
 
 def markdown(spec: BenchSpec, cell_list: list[dict], oracle_rows: dict, broken: list[dict], k: int,
-             plots: list[str], plugins: dict[tuple[str, str], str] | None = None) -> str:
+             plots: list[str], plugins: dict[tuple[str, str], str] | None = None,
+             records: list[dict] | None = None) -> str:
     b = spec.bench
     plugins = plugins or {}
 
@@ -140,6 +142,7 @@ def markdown(spec: BenchSpec, cell_list: list[dict], oracle_rows: dict, broken: 
                 fs = c["summary"].get("fewshot", {})
                 if fs:
                     lines.append(f"| {method(c['method'])} | " + " | ".join(_fmt(fs.get(str(x))) for x in ks) + " |")
+        lines += policy_lines(dataset, rows, records or [], method)
         lines.append("")
     skipped = [c for c in cell_list if c["status"] == SKIPPED]
     if skipped:
@@ -177,6 +180,52 @@ def markdown(spec: BenchSpec, cell_list: list[dict], oracle_rows: dict, broken: 
                          f"{_num(c.get('peak_rss_mb'), digits=0)} | {_num(c.get('peak_gpu_mb'), digits=0)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def dataset_correlations(dataset: str, records: list[dict], unit: str = "method") -> list[dict]:
+    """The policy stage's rank correlations between methods on one dataset (plrm.eval.policy_stage)."""
+    per_seed: dict[int, dict] = {}
+    for r in records:
+        if r["status"] == DONE and r["dataset"] == dataset and (r.get("metrics") or {}).get("policy"):
+            per_seed.setdefault(r["seed"], {})[r["method"]] = r["metrics"]
+    return policy_correlations(per_seed, unit)
+
+
+def policy_lines(dataset: str, rows: list[dict], records: list[dict], method) -> list[str]:
+    """The Selection Crisis paper's tables (Tables 4-5, 9-12) for one dataset: RM accuracy, policy accuracy,
+    ROUGE-1/L, BERTScore-F1 and the circular win rate per method, then the rank correlations between them."""
+    rows = [c for c in rows if (c["summary"].get("policy"))]
+    if not rows:
+        return []
+    columns = [c for c in run_report.POLICY_COLUMNS if any(r["summary"]["policy"].get(c[1]) for r in rows)]
+    out = ["", f"Policy stage on {dataset} (unseen users, %): a base policy decoding under each reward model; lambda "
+              "chosen on seen users' test pairs", "",
+           "| method | " + " | ".join(t for t, _, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    first = rows[0]["summary"]["policy"]
+    zero = [first.get(f"zero_shot_{key}") for _, key, _ in columns]
+    if any(zero):
+        out.append("| zero-shot policy | " + " | ".join(_fmt(z, pct) if z else "" for z, (_, _, pct) in
+                                                      zip(zero, columns)) + " |")
+    for c in rows:
+        stats = c["summary"]["policy"]
+        out.append(f"| {method(c['method'])} | " + " | ".join(_fmt(stats.get(key), pct) for _, key, pct in columns)
+                   + " |")
+    skipped = [c for c in records if c["status"] == DONE and c["dataset"] == dataset
+               and (c.get("metrics") or {}).get("policy_skipped")]
+    for c in {r["method"]: r for r in skipped}.values():
+        out.append(f"\n{method(c['method'])}: no policy stage ({_one(c['metrics']['policy_skipped'])})")
+    corr = dataset_correlations(dataset, records)
+    if corr:
+        out += ["", "Rank correlations between methods (unit: one point per method, its mean over seeds; Kendall "
+                    "tau-b with a 95% bootstrap interval over seeds where there are several; with a handful of "
+                    "methods these are very noisy):", "",
+                "| x | y | n | Kendall tau-b | 95% CI | Spearman | Pearson |", "|---|---|---|---|---|---|---|"]
+        for r in corr:
+            ci = r.get("kendall_tau_b_ci95")
+            out.append(f"| {r['x']} | {r['y']} | {r['n']} | {r['kendall_tau_b']:.2f} | "
+                       + (f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-")
+                       + f" | {r['spearman']:.2f} | {r['pearson']:.2f} |")
+    return out
 
 
 def _lines(text: str) -> list[str]:
@@ -324,6 +373,31 @@ def figures(cell_list: list[dict], oracle_rows: dict, records: list[dict], out: 
     ax.set_title(f"{title}: accuracy vs training time")
     _save(fig, out / "accuracy_vs_time.png")
     written.append("accuracy_vs_time.png")
+    policy = [d for d in datasets if any((c["summary"].get("policy") or {}).get("policy_accuracy")
+                                         for c in done if c["dataset"] == d)]
+    if policy:
+        fig, axes = _grid(len(policy))  # RM accuracy vs policy accuracy, the Selection Crisis paper's Fig. 1
+        for ax, dataset in zip(axes, policy):
+            for c in (c for c in done if c["dataset"] == dataset):
+                pol = c["summary"].get("policy") or {}
+                x, y = pol.get("rm_accuracy"), pol.get("policy_accuracy")
+                if not x or not y:
+                    continue
+                ax.errorbar(100 * x["mean"], 100 * y["mean"], xerr=100 * x["std"], yerr=100 * y["std"],
+                            color=colors[c["method"]], marker="o", capsize=2, linestyle="none")
+                ax.annotate(c["method"], (100 * x["mean"], 100 * y["mean"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+            corr = next((r for r in dataset_correlations(dataset, records)
+                         if {r["x"], r["y"]} == {"rm_accuracy", "policy_accuracy"}), None)
+            stats = (f"tau={corr['kendall_tau_b']:.2f}, rho={corr['spearman']:.2f}, r={corr['pearson']:.2f} "
+                     f"(n={corr['n']} methods)") if corr else "fewer than 3 methods: no correlation"
+            ax.set_title(f"{dataset}\n{stats}", fontsize=9)
+            ax.set_xlabel("RM accuracy, unseen users (%)")
+            ax.set_ylabel("policy accuracy, unseen users (%)")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{title}: does reward-model accuracy predict policy accuracy?")
+        _save(fig, out / "rm_vs_policy.png")
+        written.append("rm_vs_policy.png")
     return written
 
 
@@ -342,7 +416,7 @@ def write(spec: BenchSpec, records: list[dict], out: Path, broken: list[dict], s
         "merged_from": sources or [], "broken_plugins": broken,
         "cells": cell_list, "oracles": oracle_rows, "records": records}
     run_report.write_json(out / "results.json", payload)
-    text = markdown(spec, cell_list, oracle_rows, broken, spec.bench.k, plots, plugin_origins(records))
+    text = markdown(spec, cell_list, oracle_rows, broken, spec.bench.k, plots, plugin_origins(records), records)
     tmp = out / "report.md.tmp"
     tmp.write_text(text)
     tmp.replace(out / "report.md")

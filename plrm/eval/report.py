@@ -49,6 +49,9 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
         for extra in ("train_seconds", "adapt_seconds"):
             if any(extra in r for r in runs):
                 agg[extra] = mean_std([r.get(extra) for r in runs])
+        if any(r.get("policy") for r in runs):  # the policy stage's numbers (plrm.eval.policy_stage)
+            keys = list(dict.fromkeys(k for r in runs for k in (r.get("policy") or {})))
+            agg["policy"] = {k: mean_std([(r.get("policy") or {}).get(k) for r in runs]) for k in keys}
         out[entry] = agg
     return out
 
@@ -86,6 +89,34 @@ def render(summary: dict[str, dict], k: int, worst: str = "accuracy_worst_10pct"
             if agg.get("fewshot"):
                 curve.add_row(entry, *[format_stat(agg["fewshot"].get(str(k_i))) for k_i in ks])
         console.print(curve)
+
+
+POLICY_COLUMNS = (("RM acc.", "rm_accuracy", True), ("policy acc.", "policy_accuracy", True),
+                  ("base policy acc.", "base_policy_accuracy", True), ("lambda", "lambda", False),
+                  ("ROUGE-1", "rouge1", True), ("ROUGE-L", "rougeL", True), ("BERTScore-F1", "bertscore_f1", True),
+                  ("win rate vs zero-shot", "win_rate", True), ("ties", "tie_rate", True))
+
+
+def render_policy(summary: dict[str, dict], console: Console | None = None) -> None:
+    """The policy stage's table (unseen users; Selection Crisis Tables 4-5): a column for each metric some
+    method has, the zero-shot policy's ROUGE as the first row."""
+    rows = {e: agg["policy"] for e, agg in summary.items() if agg.get("policy")}
+    if not rows:
+        return
+    console = console or Console(width=max(120, shutil.get_terminal_size().columns))
+    columns = [c for c in POLICY_COLUMNS if any(r.get(c[1]) for r in rows.values())]
+    table = Table(title="policy stage (%, unseen users): reward-guided decoding with each reward model")
+    table.add_column("method")
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+    first = next(iter(rows.values()))
+    zero = {key: first.get(f"zero_shot_{key}") for _, key, _ in columns}
+    if any(zero.values()):
+        table.add_row("zero-shot policy", *[format_stat(zero[key], pct) if zero[key] else "" for _, key, pct in
+                                           columns])
+    for entry, stats in rows.items():
+        table.add_row(entry, *[format_stat(stats.get(key), pct) for _, key, pct in columns])
+    console.print(table)
 
 
 def render_active(summary: dict, matches: dict, skipped: dict, console: Console | None = None,

@@ -221,3 +221,26 @@ def test_guides_refuse_what_they_cannot_serve(policy, lore, genarm):
         SequenceGuide(frozen, None)
     assert isinstance(guide_for(genarm.method, genarm.backbone), TokenGuide)
     assert isinstance(guide_for(lore.method, lore.backbone), SequenceGuide)
+
+
+def test_policy_accuracy_scores_are_the_cumulative_args_score(policy, lore):
+    """Selection Crisis eq. 6 for a sequence RM is the ARGS score summed along the response: decode, then score the
+    decoded tokens with one forward per model, and with the closing EOS (scored by the whole response's reward)."""
+    from plrm.decoding.scoring import score_items
+
+    p, g = _inputs(policy, lore)
+    users = torch.tensor([1, 2, 0])
+    out = args_decode(policy, lore, p, g, users, k=5, weight=3.0, max_new_tokens=9)
+    eos = int(policy.stop_ids[0])
+    for row in range(3):
+        body = [t for t in out.tokens[row] if t not in set(policy.stop_ids.tolist())]
+        u = users[row:row + 1]
+        s = score_items(policy, lore, _items(p, row, body), _items(g, row, body), u)
+        n = len(body)
+        torch.testing.assert_close(s["ll"] + 3.0 * s["r"], out.scores[row, :n].sum()[None], atol=1e-3, rtol=1e-4)
+        closed = score_items(policy, lore, _items(p, row, body + [eos]), _items(g, row, body), u)
+        lp_eos = policy.prefill(_items(p, row, body), u).logprobs[0, eos]
+        torch.testing.assert_close(closed["ll"] + 3.0 * closed["r"],
+                                   s["ll"] + 3.0 * s["r"] + lp_eos + 3.0 * s["rm"], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(s["rm"], lore.method.reward(_items(g, row, body), u), atol=1e-5, rtol=1e-5)
+        assert closed["lln"] == pytest.approx(float(closed["ll"]) / (n + 1))

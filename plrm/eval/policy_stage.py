@@ -1,0 +1,254 @@
+"""The policy stage: a trained reward model judged by the LLM it guides (The Reward Model Selection Crisis in
+Personalized Alignment, Rezk et al., arXiv 2512.23067, §3-5).
+
+For one method at one split seed, after training and after its unseen users were adapted on their k support
+pairs (the protocol leaves the model in that state):
+
+1. **Policy accuracy** (eq. 3-7). Each test pair's chosen and rejected responses are scored once by the base
+   policy (log-likelihood, summed and length-normalised) and once by the method's guide (the sum of its per-token
+   rewards; plrm.decoding.scoring). lambda is chosen exactly on the *seen* users' test pairs (``weight: auto``,
+   App. F.2), then the *unseen* users' pairs are scored: RM accuracy 1[dRM > 0], the base policy's 1[dLLn > 0]
+   (eq. 4) and reward-guided decoding's 1[dLL + lambda dR > 0] (eq. 5-6), each a mean over users of the user's
+   mean. P-DPO is its own policy: its score is the personalized log-likelihood (eq. 6 with the implicit reward
+   and lambda = 1 / beta), its RM accuracy the implicit reward's.
+2. **Generation.** For each unseen user, their first ``prompts_per_user`` distinct test prompts are decoded by
+   the base policy alone (zero-shot, greedy) and under the method's reward (ARGS at the chosen lambda; GenARM's
+   own decoding with ``decoder: genarm``; P-DPO from its personalized policy). Generations are scored with
+   ROUGE-1 / ROUGE-L F1 (and BERTScore-F1 when a model is set) against the row's ``reference`` column -- the
+   user's own completion -- and by the circular win rate: the method's own reward of its guided output against
+   that of the zero-shot output (Table 5; ties reported).
+
+The zero-shot generations depend only on the base policy and the prompts, so a run computes them once per seed
+and shares them between methods (``ZeroShot``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from plrm.data.datamodule import PreferenceDataModule
+from plrm.decoding.args import Decoded, args_decode
+from plrm.decoding.genarm import genarm_decode
+from plrm.decoding.guides import Guide, TokenGuide, check_same_tokenizer, guide_for
+from plrm.decoding.policy import Policy, PolicyConfig
+from plrm.decoding.scoring import pair_differences
+from plrm.errors import RecipeError
+from plrm.eval.correlation import bootstrap_ci, metric_correlations
+from plrm.eval.generation import bertscore_f1, clean_generation, rouge, win_outcomes, win_rate
+from plrm.eval.policy import best_lambda, policy_accuracies
+from plrm.methods.base import PersonalizedRewardModel
+
+
+def load_policy(section) -> Policy:
+    """The recipe's base policy (``policy:`` section), frozen, in eval mode."""
+    return Policy.load(PolicyConfig(model=section.model, dtype=section.dtype, chat_template=section.chat_template,
+                                    max_length=section.max_length, inference_batch_size=section.batch_size))
+
+
+@dataclass
+class ZeroShot:
+    """The base policy's greedy generations, by prompt text: shared by every method of a seed."""
+
+    policy: Policy
+    max_new_tokens: int
+    batch_size: int
+    texts: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.texts]
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start:start + self.batch_size]
+            out = args_decode(self.policy, None, self.policy.tokenize(batch), None,
+                              torch.zeros(len(batch), dtype=torch.long, device=self.policy.device), k=1,
+                              weight=0.0, max_new_tokens=self.max_new_tokens)
+            self.seconds += out.seconds
+            self.tokens += out.n_tokens
+            self.texts.update(zip(batch, decode_texts(self.policy, out)))
+        return [self.texts[p] for p in prompts]
+
+
+def decode_texts(policy: Policy, out: Decoded) -> list[str]:
+    """Generated ids -> text: the stop token dropped, special tokens skipped, the whole row decoded at once."""
+    stops = set(policy.stop_ids.tolist())
+    tok = policy.backbone.tokenizer()
+    return [tok.decode([t for t in row if t not in stops], skip_special_tokens=True) for row in out.tokens]
+
+
+def first_rows_per_user(rows: np.ndarray, users: np.ndarray, keep: int | None, key: np.ndarray | None = None
+                        ) -> np.ndarray:
+    """The first ``keep`` rows of each user in row order (all with None); with ``key``, rows whose key repeats
+    an earlier kept row of the same user are skipped (distinct prompts)."""
+    order = np.lexsort((rows, users))
+    rows, users = rows[order], users[order]
+    if key is not None:
+        _, first = np.unique(np.stack([users.astype(str), key[rows].astype(str)]), axis=1, return_index=True)
+        mask = np.zeros(len(rows), bool)
+        mask[first] = True
+        rows, users = rows[mask], users[mask]
+        order = np.lexsort((rows, users))
+        rows, users = rows[order], users[order]
+    if keep is None:
+        return rows
+    start = np.searchsorted(users, users, side="left")
+    return rows[np.arange(len(rows)) - start < keep]
+
+
+def _guide(model: PersonalizedRewardModel, backbone, policy: Policy) -> tuple[Policy, Guide | None, str]:
+    """(the policy that generates, the guide, what the method is at decoding time)."""
+    if getattr(model, "uses_reference", False):  # P-DPO: a personalized policy, scored by its implicit reward
+        return Policy.of_method(model, backbone), TokenGuide(model, backbone), "own_policy"
+    guide = guide_for(model, backbone)
+    check_same_tokenizer(policy.backbone.tokenizer(), backbone.tokenizer(), policy.name, backbone.config.model)
+    return policy, guide, "guided"
+
+
+def _macro(values: np.ndarray, users: np.ndarray) -> float:
+    if not len(values):
+        return float("nan")
+    uniq, inverse = np.unique(users, return_inverse=True)
+    return float((np.bincount(inverse, weights=values) / np.bincount(inverse)).mean())
+
+
+def evaluate_policy(model: PersonalizedRewardModel, dm: PreferenceDataModule, section, policy: Policy,
+                    zero_shot: ZeroShot) -> tuple[dict, dict, pd.DataFrame, pd.DataFrame]:
+    """(metrics, settings, generations, pair scores) of one trained method whose unseen users hold their adapted
+    state. Metrics are numbers (aggregated over seeds), settings say what produced them (models, decoder); a
+    method that cannot guide decoding raises RecipeError."""
+    table = dm.prepared.data.pairs.data.table
+    column = {c: table[c].to_numpy(zero_copy_only=False) for c in ("prompt", "chosen", "rejected")}
+    references = table["reference"].to_numpy(zero_copy_only=False) if "reference" in table.column_names else None
+    row_user = dm.split.row_user
+    backbone = dm.prepared.backbone
+    gen_policy, guide, kind = _guide(model, backbone, policy)
+    device = model.device
+
+    def differences(unseen: bool) -> tuple[dict, np.ndarray]:
+        rows = first_rows_per_user(dm.test_rows(unseen=unseen), row_user[dm.test_rows(unseen=unseen)],
+                                   section.pairs_per_user)
+        users = torch.from_numpy(row_user[rows]).to(device)
+        d = pair_differences(gen_policy, guide, list(column["prompt"][rows]), list(column["chosen"][rows]),
+                             list(column["rejected"][rows]), users, section.batch_size) if len(rows) else {}
+        return d, rows
+
+    metrics: dict = {}
+    settings = {"policy": gen_policy.name, "kind": kind, "guide": guide.name if guide else None,
+                "decoder": frame_decoder(kind, guide, section), "k": section.k, "mode": section.mode,
+                "max_new_tokens": section.max_new_tokens, "length_includes_eos": True}
+    unseen_users = dm.split.unseen_users
+    if not len(unseen_users):
+        raise RecipeError("the policy stage evaluates unseen users, and this split has none "
+                          "(split.unseen_fraction: 0)")
+    if kind == "own_policy":
+        lam, choice = 0.0, None  # generation from the personalized policy itself: no reward term
+    elif section.weight == "auto":
+        d_seen, seen_rows = differences(unseen=False)
+        if not len(seen_rows):
+            raise RecipeError("policy.weight: auto chooses lambda on the seen users' test pairs, and there are none")
+        choice = best_lambda(d_seen["dll"], d_seen["dr"], row_user[seen_rows], lambda_max=section.lambda_max)
+        lam = float(choice.lam)
+        metrics["lambda_seen_policy_accuracy"] = float(choice.accuracy)
+    else:
+        lam, choice = float(section.weight), None
+    d, rows = differences(unseen=True)
+    users = row_user[rows]
+    acc = policy_accuracies(d["dll"], d["dlln"], d["dr"], d["drm"], users, lam)
+    metrics.update({"lambda": lam, "rm_accuracy": acc["rm_accuracy"], "base_policy_accuracy": acc["base_accuracy"],
+                    "policy_accuracy": acc["rgd_accuracy"], "policy_accuracy_pooled": acc["rgd_accuracy_pooled"],
+                    "policy_pairs": len(rows), "policy_ties": acc["rgd_ties"]})
+    pairs = pd.DataFrame({"row": rows, "user_id": dm.split.user_ids[users].astype(str),
+                          **{k: v for k, v in d.items()}})
+
+    # ---- generation on the unseen users' test prompts ----
+    test = dm.test_rows(unseen=True)
+    gen_rows = first_rows_per_user(test, row_user[test], section.prompts_per_user, key=column["prompt"])
+    prompts = [str(p) for p in column["prompt"][gen_rows]]
+    gen_users = torch.from_numpy(row_user[gen_rows]).to(device)
+    zs = zero_shot.generate(prompts)
+    texts, seconds, n_tokens = [], 0.0, 0
+    generator = torch.Generator().manual_seed(section.seed)
+    for start in range(0, len(prompts), section.batch_size):
+        batch, u = prompts[start:start + section.batch_size], gen_users[start:start + section.batch_size]
+        p_ids = gen_policy.tokenize(batch)
+        if kind == "own_policy":
+            out = args_decode(gen_policy, None, p_ids, None, u, k=1, weight=0.0,
+                              max_new_tokens=section.max_new_tokens)
+        elif settings["decoder"] == "genarm":
+            out = genarm_decode(gen_policy, guide, p_ids, guide.tokenize(batch), u, alpha=lam * guide.beta,
+                                max_new_tokens=section.max_new_tokens, mode=section.mode,
+                                temperature=section.temperature, generator=generator)
+        else:
+            out = args_decode(gen_policy, guide, p_ids, guide.tokenize(batch), u, k=section.k, weight=lam,
+                              max_new_tokens=section.max_new_tokens, mode=section.mode,
+                              temperature=section.temperature, generator=generator)
+        texts += decode_texts(gen_policy, out)
+        seconds += out.seconds
+        n_tokens += out.n_tokens
+    cleaned, zs_cleaned = [clean_generation(t) for t in texts], [clean_generation(t) for t in zs]
+    gen_user_np = row_user[gen_rows]
+    frame = {"row": gen_rows, "user_id": dm.split.user_ids[gen_user_np].astype(str), "prompt": prompts,
+             "generation": texts, "zero_shot": zs, "decoder": settings["decoder"], "lambda": lam}
+    metrics.update({"generations": len(prompts), "tokens_per_second": n_tokens / seconds if seconds else None})
+    if references is not None:
+        refs = [str(r) for r in references[gen_rows]]
+        frame["reference"] = refs
+        for name, values in rouge(cleaned, refs).items():
+            frame[name] = values
+            metrics[name] = _macro(values, gen_user_np)
+        for name, values in rouge(zs_cleaned, refs).items():
+            metrics[f"zero_shot_{name}"] = _macro(values, gen_user_np)
+        if section.bertscore_model:
+            f1, info = bertscore_f1(cleaned, refs, section.bertscore_model, section.bertscore_layers)
+            frame["bertscore_f1"] = f1
+            metrics["bertscore_f1"] = _macro(f1, gen_user_np)
+            zs_f1, _ = bertscore_f1(zs_cleaned, refs, section.bertscore_model, section.bertscore_layers)
+            metrics["zero_shot_bertscore_f1"] = _macro(zs_f1, gen_user_np)
+            settings["bertscore"] = info
+    if kind == "guided":  # the circular win rate: the method's own reward judges its guided output
+        judge = []
+        for responses in (texts, zs):
+            judged = np.zeros(len(prompts))
+            for start in range(0, len(prompts), section.batch_size):
+                s = slice(start, start + section.batch_size)
+                with torch.no_grad():
+                    judged[s] = guide.sequence_reward(guide.tokenize(prompts[s], responses[s]),
+                                                      gen_users[s].to(guide.device)).double().cpu().numpy()
+            judge.append(judged)
+        same = np.array([a == b for a, b in zip(texts, zs)])
+        frame["win"] = win_outcomes(judge[0], judge[1], same)
+        rate = win_rate(judge[0], judge[1], same)
+        metrics.update({"win_rate": rate["win_rate"], "tie_rate": rate["tie_rate"], "loss_rate": rate["loss_rate"]})
+    if choice is not None:
+        settings["lambda_curve"] = {"lambda": [float(x) for x in choice.curve[0]],
+                                    "seen_policy_accuracy": [float(x) for x in choice.curve[1]]}
+    return metrics, settings, pd.DataFrame(frame), pairs
+
+
+def frame_decoder(kind: str, guide: Guide | None, section) -> str:
+    if kind == "own_policy":
+        return "own_policy"
+    return "genarm" if section.decoder == "genarm" and isinstance(guide, TokenGuide) else "args"
+
+
+CORRELATED = ("rm_accuracy", "policy_accuracy", "win_rate", "rouge1")
+
+
+def policy_correlations(per_seed: dict[int, dict], unit: str = "method") -> list[dict]:
+    """Kendall tau-b / Spearman / Pearson between the method rankings of RM accuracy, policy accuracy, win rate and
+    ROUGE-1 (Selection Crisis Tables 2 and 6), one point per method (mean over seeds) unless ``unit`` says
+    otherwise; with a bootstrap interval of tau over seeds. Empty with fewer than 3 methods."""
+    table = [{"method": label, "seed": seed, **{k: v for k, v in (m.get("policy") or {}).items() if k in CORRELATED}}
+             for seed, results in per_seed.items() for label, m in results.items() if m.get("policy")]
+    metrics = [k for k in CORRELATED if any(k in row for row in table)]
+    if len({row["method"] for row in table}) < 3 or len(metrics) < 2:
+        return []
+    rows = metric_correlations(table, metrics, unit)
+    if unit == "method" and len({row["seed"] for row in table}) > 1:
+        for row in rows:
+            row["kendall_tau_b_ci95"] = list(bootstrap_ci(table, row["x"], row["y"], n_boot=1000, seed=0))
+    return rows
