@@ -141,7 +141,8 @@ class PolicySection:
     weight: float | Literal["auto"] = opt(
         "auto", "lambda, the reward's weight in log pi + lambda r: a number, or auto = the lambda that maximizes "
                 "policy accuracy on the seen users' test pairs, found exactly (Selection Crisis App. F.2).", min=0)
-    lambda_max: float | None = opt(None, "auto: search lambda in [0, lambda_max] (null: no bound).", gt=0)
+    lambda_max: float | None = opt(None, "auto: search lambda in [0, lambda_max] (null: 100 / std of the seen pairs' "
+                                         "reward differences, so a flat reward cannot get an absurd weight).", gt=0)
     max_new_tokens: int = opt(32, "Generated tokens per prompt at most (a row stops at EOS / end of turn).", min=1)
     mode: Literal["greedy", "sample"] = opt("greedy", "Decoding: greedy (the paper's) or sampling.")
     temperature: float = opt(0.7, "Sampling temperature (mode: sample).", gt=0)

@@ -150,7 +150,11 @@ def evaluate_policy(model: PersonalizedRewardModel, dm: PreferenceDataModule, se
         d_seen, seen_rows = differences(unseen=False)
         if not len(seen_rows):
             raise RecipeError("policy.weight: auto chooses lambda on the seen users' test pairs, and there are none")
-        choice = best_lambda(d_seen["dll"], d_seen["dr"], row_user[seen_rows], lambda_max=section.lambda_max)
+        # lambda in [0, lambda_max]: by default 100 / std(dR), so a degenerate sweep (a reward that barely moves)
+        # cannot return a weight that drowns the policy (Selection Crisis App. F.2 tunes it per trained model)
+        spread = float(np.std(d_seen["dr"]))
+        lambda_max = section.lambda_max if section.lambda_max is not None else 100.0 / spread if spread > 0 else None
+        choice = best_lambda(d_seen["dll"], d_seen["dr"], row_user[seen_rows], lambda_max=lambda_max)
         lam = float(choice.lam)
         metrics["lambda_seen_policy_accuracy"] = float(choice.accuracy)
     else:
@@ -158,7 +162,9 @@ def evaluate_policy(model: PersonalizedRewardModel, dm: PreferenceDataModule, se
     d, rows = differences(unseen=True)
     users = row_user[rows]
     acc = policy_accuracies(d["dll"], d["dlln"], d["dr"], d["drm"], users, lam)
-    metrics.update({"lambda": lam, "rm_accuracy": acc["rm_accuracy"], "base_policy_accuracy": acc["base_accuracy"],
+    # P-DPO's own log-likelihood is not the base policy's: its length-normalised ranking is reported apart
+    base = "own_policy_mean_ll_accuracy" if kind == "own_policy" else "base_policy_accuracy"
+    metrics.update({"lambda": lam, "rm_accuracy": acc["rm_accuracy"], base: acc["base_accuracy"],
                     "policy_accuracy": acc["rgd_accuracy"], "policy_accuracy_pooled": acc["rgd_accuracy_pooled"],
                     "policy_pairs": len(rows), "policy_ties": acc["rgd_ties"]})
     pairs = pd.DataFrame({"row": rows, "user_id": dm.split.user_ids[users].astype(str),
