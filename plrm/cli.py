@@ -161,6 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numbers of answers at which unseen users are scored, each in 1..budget (default: "
                         "every t in 1..budget)")
 
+    p = sub.add_parser("generate", help="decode test prompts under each trained reward model (ARGS, GenARM, P-DPO)",
+                       description="Load each method of a finished run, adapt its unseen users on their first split.k "
+                       "support pairs, and decode their test prompts with the run's policy: reward-guided decoding "
+                       "(ARGS, Khanov et al., arXiv 2402.01694: top-k of the policy, score log pi + lambda r) for "
+                       "reward models, GenARM's own decoding with --decoder genarm for token-level ones, P-DPO from "
+                       "its personalized policy; and the base policy alone (zero-shot). Settings default to the "
+                       "run's policy: section. Writes a table of user, prompt, generation, method, seed and the "
+                       "decoder settings (default <run>/generations.parquet).")
+    p.add_argument("--run", required=True, help="run directory printed by `plrm fit`")
+    p.add_argument("--method", nargs="+", default=None, help="method labels (default: every method of the run)")
+    p.add_argument("--seed", type=int, nargs="+", default=None, help="split seeds (default: all of the run's)")
+    p.add_argument("--users", nargs="+", default=None, help="user ids (default: the run's unseen users)")
+    p.add_argument("--decoder", choices=["args", "genarm"], default=None,
+                   help="args (every reward model) or genarm (token-level methods decode GenARM's way)")
+    p.add_argument("--k", type=int, default=None, help="ARGS candidates per step (top-k of the policy)")
+    p.add_argument("--weight", default=None, help="lambda: a number, or auto (maximize policy accuracy on the seen "
+                                                  "users' test pairs)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generated tokens per prompt at most")
+    p.add_argument("--prompts-per-user", type=int, default=None, help="test prompts per user")
+    p.add_argument("--mode", choices=["greedy", "sample"], default=None, help="greedy or sampled decoding")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    p.add_argument("--policy", default=None, help="the base policy model (default: the run's policy.model)")
+    p.add_argument("--no-zero-shot", action="store_true", help="skip the base policy's own generations")
+    p.add_argument("--out", default=None, help="output table: .parquet, .csv or .jsonl")
+
     p = sub.add_parser("export", help="write a trained method as a save_pretrained-style directory (safetensors)",
                        description="Write one method of a run (one split seed, one checkpoint) to a new directory "
                        "that reloads without the training code (plrm.export.load_exported): plrm_export.json "
@@ -226,6 +251,18 @@ def checked_recipe(name: str, overrides: list[str]):
     from plrm.recipe import load_recipe
 
     return catalog.checked(lambda regs: load_recipe(name, overrides, registries=regs))
+
+
+def _number(flag: str, value: str) -> float:
+    from plrm.errors import PlrmError
+
+    try:
+        number = float(value)
+    except ValueError:
+        raise PlrmError(f"{flag} {value!r}: give a number >= 0 or auto") from None
+    if number < 0:
+        raise PlrmError(f"{flag} {value!r}: must be >= 0")
+    return number
 
 
 def cmd_list(what: str | None) -> None:
@@ -537,6 +574,14 @@ def main(argv: list[str] | None = None) -> int:
                 runner.adapt_new_users(args.run, args.pairs)
             else:
                 runner.adapt(args.run, args.k)
+        elif args.verb == "generate":
+            from plrm import runner
+
+            weight = args.weight if args.weight in (None, "auto") else _number("--weight", args.weight)
+            runner.generate(args.run, args.method, args.seed, args.users, not args.no_zero_shot, args.out,
+                            decoder=args.decoder, k=args.k, weight=weight, max_new_tokens=args.max_new_tokens,
+                            prompts_per_user=args.prompts_per_user, mode=args.mode, temperature=args.temperature,
+                            model=args.policy)
         elif args.verb == "export":
             from plrm.export import export
 

@@ -51,6 +51,7 @@ Notebook use::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -79,7 +80,14 @@ from plrm.data.splits import VAL, Split, load_split, make_split, stored_users
 from plrm.errors import DataValidationError
 from plrm.eval import report
 from plrm.eval.metrics import per_user_accuracy, summarize
-from plrm.eval.policy_stage import ZeroShot, evaluate_policy, load_policy, policy_correlations
+from plrm.eval.policy_stage import (
+    Guided,
+    ZeroShot,
+    evaluate_policy,
+    generation_rows,
+    load_policy,
+    policy_correlations,
+)
 from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, per_user_frame, score_rows, sync_user_state
 from plrm.recipe import Recipe, RecipeError, load_recipe, load_source
 from plrm.resume import ResumePoints
@@ -834,6 +842,92 @@ def adapt_new_users(run_dir: str | Path, pairs: str | Path, show: bool = True) -
                     (f" -> {r['checkpoint']}" if r["checkpoint"] else " (one model for all users: nothing to save)")
                 print(f"seed {seed} {label}: {len(user_ids)} new users, {text}")
     return out
+
+
+def generate(run_dir: str | Path, methods: list[str] | None = None, seeds: list[int] | None = None,
+             users: list[str] | None = None, zero_shot: bool = True, out: str | Path | None = None,
+             show: bool = True, **settings) -> pd.DataFrame:
+    """``plrm generate``: decode the test prompts of a finished run's users under each trained method (ARGS with
+    its reward, GenARM's decoding, or P-DPO's own policy; plrm.eval.policy_stage) and, with ``zero_shot``, the base
+    policy alone. ``settings`` override the run's ``policy:`` section (k, weight, max_new_tokens, decoder, mode,
+    temperature, prompts_per_user, model, ...). ``users``: user ids (default: the unseen users, adapted on their
+    first split.k support pairs as in evaluation). Writes one table -- user, prompt, generation, method, seed and
+    the decoder settings -- to ``out`` (default <run>/generations.parquet; .csv / .jsonl by suffix), atomically."""
+    run = Run.open(run_dir)
+    known = {f.name for f in dataclasses.fields(run.recipe.policy)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise RecipeError(f"unknown policy setting(s) {unknown}; valid: {sorted(known)}")
+    section = dataclasses.replace(run.recipe.policy, enabled=True,
+                                  **{k: v for k, v in settings.items() if v is not None})
+    labels = methods or run.methods
+    for label in labels:
+        if label not in run.methods:
+            raise RecipeError(f"--method {label}: the run has no such method; it has "
+                              f"{', '.join(run.methods)}")
+    seeds = seeds or run.seeds
+    bad = sorted(set(seeds) - set(run.seeds))
+    if bad:
+        raise RecipeError(f"--seed {bad[0]}: the run's split seeds are {run.seeds}")
+    path = Path(out) if out is not None else run.dir / "generations.parquet"
+    if path.suffix not in (".parquet", ".csv", ".jsonl"):
+        raise RecipeError(f"--out {path}: write .parquet, .csv or .jsonl")
+    policy = load_policy(section)
+    frames = []
+    for seed in seeds:
+        split, dm = run.split(seed), run.datamodule(seed)
+        if users is None:
+            chosen = split.unseen_users
+        else:
+            index = {str(u): i for i, u in enumerate(split.user_ids)}
+            missing = [u for u in users if u not in index]
+            if missing:
+                raise RecipeError(f"--users: {missing} are not users of {run.dir} (e.g. "
+                                  f"{', '.join(map(str, split.user_ids[:5]))})")
+            chosen = np.array(sorted(index[u] for u in users))
+        rows = generation_rows(dm, chosen, section.prompts_per_user)
+        if not len(rows):
+            raise RecipeError(f"the chosen users have no test prompts in seed {seed}'s split")
+        prompts = [str(p) for p in run.prepared.data.pairs.data.table["prompt"].to_numpy(zero_copy_only=False)[rows]]
+        row_users = torch.from_numpy(split.row_user[rows])
+        base = {"seed": seed, "row": rows, "user_id": split.user_ids[split.row_user[rows]].astype(str),
+                "prompt": prompts, "max_new_tokens": section.max_new_tokens, "mode": section.mode,
+                "policy_model": section.model}
+        if zero_shot:
+            texts = ZeroShot(policy, section.max_new_tokens, section.batch_size).generate(prompts)
+            frames.append(pd.DataFrame({**base, "method": "zero_shot", "generation": texts, "decoder": "greedy",
+                                        "k": 1, "weight": 0.0}))
+        for label in labels:
+            model = run.load_method(label, seed)
+            if np.isin(chosen, split.unseen_users).any() and model.adapts_new_users != "no":
+                adapt_unseen(model, dm, run.recipe.split.k)
+            try:
+                guided = Guided.of(model, run.prepared.backbone, policy)
+            except RecipeError as exc:
+                print(f"seed {seed} {label}: skipped: {exc}", file=sys.stderr)
+                continue
+            lam = guided.weight(guided.choose_lambda(dm, section), section)
+            texts, seconds, n_tokens = guided.generate(prompts, row_users.to(model.device), lam, section,
+                                                       torch.Generator().manual_seed(section.seed))
+            if show:
+                print(f"seed {seed} {label}: {len(prompts)} prompts, {n_tokens} tokens, "
+                      f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s (lambda {lam:.3g})", file=sys.stderr)
+            frames.append(pd.DataFrame({**base, "method": label, "generation": texts,
+                                        "decoder": guided.decoder(section),
+                                        "k": 1 if guided.kind == "own_policy" else section.k, "weight": lam}))
+    table = pd.concat(frames, ignore_index=True)
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        table.to_parquet(tmp, index=False)
+    elif path.suffix == ".csv":
+        table.to_csv(tmp, index=False)
+    else:
+        table.to_json(tmp, orient="records", lines=True)
+    os.replace(tmp, path)
+    if show:
+        print(f"wrote {len(table)} generations to {path}")
+    return table
 
 
 def active(run_dir: str | Path, budget: int = 40, strategies: tuple[str, ...] = ("uncertainty", "random"),

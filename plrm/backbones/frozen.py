@@ -72,6 +72,8 @@ class FrozenEncoder(HFBackbone):
     def __init__(self, config) -> None:
         super().__init__(config)
         self._stats: dict = {}
+        self.shift: Tensor | None = None  # standardize: the features' mean and std over the dataset's items
+        self.scale: Tensor | None = None
 
     def namespace(self, chat: bool) -> dict:
         c = self.config
@@ -101,8 +103,10 @@ class FrozenEncoder(HFBackbone):
             encoded = len(uniq)
         seconds = time.perf_counter() - start
         features = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+        self.shift, self.scale = None, None
         if c.standardize:
-            features = (features - features.mean(0)) / features.std(0).clamp_min(1e-6)
+            self.shift, self.scale = features.mean(0), features.std(0).clamp_min(1e-6)
+            features = (features - self.shift) / self.scale
         self._features = features
         self._stats = {"items": len(texts), "encoded": int(encoded), "from_cache": len(texts) - int(encoded),
                        "encode_seconds": round(seconds, 3),
@@ -119,6 +123,25 @@ class FrozenEncoder(HFBackbone):
     def encoder(self) -> nn.Module:
         return nn.Identity()
 
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer().pad_token_id or 0
+
+    def load_model(self) -> nn.Module:
+        """The frozen model itself (eval mode, no gradients), as the features were computed: what reward-guided
+        decoding runs, a KV-cached step at a time, to read the feature of every prefix."""
+        return _LazyEncoder(self, self.tokenizer(), self.use_chat(self.tokenizer())).load()
+
+    def feature_transform(self, hidden: Tensor) -> Tensor:
+        """Pooled hidden states (N, H) -> the features methods read: L2-normalised (``normalize``) and
+        standardized with the dataset's statistics (``standardize``), as ``prepare`` made them."""
+        feats = hidden.float()
+        if self.config.normalize:
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+        if self.shift is not None:
+            feats = (feats - self.shift.to(feats.device)) / self.scale.to(feats.device)
+        return feats
+
     def stats(self) -> dict:
         return dict(self._stats)
 
@@ -129,6 +152,10 @@ class _LazyEncoder:
     def __init__(self, backbone: FrozenEncoder, tokenizer, chat: bool):
         self.b, self.tok, self.chat = backbone, tokenizer, chat
         self.model = None
+
+    def load(self) -> nn.Module:
+        self._load()
+        return self.model
 
     def _load(self) -> None:
         from transformers import AutoModel

@@ -135,6 +135,21 @@ class HFBackbone(Backbone):
             raise BackboneError(f"backbone.chat_template=always, but the tokenizer of {self.config.model!r} has none")
         return self.decoder and has if mode == "auto" else mode == "always"
 
+    def tokenize_texts(self, prompts, responses) -> TokenizedItems:
+        """Token ids of (prompt, response) texts as this backbone reads items (chat rendering, truncation,
+        nothing appended to the response): the items of ``prepare``, or new text (reward-guided decoding's
+        prompts, generated responses to judge)."""
+        tok = self.tokenizer()
+        return tokenize_items(tok, prompts, responses, self.config.max_length, self.decoder, self.use_chat(tok))
+
+    def tokenize(self, prompts, responses=None) -> dict:
+        """:meth:`tokenize_texts` as a ragged batch {'ids', 'lengths', 'prompt_lengths'}; without ``responses``,
+        the rendered prompts alone {'ids', 'lengths'} (what decoding continues; nothing appended)."""
+        tokens = self.tokenize_texts(prompts, [""] * len(prompts) if responses is None else responses)
+        if responses is None:
+            return ragged_select(tokens.ids, tokens.offsets[:-1], tokens.prompt_lengths, torch.arange(len(prompts)))
+        return {**tokens.gather(torch.arange(len(prompts))), "prompt_lengths": tokens.prompt_lengths}
+
     def _check_text(self, data) -> None:
         if cap.TEXT not in data.provides:
             raise DataValidationError(
@@ -184,21 +199,6 @@ class TransformerBackbone(HFBackbone):
         tok = self.tokenizer()
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.tokens = self.tokenize_texts(*item_texts(data, items))
-
-    def tokenize_texts(self, prompts, responses) -> TokenizedItems:
-        """Token ids of (prompt, response) texts as this backbone reads items (chat rendering, truncation,
-        nothing appended to the response): the items of ``prepare``, or new text (reward-guided decoding's
-        prompts, generated responses to judge)."""
-        tok = self.tokenizer()
-        return tokenize_items(tok, prompts, responses, self.config.max_length, self.decoder, self.use_chat(tok))
-
-    def tokenize(self, prompts, responses=None) -> dict:
-        """:meth:`tokenize_texts` as a ragged batch {'ids', 'lengths', 'prompt_lengths'}; without ``responses``,
-        the rendered prompts alone {'ids', 'lengths'} (what decoding continues; nothing appended)."""
-        tokens = self.tokenize_texts(prompts, [""] * len(prompts) if responses is None else responses)
-        if responses is None:
-            return ragged_select(tokens.ids, tokens.offsets[:-1], tokens.prompt_lengths, torch.arange(len(prompts)))
-        return {**tokens.gather(torch.arange(len(prompts))), "prompt_lengths": tokens.prompt_lengths}
 
     def inputs(self, item_ids: Tensor) -> dict:
         return self.tokens.gather(item_ids)

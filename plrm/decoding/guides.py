@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from plrm.backbones.causal_lm import left_pad
-from plrm.backbones.text import pad
+from plrm.backbones.text import pad, pool
 from plrm.backbones.transformer import HFEncoder
 from plrm.errors import RecipeError
 from plrm.methods.base import FACTORED, PersonalizedRewardModel
@@ -120,27 +120,41 @@ class SequenceState:
 
 
 class SequenceGuide(Guide):
-    """A factored method on a causal ``transformer`` backbone (last-token pooling), guided prefix by prefix."""
+    """A factored method whose features are a causal LM's last-token hidden state, guided prefix by prefix: on a
+    ``transformer`` backbone (the LM is the method's encoder, LoRA included) or a ``frozen_encoder`` over a
+    decoder (the frozen LM is loaded for decoding, and its states go through the same normalisation and
+    standardization as the cached features)."""
 
     name = "sequence"
 
     def __init__(self, method: PersonalizedRewardModel, backbone) -> None:
         super().__init__(method, backbone)
         encoder = method.encoder
-        if method.reward_shape != FACTORED or not isinstance(encoder, HFEncoder) or encoder.pooling != "last":
+        if method.reward_shape != FACTORED:
+            raise RecipeError(f"{type(method).__name__} conditions the encoder on the user; it has no "
+                              "user-independent features to guide decoding prefix by prefix")
+        if isinstance(encoder, HFEncoder) and encoder.pooling == "last":
+            self.model, self.pad_id, self.transform = encoder.model, encoder.pad_id, lambda h: h.float()
+        elif (hasattr(backbone, "feature_transform") and getattr(backbone, "decoder", False)
+              and backbone.pooling == "last"):
+            self.model, self.pad_id, self.transform = backbone.load_model(), backbone.pad_id, \
+                backbone.feature_transform
+        else:
+            what = (f"backbone {getattr(backbone, 'registry_name', type(backbone).__name__)!r}"
+                    + (f" with pooling {backbone.pooling!r}" if hasattr(backbone, "pooling") else ""))
             raise RecipeError(
-                f"{type(method).__name__} cannot guide decoding prefix by prefix: a sequence guide needs a factored "
-                "method on backbone 'transformer' with a decoder read at the last token (pooling: last); got "
-                f"{type(encoder).__name__}" + (f" with pooling {encoder.pooling!r}" if hasattr(encoder, "pooling")
-                                                else ""))
-        self.model, self.pad_id = encoder.model, encoder.pad_id
+                f"{type(method).__name__} on {what} cannot guide decoding prefix by prefix: a sequence guide needs "
+                "features read at the last token of a causal LM (backbone 'transformer' or 'frozen_encoder' over "
+                "a decoder such as SmolLM2 or Qwen2.5, pooling: last); a bidirectional encoder would need one "
+                "forward per prefix")
+        self.model_device = next(self.model.parameters()).device
 
     def _reward(self, hidden: Tensor, users: Tensor) -> Tensor:
-        return self.method.head(hidden.float(), users)
+        return self.method.head(self.transform(hidden).to(users.device), users)
 
     @torch.no_grad()
     def prefill(self, prompts: dict, users: Tensor) -> SequenceState:
-        input_ids, mask = left_pad(prompts, self.pad_id)
+        input_ids, mask = left_pad(_on(prompts, self.model_device), self.pad_id)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
         prev = self._reward(out.last_hidden_state[:, -1], users)          # r(x, empty response)
@@ -152,45 +166,60 @@ class SequenceGuide(Guide):
         state.cache.batch_repeat_interleave(k)                              # row b*k + i continues prompt b
         mask = torch.cat([state.mask.repeat_interleave(k, 0), state.mask.new_ones(b * k, 1)], dim=1)
         positions = state.positions.repeat_interleave(k) + 1
-        out = self.model(input_ids=candidates.reshape(b * k, 1), attention_mask=mask,
+        out = self.model(input_ids=candidates.reshape(b * k, 1).to(self.model_device), attention_mask=mask,
                          position_ids=positions[:, None], cache=state.cache, use_cache=True)
         rewards = self._reward(out.last_hidden_state[:, -1], state.users.repeat_interleave(k)).view(b, k)
-        rewards = torch.where(stop, state.prev[:, None], rewards)           # ending now: the reward of y_<t
+        rewards = torch.where(stop.to(rewards.device), state.prev[:, None], rewards)  # ending now: r of y_<t
         state.mask, state.rewards = mask, rewards
         return rewards
 
     @torch.no_grad()
     def advance(self, state: SequenceState, candidates: Tensor, choice: Tensor) -> SequenceState:
         b, k = candidates.shape
-        rows = torch.arange(b, device=choice.device) * k + choice
+        rows = torch.arange(b, device=self.model_device) * k + choice.to(self.model_device)
         state.cache.batch_select_indices(rows)
         return SequenceState(state.cache, state.mask[rows], state.positions + 1, state.users,
-                             state.rewards.gather(1, choice[:, None])[:, 0])
+                             state.rewards.gather(1, choice[:, None].to(state.rewards.device))[:, 0])
+
+    def _hidden(self, items: dict) -> tuple[Tensor, Tensor]:
+        input_ids, mask = pad(_on(items, self.model_device), self.pad_id)
+        return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask    # (N, L, D)
+
+    @torch.no_grad()
+    def sequence_reward(self, items: dict, users: Tensor) -> Tensor:
+        """The reward of whole (prompt, response) sequences (N,): one forward, the last token's feature."""
+        hidden, mask = self._hidden(items)
+        return self._reward(pool(hidden, mask, "last"), users)
 
     @torch.no_grad()
     def naive_candidate_rewards(self, prompts: dict, generated: list[list[int]], candidates: Tensor, stop: Tensor,
                                 users: Tensor) -> Tensor:
         b, k = candidates.shape
-        rows = append_tokens(prompts, generated, candidates)                # B*k full sequences
-        rewards = self.method.reward(rows, users.repeat_interleave(k)).view(b, k)
+        rewards = self.sequence_reward(append_tokens(prompts, generated, candidates),  # B*k full sequences
+                                       users.repeat_interleave(k)).view(b, k)
         if stop.any():
-            prev = self.method.reward(append_tokens(prompts, generated), users)
-            rewards = torch.where(stop, prev[:, None], rewards)
+            prev = self.sequence_reward(append_tokens(prompts, generated), users)
+            rewards = torch.where(stop.to(rewards.device), prev[:, None], rewards)
         return rewards
 
     @torch.no_grad()
     def response_rewards(self, items: dict, users: Tensor) -> tuple[Tensor, Tensor]:
         """r(x, y_<=t) of every response prefix, from the hidden states of one forward over prompt ++ response
         (right-padded: position t of row i is token t of the sequence)."""
-        input_ids, mask = pad(items, self.pad_id)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state        # (N, L, D)
-        responses = items["lengths"] - items["prompt_lengths"]
+        hidden, _ = self._hidden(items)
+        responses = (items["lengths"] - items["prompt_lengths"]).to(hidden.device)
         width = int(responses.max()) if len(responses) else 0
         column = torch.arange(width, device=hidden.device)
         valid = column[None, :] < responses[:, None]                                          # (N, T)
-        at = (items["prompt_lengths"][:, None] + column[None, :]).clamp_max(hidden.shape[1] - 1)
+        at = (items["prompt_lengths"].to(hidden.device)[:, None] + column[None, :]).clamp_max(hidden.shape[1] - 1)
         h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[2]))                    # (N, T, D)
-        return self.method.prefix_rewards(h.float(), users) * valid, valid
+        feats = self.transform(h).to(users.device)
+        valid = valid.to(users.device)
+        return self.method.prefix_rewards(feats, users) * valid, valid
+
+
+def _on(items: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in items.items()}
 
 
 class TokenGuide(Guide):

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from plrm.data.datamodule import PreferenceDataModule
+from plrm.data.splits import TEST
 from plrm.decoding.args import Decoded, args_decode
 from plrm.decoding.genarm import genarm_decode
 from plrm.decoding.guides import Guide, TokenGuide, check_same_tokenizer, guide_for
@@ -39,7 +40,7 @@ from plrm.decoding.scoring import pair_differences
 from plrm.errors import RecipeError
 from plrm.eval.correlation import bootstrap_ci, metric_correlations
 from plrm.eval.generation import bertscore_f1, clean_generation, rouge, win_outcomes, win_rate
-from plrm.eval.policy import best_lambda, policy_accuracies
+from plrm.eval.policy import LambdaChoice, best_lambda, policy_accuracies
 from plrm.methods.base import PersonalizedRewardModel
 
 
@@ -99,15 +100,6 @@ def first_rows_per_user(rows: np.ndarray, users: np.ndarray, keep: int | None, k
     return rows[np.arange(len(rows)) - start < keep]
 
 
-def _guide(model: PersonalizedRewardModel, backbone, policy: Policy) -> tuple[Policy, Guide | None, str]:
-    """(the policy that generates, the guide, what the method is at decoding time)."""
-    if getattr(model, "uses_reference", False):  # P-DPO: a personalized policy, scored by its implicit reward
-        return Policy.of_method(model, backbone), TokenGuide(model, backbone), "own_policy"
-    guide = guide_for(model, backbone)
-    check_same_tokenizer(policy.backbone.tokenizer(), backbone.tokenizer(), policy.name, backbone.config.model)
-    return policy, guide, "guided"
-
-
 def _macro(values: np.ndarray, users: np.ndarray) -> float:
     if not len(values):
         return float("nan")
@@ -115,88 +107,145 @@ def _macro(values: np.ndarray, users: np.ndarray) -> float:
     return float((np.bincount(inverse, weights=values) / np.bincount(inverse)).mean())
 
 
+@dataclass
+class Guided:
+    """A trained method ready for the policy stage: the policy that generates (the base policy, or P-DPO's own),
+    the method's guide, and ``kind``: 'guided' (a reward model steering the base policy) or 'own_policy'."""
+
+    policy: Policy
+    guide: Guide | None
+    kind: str
+
+    @classmethod
+    def of(cls, model: PersonalizedRewardModel, backbone, policy: Policy) -> Guided:
+        if getattr(model, "uses_reference", False):  # P-DPO: a personalized policy, scored by its implicit reward
+            return cls(Policy.of_method(model, backbone), TokenGuide(model, backbone), "own_policy")
+        guide = guide_for(model, backbone)
+        check_same_tokenizer(policy.backbone.tokenizer(), backbone.tokenizer(), policy.name, backbone.config.model)
+        return cls(policy, guide, "guided")
+
+    def decoder(self, section) -> str:
+        if self.kind == "own_policy":
+            return "own_policy"
+        return "genarm" if section.decoder == "genarm" and isinstance(self.guide, TokenGuide) else "args"
+
+    def pair_differences(self, dm: PreferenceDataModule, rows: np.ndarray, batch_size: int) -> dict:
+        table = dm.prepared.data.pairs.data.table
+        text = {c: [str(v) for v in table[c].to_numpy(zero_copy_only=False)[rows]]
+                for c in ("prompt", "chosen", "rejected")}
+        users = torch.from_numpy(dm.split.row_user[rows])  # each model takes them to its device
+        return pair_differences(self.policy, self.guide, text["prompt"], text["chosen"], text["rejected"], users,
+                                batch_size)
+
+    def choose_lambda(self, dm: PreferenceDataModule, section) -> LambdaChoice | None:
+        """``policy.weight: auto``: the lambda maximizing policy accuracy on the *seen* users' test pairs (found
+        exactly, Selection Crisis App. F.2); None for P-DPO (no reward term) or a fixed weight."""
+        if self.kind == "own_policy" or section.weight != "auto":
+            return None
+        test = dm.test_rows(unseen=False)
+        rows = first_rows_per_user(test, dm.split.row_user[test], section.pairs_per_user)
+        if not len(rows):
+            raise RecipeError("policy.weight: auto chooses lambda on the seen users' test pairs, and there are none")
+        d = self.pair_differences(dm, rows, section.batch_size)
+        # lambda in [0, lambda_max]: by default 100 / std(dR), so a degenerate sweep (a reward that barely moves)
+        # cannot return a weight that drowns the policy
+        spread = float(np.std(d["dr"]))
+        lambda_max = section.lambda_max if section.lambda_max is not None else 100.0 / spread if spread > 0 else None
+        return best_lambda(d["dll"], d["dr"], dm.split.row_user[rows], lambda_max=lambda_max)
+
+    def weight(self, choice: LambdaChoice | None, section) -> float:
+        if self.kind == "own_policy":
+            return 0.0
+        return float(choice.lam) if choice is not None else float(section.weight)
+
+    def generate(self, prompts: list[str], users: torch.Tensor, lam: float, section,
+                 generator: torch.Generator | None = None) -> tuple[list[str], float, int]:
+        """Decode ``prompts`` for ``users`` under this method at weight ``lam``: (texts, seconds, tokens)."""
+        texts, seconds, n_tokens = [], 0.0, 0
+        decoder = self.decoder(section)
+        for start in range(0, len(prompts), section.batch_size):
+            batch, u = prompts[start:start + section.batch_size], users[start:start + section.batch_size]
+            p_ids = self.policy.tokenize(batch)
+            if decoder == "own_policy":
+                out = args_decode(self.policy, None, p_ids, None, u, k=1, weight=0.0,
+                                  max_new_tokens=section.max_new_tokens)
+            elif decoder == "genarm":
+                out = genarm_decode(self.policy, self.guide, p_ids, self.guide.tokenize(batch), u,
+                                    alpha=lam * self.guide.beta, max_new_tokens=section.max_new_tokens,
+                                    mode=section.mode, temperature=section.temperature, generator=generator)
+            else:
+                out = args_decode(self.policy, self.guide, p_ids, self.guide.tokenize(batch), u, k=section.k,
+                                  weight=lam, max_new_tokens=section.max_new_tokens, mode=section.mode,
+                                  temperature=section.temperature, generator=generator)
+            texts += decode_texts(self.policy, out)
+            seconds += out.seconds
+            n_tokens += out.n_tokens
+        return texts, seconds, n_tokens
+
+    @torch.no_grad()
+    def judge(self, prompts: list[str], responses: list[str], users: torch.Tensor, batch_size: int) -> np.ndarray:
+        """The method's own reward of whole responses (the circular win rate's judge)."""
+        out = np.zeros(len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            s = slice(start, start + batch_size)
+            out[s] = self.guide.sequence_reward(self.guide.tokenize(prompts[s], responses[s]),
+                                                users[s].to(self.guide.device)).double().cpu().numpy()
+        return out
+
+
+def generation_rows(dm: PreferenceDataModule, users: np.ndarray, prompts_per_user: int) -> np.ndarray:
+    """The test rows whose prompts the policy stage generates for: each of ``users``' first ``prompts_per_user``
+    distinct test prompts."""
+    table = dm.prepared.data.pairs.data.table
+    test = np.flatnonzero(np.isin(dm.split.row_user, users) & (dm.split.role == TEST))
+    return first_rows_per_user(test, dm.split.row_user[test], prompts_per_user,
+                               key=table["prompt"].to_numpy(zero_copy_only=False))
+
+
 def evaluate_policy(model: PersonalizedRewardModel, dm: PreferenceDataModule, section, policy: Policy,
                     zero_shot: ZeroShot) -> tuple[dict, dict, pd.DataFrame, pd.DataFrame]:
     """(metrics, settings, generations, pair scores) of one trained method whose unseen users hold their adapted
     state. Metrics are numbers (aggregated over seeds), settings say what produced them (models, decoder); a
     method that cannot guide decoding raises RecipeError."""
-    table = dm.prepared.data.pairs.data.table
-    column = {c: table[c].to_numpy(zero_copy_only=False) for c in ("prompt", "chosen", "rejected")}
-    references = table["reference"].to_numpy(zero_copy_only=False) if "reference" in table.column_names else None
-    row_user = dm.split.row_user
-    backbone = dm.prepared.backbone
-    gen_policy, guide, kind = _guide(model, backbone, policy)
-    device = model.device
-
-    def differences(unseen: bool) -> tuple[dict, np.ndarray]:
-        rows = first_rows_per_user(dm.test_rows(unseen=unseen), row_user[dm.test_rows(unseen=unseen)],
-                                   section.pairs_per_user)
-        users = torch.from_numpy(row_user[rows]).to(device)
-        d = pair_differences(gen_policy, guide, list(column["prompt"][rows]), list(column["chosen"][rows]),
-                             list(column["rejected"][rows]), users, section.batch_size) if len(rows) else {}
-        return d, rows
-
-    metrics: dict = {}
-    settings = {"policy": gen_policy.name, "kind": kind, "guide": guide.name if guide else None,
-                "decoder": frame_decoder(kind, guide, section), "k": section.k, "mode": section.mode,
-                "max_new_tokens": section.max_new_tokens, "length_includes_eos": True}
-    unseen_users = dm.split.unseen_users
-    if not len(unseen_users):
+    if not len(dm.split.unseen_users):
         raise RecipeError("the policy stage evaluates unseen users, and this split has none "
                           "(split.unseen_fraction: 0)")
-    if kind == "own_policy":
-        lam, choice = 0.0, None  # generation from the personalized policy itself: no reward term
-    elif section.weight == "auto":
-        d_seen, seen_rows = differences(unseen=False)
-        if not len(seen_rows):
-            raise RecipeError("policy.weight: auto chooses lambda on the seen users' test pairs, and there are none")
-        # lambda in [0, lambda_max]: by default 100 / std(dR), so a degenerate sweep (a reward that barely moves)
-        # cannot return a weight that drowns the policy (Selection Crisis App. F.2 tunes it per trained model)
-        spread = float(np.std(d_seen["dr"]))
-        lambda_max = section.lambda_max if section.lambda_max is not None else 100.0 / spread if spread > 0 else None
-        choice = best_lambda(d_seen["dll"], d_seen["dr"], row_user[seen_rows], lambda_max=lambda_max)
-        lam = float(choice.lam)
+    table = dm.prepared.data.pairs.data.table
+    references = table["reference"].to_numpy(zero_copy_only=False) if "reference" in table.column_names else None
+    row_user = dm.split.row_user
+    guided = Guided.of(model, dm.prepared.backbone, policy)
+    settings = {"policy": guided.policy.name, "kind": guided.kind,
+                "guide": guided.guide.name if guided.kind == "guided" else None, "decoder": guided.decoder(section),
+                "k": section.k, "mode": section.mode, "max_new_tokens": section.max_new_tokens,
+                "length_includes_eos": True}
+    metrics: dict = {}
+    choice = guided.choose_lambda(dm, section)
+    lam = guided.weight(choice, section)
+    if choice is not None:
         metrics["lambda_seen_policy_accuracy"] = float(choice.accuracy)
-    else:
-        lam, choice = float(section.weight), None
-    d, rows = differences(unseen=True)
+        settings["lambda_curve"] = {"lambda": [float(x) for x in choice.curve[0]],
+                                    "seen_policy_accuracy": [float(x) for x in choice.curve[1]]}
+    test = dm.test_rows(unseen=True)
+    rows = first_rows_per_user(test, row_user[test], section.pairs_per_user)
+    d = guided.pair_differences(dm, rows, section.batch_size)
     users = row_user[rows]
     acc = policy_accuracies(d["dll"], d["dlln"], d["dr"], d["drm"], users, lam)
     # P-DPO's own log-likelihood is not the base policy's: its length-normalised ranking is reported apart
-    base = "own_policy_mean_ll_accuracy" if kind == "own_policy" else "base_policy_accuracy"
+    base = "own_policy_mean_ll_accuracy" if guided.kind == "own_policy" else "base_policy_accuracy"
     metrics.update({"lambda": lam, "rm_accuracy": acc["rm_accuracy"], base: acc["base_accuracy"],
                     "policy_accuracy": acc["rgd_accuracy"], "policy_accuracy_pooled": acc["rgd_accuracy_pooled"],
                     "policy_pairs": len(rows), "policy_ties": acc["rgd_ties"]})
-    pairs = pd.DataFrame({"row": rows, "user_id": dm.split.user_ids[users].astype(str),
-                          **{k: v for k, v in d.items()}})
+    pairs = pd.DataFrame({"row": rows, "user_id": dm.split.user_ids[users].astype(str), **d})
 
     # ---- generation on the unseen users' test prompts ----
-    test = dm.test_rows(unseen=True)
-    gen_rows = first_rows_per_user(test, row_user[test], section.prompts_per_user, key=column["prompt"])
-    prompts = [str(p) for p in column["prompt"][gen_rows]]
-    gen_users = torch.from_numpy(row_user[gen_rows]).to(device)
-    zs = zero_shot.generate(prompts)
-    texts, seconds, n_tokens = [], 0.0, 0
-    generator = torch.Generator().manual_seed(section.seed)
-    for start in range(0, len(prompts), section.batch_size):
-        batch, u = prompts[start:start + section.batch_size], gen_users[start:start + section.batch_size]
-        p_ids = gen_policy.tokenize(batch)
-        if kind == "own_policy":
-            out = args_decode(gen_policy, None, p_ids, None, u, k=1, weight=0.0,
-                              max_new_tokens=section.max_new_tokens)
-        elif settings["decoder"] == "genarm":
-            out = genarm_decode(gen_policy, guide, p_ids, guide.tokenize(batch), u, alpha=lam * guide.beta,
-                                max_new_tokens=section.max_new_tokens, mode=section.mode,
-                                temperature=section.temperature, generator=generator)
-        else:
-            out = args_decode(gen_policy, guide, p_ids, guide.tokenize(batch), u, k=section.k, weight=lam,
-                              max_new_tokens=section.max_new_tokens, mode=section.mode,
-                              temperature=section.temperature, generator=generator)
-        texts += decode_texts(gen_policy, out)
-        seconds += out.seconds
-        n_tokens += out.n_tokens
-    cleaned, zs_cleaned = [clean_generation(t) for t in texts], [clean_generation(t) for t in zs]
+    gen_rows = generation_rows(dm, dm.split.unseen_users, section.prompts_per_user)
+    prompts = [str(p) for p in table["prompt"].to_numpy(zero_copy_only=False)[gen_rows]]
     gen_user_np = row_user[gen_rows]
+    gen_users = torch.from_numpy(gen_user_np).to(model.device)
+    zs = zero_shot.generate(prompts)
+    texts, seconds, n_tokens = guided.generate(prompts, gen_users, lam, section,
+                                               torch.Generator().manual_seed(section.seed))
+    cleaned, zs_cleaned = [clean_generation(t) for t in texts], [clean_generation(t) for t in zs]
     frame = {"row": gen_rows, "user_id": dm.split.user_ids[gen_user_np].astype(str), "prompt": prompts,
              "generation": texts, "zero_shot": zs, "decoder": settings["decoder"], "lambda": lam}
     metrics.update({"generations": len(prompts), "tokens_per_second": n_tokens / seconds if seconds else None})
@@ -215,30 +264,14 @@ def evaluate_policy(model: PersonalizedRewardModel, dm: PreferenceDataModule, se
             zs_f1, _ = bertscore_f1(zs_cleaned, refs, section.bertscore_model, section.bertscore_layers)
             metrics["zero_shot_bertscore_f1"] = _macro(zs_f1, gen_user_np)
             settings["bertscore"] = info
-    if kind == "guided":  # the circular win rate: the method's own reward judges its guided output
-        judge = []
-        for responses in (texts, zs):
-            judged = np.zeros(len(prompts))
-            for start in range(0, len(prompts), section.batch_size):
-                s = slice(start, start + section.batch_size)
-                with torch.no_grad():
-                    judged[s] = guide.sequence_reward(guide.tokenize(prompts[s], responses[s]),
-                                                      gen_users[s].to(guide.device)).double().cpu().numpy()
-            judge.append(judged)
+    if guided.kind == "guided":  # the circular win rate: the method's own reward judges its guided output
+        r_guided = guided.judge(prompts, texts, gen_users, section.batch_size)
+        r_zero = guided.judge(prompts, zs, gen_users, section.batch_size)
         same = np.array([a == b for a, b in zip(texts, zs)])
-        frame["win"] = win_outcomes(judge[0], judge[1], same)
-        rate = win_rate(judge[0], judge[1], same)
+        frame["win"] = win_outcomes(r_guided, r_zero, same)
+        rate = win_rate(r_guided, r_zero, same)
         metrics.update({"win_rate": rate["win_rate"], "tie_rate": rate["tie_rate"], "loss_rate": rate["loss_rate"]})
-    if choice is not None:
-        settings["lambda_curve"] = {"lambda": [float(x) for x in choice.curve[0]],
-                                    "seen_policy_accuracy": [float(x) for x in choice.curve[1]]}
     return metrics, settings, pd.DataFrame(frame), pairs
-
-
-def frame_decoder(kind: str, guide: Guide | None, section) -> str:
-    if kind == "own_policy":
-        return "own_policy"
-    return "genarm" if section.decoder == "genarm" and isinstance(guide, TokenGuide) else "args"
 
 
 CORRELATED = ("rm_accuracy", "policy_accuracy", "win_rate", "rouge1")

@@ -216,9 +216,10 @@ def test_guides_refuse_what_they_cannot_serve(policy, lore, genarm):
         check_same_tokenizer(policy.backbone.tokenizer(), AutoTokenizer.from_pretrained(resolve("offline:minilm")),
                              "tiny-random:qwen2", "offline:minilm")
     check_same_tokenizer(policy.backbone.tokenizer(), lore.backbone.tokenizer(), "a", "b")
-    frozen = LoRe(LoRe.Config(rank=2), n_users=2, feature_dim=8)
-    with pytest.raises(RecipeError, match="needs a factored method on backbone 'transformer'"):
-        SequenceGuide(frozen, None)
+    features_only = LoRe(LoRe.Config(rank=2), n_users=2, feature_dim=8)
+    with pytest.raises(RecipeError, match="cannot guide decoding prefix by prefix: a sequence guide needs features "
+                                          "read at the last token of a causal LM"):
+        SequenceGuide(features_only, None)
     assert isinstance(guide_for(genarm.method, genarm.backbone), TokenGuide)
     assert isinstance(guide_for(lore.method, lore.backbone), SequenceGuide)
 
@@ -244,3 +245,35 @@ def test_policy_accuracy_scores_are_the_cumulative_args_score(policy, lore):
                                    s["ll"] + 3.0 * s["r"] + lp_eos + 3.0 * s["rm"], atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(s["rm"], lore.method.reward(_items(g, row, body), u), atol=1e-5, rtol=1e-5)
         assert closed["lln"] == pytest.approx(float(closed["ll"]) / (n + 1))
+
+
+def test_a_frozen_encoder_over_a_causal_lm_guides_with_the_features_it_cached(policy, tmp_path):
+    """frozen_encoder (features cached, standardized) over a decoder: the guide reloads the LM and reproduces the
+    cached features exactly, so the reward it guides with is the one the method was evaluated with; ARGS cached ==
+    naive. Over a bidirectional encoder (MiniLM) it is refused with the reason."""
+    from conftest import write_length_pairs
+
+    from plrm.backbones.frozen import FrozenEncoder
+
+    path = write_length_pairs(tmp_path / "pairs.jsonl", n_users=4, pairs_per_user=2)
+    data = PreferenceFiles(PreferenceFiles.Config(path=str(path))).load()
+    prepared = PreparedData(data, FrozenEncoder(FrozenEncoder.Config(model="tiny-random:qwen2", standardize=True,
+                                                                     cache_dir=str(tmp_path / "cache"))))
+    torch.manual_seed(5)
+    method = _perturb(LoRe(LoRe.Config(rank=3), n_users=4, feature_dim=prepared.backbone.feature_dim), 6)
+    guide = SequenceGuide(method, prepared.backbone)
+    items = prepared.backbone.tokenize(*[list(x) for x in zip(*[(p, r) for p, r in zip(
+        data.pairs.data.table["prompt"].to_pylist()[:4], data.pairs.data.table["chosen"].to_pylist()[:4])])])
+    users = torch.tensor([0, 1, 2, 3])
+    item_ids = prepared.chosen_item[:4]
+    expected = method.reward(prepared.backbone.inputs(item_ids), users)          # from the cached features
+    torch.testing.assert_close(guide.sequence_reward(items, users), expected, atol=1e-4, rtol=1e-4)
+    p, g = _inputs(policy, guide)
+    kwargs = dict(k=5, weight=20.0, max_new_tokens=8)
+    cached = args_decode(policy, guide, p, g, torch.tensor([0, 1, 2]), **kwargs)
+    assert cached.tokens == args_decode(policy, guide, p, g, torch.tensor([0, 1, 2]), cached=False, **kwargs).tokens
+    minilm = PreparedData(data, FrozenEncoder(FrozenEncoder.Config(model="offline:minilm",
+                                                                   cache_dir=str(tmp_path / "cache"))))
+    with pytest.raises(RecipeError, match="frozen_encoder' with pooling 'mean' cannot guide decoding"):
+        SequenceGuide(LoRe(LoRe.Config(rank=2), n_users=4, feature_dim=minilm.backbone.feature_dim),
+                      minilm.backbone)
