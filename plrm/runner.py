@@ -85,8 +85,8 @@ from plrm.eval.policy_stage import (
     ZeroShot,
     evaluate_policy,
     generation_rows,
-    load_policy,
     policy_correlations,
+    shared_zero_shot,
 )
 from plrm.eval.protocol import adapt_unseen, evaluate, evaluate_oracle, per_user_frame, score_rows, sync_user_state
 from plrm.recipe import Recipe, RecipeError, load_recipe, load_source
@@ -225,17 +225,11 @@ class Run:
         self.marker: dict | None = None
         self.finished: list[tuple[int, str]] = []  # (seed, label) units finished, this process or before
         self.current: tuple[int, str, ResumePoints] | None = None  # the unit training now
-        self._policy = None  # the policy stage's base policy, loaded once per process
-        self._zero_shot: dict[int, ZeroShot] = {}  # its zero-shot generations per split seed
 
-    def zero_shot(self, seed: int) -> ZeroShot:
-        """The policy stage's base policy and its zero-shot generations of split ``seed`` (shared by methods)."""
-        section = self.recipe.policy
-        if self._policy is None:
-            self._policy = load_policy(section)
-        if seed not in self._zero_shot:
-            self._zero_shot[seed] = ZeroShot(self._policy, section.max_new_tokens, section.batch_size)
-        return self._zero_shot[seed]
+    def zero_shot(self) -> ZeroShot:
+        """The policy stage's base policy and its zero-shot generations (shared by seeds, methods and the cells of
+        a benchmark in this process)."""
+        return shared_zero_shot(self.recipe.policy)
 
     @property
     def resumed(self) -> bool:
@@ -698,7 +692,7 @@ def _policy_stage(unit: Unit, model) -> dict:
     settings for the unit's record, its generations and pair scores written next to the checkpoint. A method
     that cannot guide decoding gets policy None and the reason (the run goes on)."""
     run = unit.run
-    zero_shot = run.zero_shot(unit.seed)
+    zero_shot = run.zero_shot()
     start = time.perf_counter()
     try:
         metrics, settings, generations, pairs = evaluate_policy(model, unit.data, run.recipe.policy,
@@ -872,7 +866,8 @@ def generate(run_dir: str | Path, methods: list[str] | None = None, seeds: list[
     path = Path(out) if out is not None else run.dir / "generations.parquet"
     if path.suffix not in (".parquet", ".csv", ".jsonl"):
         raise RecipeError(f"--out {path}: write .parquet, .csv or .jsonl")
-    policy = load_policy(section)
+    zero = shared_zero_shot(section)
+    policy = zero.policy
     frames = []
     for seed in seeds:
         split, dm = run.split(seed), run.datamodule(seed)
@@ -894,7 +889,7 @@ def generate(run_dir: str | Path, methods: list[str] | None = None, seeds: list[
                 "prompt": prompts, "max_new_tokens": section.max_new_tokens, "mode": section.mode,
                 "policy_model": section.model}
         if zero_shot:
-            texts = ZeroShot(policy, section.max_new_tokens, section.batch_size).generate(prompts)
+            texts = zero.generate(prompts)
             frames.append(pd.DataFrame({**base, "method": "zero_shot", "generation": texts, "decoder": "greedy",
                                         "k": 1, "weight": 0.0}))
         for label in labels:

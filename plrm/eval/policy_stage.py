@@ -24,6 +24,7 @@ and shares them between methods (``ZeroShot``).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +51,20 @@ def load_policy(section) -> Policy:
                                     max_length=section.max_length, inference_batch_size=section.batch_size))
 
 
+_SHARED: dict[tuple, ZeroShot] = {}  # the last policy of this process and its zero-shot generations
+
+
+def shared_zero_shot(section) -> ZeroShot:
+    """The base policy and its zero-shot generations, kept for this process: every cell of a benchmark (and every
+    seed and method of a run) with the same policy settings loads the policy once and decodes each prompt once
+    zero-shot (greedy decoding of a frozen model is a function of the prompt). One policy is kept at a time."""
+    key = (section.model, section.dtype, section.chat_template, section.max_length, section.max_new_tokens)
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = ZeroShot(load_policy(section), section.max_new_tokens, section.batch_size)
+    return _SHARED[key]
+
+
 @dataclass
 class ZeroShot:
     """The base policy's greedy generations, by prompt text: shared by every method of a seed."""
@@ -63,6 +78,7 @@ class ZeroShot:
 
     def generate(self, prompts: list[str]) -> list[str]:
         todo = [p for p in dict.fromkeys(prompts) if p not in self.texts]
+        rate = TokenRate(len(todo), "zero-shot")
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start:start + self.batch_size]
             out = args_decode(self.policy, None, self.policy.tokenize(batch), None,
@@ -71,7 +87,32 @@ class ZeroShot:
             self.seconds += out.seconds
             self.tokens += out.n_tokens
             self.texts.update(zip(batch, decode_texts(self.policy, out)))
+            rate.update(len(batch), out)
+        rate.close()
         return [self.texts[p] for p in prompts]
+
+
+class TokenRate:
+    """A progress bar over prompts with the generated tokens/s, on a terminal only (batch jobs get nothing)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.bar = None
+        if sys.stderr.isatty() and total:
+            from tqdm import tqdm  # installed with transformers
+
+            self.bar = tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.tokens, self.seconds = 0, 0.0
+
+    def update(self, prompts: int, out: Decoded) -> None:
+        self.tokens += out.n_tokens
+        self.seconds += out.seconds
+        if self.bar is not None:
+            self.bar.update(prompts)
+            self.bar.set_postfix_str(f"{self.tokens / max(self.seconds, 1e-9):.1f} tokens/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def decode_texts(policy: Policy, out: Decoded) -> list[str]:
@@ -163,6 +204,7 @@ class Guided:
         """Decode ``prompts`` for ``users`` under this method at weight ``lam``: (texts, seconds, tokens)."""
         texts, seconds, n_tokens = [], 0.0, 0
         decoder = self.decoder(section)
+        rate = TokenRate(len(prompts), decoder)
         for start in range(0, len(prompts), section.batch_size):
             batch, u = prompts[start:start + section.batch_size], users[start:start + section.batch_size]
             p_ids = self.policy.tokenize(batch)
@@ -180,6 +222,8 @@ class Guided:
             texts += decode_texts(self.policy, out)
             seconds += out.seconds
             n_tokens += out.n_tokens
+            rate.update(len(batch), out)
+        rate.close()
         return texts, seconds, n_tokens
 
     @torch.no_grad()
