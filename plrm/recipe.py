@@ -151,6 +151,12 @@ class PolicySection:
     pairs_per_user: int | None = opt(None, "Policy accuracy: test pairs per user at most (null: all; the paper "
                                            "used 1 on PRISM).", min=1)
     batch_size: int = opt(8, "Prompts decoded (or pairs scored) together.", min=1)
+    baselines: list[Literal["icl", "icl_rag"]] = opt(
+        [], "Rows without a reward model, beside zero-shot: icl (the base policy reading icl_shots of the user's "
+            "support pairs as demonstrations, drawn at random) and icl_rag (the most similar ones, MiniLM cosine "
+            "of the prompts).", unique=True)
+    icl_shots: int = opt(8, "Demonstrations per prompt of icl / icl_rag (Selection Crisis §4: 8), from the "
+                            "user's first split.k support pairs (the ones the reward models adapt on).", min=1)
     bertscore_model: str | None = opt(None, "BERTScore-F1 against the references with this model (e.g. "
                                             "roberta-large on a cluster, offline:minilm offline; null: skip).")
     bertscore_layers: int | None = opt(None, "Hidden layer BERTScore reads (null: the model's last; roberta-large: "

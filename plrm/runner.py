@@ -83,6 +83,7 @@ from plrm.eval.metrics import per_user_accuracy, summarize
 from plrm.eval.policy_stage import (
     Guided,
     ZeroShot,
+    evaluate_baselines,
     evaluate_policy,
     generation_rows,
     policy_correlations,
@@ -394,7 +395,8 @@ class Run:
         return model.eval()
 
     def each_unit(self, step: Callable[[Unit], tuple[dict, pd.DataFrame | None] | None],
-                  oracles: bool = False) -> tuple[dict[int, dict], list[pd.DataFrame]]:
+                  oracles: bool = False, after_seed: Callable[[int, PreferenceDataModule], dict] | None = None
+                  ) -> tuple[dict[int, dict], list[pd.DataFrame]]:
         """The seed x method loop of every verb: ``step(unit)`` for each method (recipe order) at each split
         seed. A step returns (metrics, per-user frame or None), or None to leave the method out of the seed's
         results; ``oracles``: add the dataset's oracle scorers after each seed's methods. Returns
@@ -412,6 +414,8 @@ class Run:
                 results[label], per_user = outcome
                 if per_user is not None:
                     frames.append(per_user)
+            if after_seed is not None:  # seed-level rows of no method (the policy stage's baselines)
+                results.update(after_seed(seed, data))
             if oracles:
                 for name, logits in self.prepared.data.oracle_logits.items():
                     ev = evaluate_oracle(logits, data, self.recipe.eval.worst_fractions)
@@ -602,7 +606,7 @@ def fit(recipe: str | dict | Recipe, overrides: list[str] | None = None, show: b
     exist yet is started. On Ctrl-C, says what was saved and how to resume, and raises KeyboardInterrupt."""
     run = Run.create(recipe, overrides, prepared, resume=resume)
     try:
-        per_seed, frames = run.each_unit(_fit_unit, oracles=True)
+        per_seed, frames = run.each_unit(_fit_unit, oracles=True, after_seed=_policy_baselines(run))
     except KeyboardInterrupt:
         if run.main:
             print(interrupted_message(run), file=sys.stderr)
@@ -709,6 +713,21 @@ def _policy_stage(unit: Unit, model) -> dict:
             frame.to_parquet(tmp, index=False)
             os.replace(tmp, path)
     return {"policy": metrics, "policy_settings": settings}
+
+
+def _policy_baselines(run: Run) -> Callable[[int, PreferenceDataModule], dict] | None:
+    """With a ``policy:`` section: per seed, the rows no reward model is part of (zero-shot, ICL, ICL-RAG;
+    plrm.eval.policy_stage.evaluate_baselines), each an entry {'policy': metrics} of the seed's results."""
+    section = run.recipe.policy
+    if not section.enabled:
+        return None
+
+    def baselines(seed: int, data: PreferenceDataModule) -> dict:
+        if not len(data.split.unseen_users):
+            return {}
+        rows = evaluate_baselines(data, section, run.zero_shot(), run.recipe.split.k)
+        return {name: {"policy": metrics} for name, metrics in rows.items()}
+    return baselines
 
 
 def _fit_interruptibly(trainer: L.Trainer, model, dm: PreferenceDataModule, ckpt_path: Path | None) -> None:

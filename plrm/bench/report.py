@@ -201,11 +201,14 @@ def policy_lines(dataset: str, rows: list[dict], records: list[dict], method) ->
     out = ["", f"Policy stage on {dataset} (unseen users, %): a base policy decoding under each reward model; lambda "
               "chosen on seen users' test pairs", "",
            "| method | " + " | ".join(t for t, _, _ in columns) + " |", "|---|" + "---|" * len(columns)]
-    first = rows[0]["summary"]["policy"]
-    zero = [first.get(f"zero_shot_{key}") for _, key, _ in columns]
-    if any(zero):
-        out.append("| zero-shot policy | " + " | ".join(_fmt(z, pct) if z else "" for z, (_, _, pct) in
-                                                      zip(zero, columns)) + " |")
+    per_seed: dict[int, dict] = {}  # the rows of no reward model: one record per seed supplies them
+    for r in records:
+        if r["status"] == DONE and r["dataset"] == dataset and r.get("baselines"):
+            per_seed.setdefault(r["seed"], r["baselines"])
+    for name, agg in run_report.aggregate(per_seed).items():
+        stats = agg.get("policy") or {}
+        out.append(f"| {name} (no reward model) | " + " | ".join(_fmt(stats.get(key), pct) if stats.get(key) else ""
+                                                                for _, key, pct in columns) + " |")
     for c in rows:
         stats = c["summary"]["policy"]
         out.append(f"| {method(c['method'])} | " + " | ".join(_fmt(stats.get(key), pct) for _, key, pct in columns)

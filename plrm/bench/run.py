@@ -45,6 +45,7 @@ from plrm.bench.records import (
 from plrm.bench.spec import BenchSpec, Unit, shard_units
 from plrm.data.datamodule import PreparedData
 from plrm.data.published import DataUnavailableError
+from plrm.eval.policy_stage import BASELINES
 
 RUNS_DIR = "runs"
 
@@ -174,6 +175,7 @@ def run_unit(spec: BenchSpec, unit: Unit, bench_dir: Path, cache: _DataCache) ->
     rec.update(
         status=DONE, metrics=seed_results[unit.method],
         oracles={k: v for k, v in seed_results.items() if k.startswith("oracle")},
+        baselines={k: v for k, v in seed_results.items() if k in BASELINES},
         per_user={g: [round(float(a), 6) for a in per_user.loc[per_user["group"] == g, "accuracy"].dropna()]
                   for g in ("seen", "unseen")},
         wall_seconds=time.perf_counter() - start, peak_rss_mb=mem.rss_mb, peak_rss_scope=mem.scope,

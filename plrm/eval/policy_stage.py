@@ -335,3 +335,61 @@ def policy_correlations(per_seed: dict[int, dict], unit: str = "method") -> list
         for row in rows:
             row["kendall_tau_b_ci95"] = list(bootstrap_ci(table, row["x"], row["y"], n_boot=1000, seed=0))
     return rows
+
+
+BASELINES = ("zero_shot", "icl", "icl_rag")
+
+
+def evaluate_baselines(dm: PreferenceDataModule, section, zero_shot: ZeroShot, k: int) -> dict[str, dict]:
+    """The policy-level rows that need no reward model, on the same unseen users, prompts and pairs as the
+    methods' policy stage: the base policy zero-shot (its policy accuracy is eq. 4, the length-normalised
+    likelihood) and, for each of ``section.baselines``, ICL / ICL-RAG (eq. 7: the same with the user's
+    demonstrations in the prompt; plrm.eval.icl). Generation is greedy decoding of the base policy, cached by
+    prompt text."""
+    from plrm.decoding.scoring import response_scores
+    from plrm.eval.icl import embed_texts, render_icl_prompt, select_demos
+
+    split, table = dm.split, dm.prepared.data.pairs.data.table
+    column = {c: table[c].to_numpy(zero_copy_only=False).astype(str) for c in ("prompt", "chosen", "rejected")}
+    references = table["reference"].to_numpy(zero_copy_only=False) if "reference" in table.column_names else None
+    gen_rows = generation_rows(dm, split.unseen_users, section.prompts_per_user)
+    test = dm.test_rows(unseen=True)
+    pair_rows = first_rows_per_user(test, split.row_user[test], section.pairs_per_user)
+    pool = dm.support_rows(k)                                   # the pairs the reward models adapted on
+    policy = zero_shot.policy
+    out: dict[str, dict] = {}
+    for name in ("zero_shot", *section.baselines):
+        if name == "zero_shot":
+            gen_prompts, pair_prompts, shots = list(column["prompt"][gen_rows]), list(column["prompt"][pair_rows]), []
+        else:
+            queries = np.concatenate([gen_rows, pair_rows])
+            embeddings = None
+            if name == "icl_rag":
+                vectors = embed_texts(list(column["prompt"][queries]) + list(column["prompt"][pool]))
+                embeddings = (vectors[:len(queries)], vectors[len(queries):])
+            demos = select_demos(column["prompt"][queries], split.row_user[queries], column["prompt"][pool],
+                                 split.row_user[pool], section.icl_shots, name, section.seed, embeddings)
+            prompts = [render_icl_prompt(column["prompt"][q], [(column["prompt"][pool[d]], column["chosen"][pool[d]],
+                                                               column["rejected"][pool[d]]) for d in ds])
+                       for q, ds in zip(queries, demos)]
+            gen_prompts, pair_prompts = prompts[:len(gen_rows)], prompts[len(gen_rows):]
+            shots = [len(d) for d in demos]
+        users = torch.from_numpy(split.row_user[pair_rows])
+        scores = response_scores(policy, None, pair_prompts * 2, list(column["chosen"][pair_rows])
+                                 + list(column["rejected"][pair_rows]), torch.cat([users, users]), section.batch_size)
+        n = len(pair_rows)
+        correct = scores["lln"][:n] - scores["lln"][n:] > 0
+        metrics = {"policy_accuracy": _macro(correct.astype(float), split.row_user[pair_rows]),
+                   "policy_pairs": n, "generations": len(gen_rows)}
+        if shots:
+            metrics["demonstrations"] = float(np.mean(shots))
+        texts = zero_shot.generate(gen_prompts)
+        if references is not None:
+            refs, cleaned = [str(r) for r in references[gen_rows]], [clean_generation(t) for t in texts]
+            for metric, values in rouge(cleaned, refs).items():
+                metrics[metric] = _macro(values, split.row_user[gen_rows])
+            if section.bertscore_model:
+                f1, _ = bertscore_f1(cleaned, refs, section.bertscore_model, section.bertscore_layers)
+                metrics["bertscore_f1"] = _macro(f1, split.row_user[gen_rows])
+        out[name] = metrics
+    return out

@@ -74,6 +74,9 @@ def render(summary: dict[str, dict], k: int, worst: str = "accuracy_worst_10pct"
     for col in ("method", "seen", "unseen", "overall", "worst 10% (overall)", "AUROC (overall)"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for entry, agg in summary.items():
+        if all(agg.get(group) is None for group in GROUPS):  # a row of no reward model (the policy baselines)
+            continue
+
         def g(group, key="accuracy"):
             return (agg.get(group) or {}).get(key) if agg.get(group) else None
         table.add_row(entry, format_stat(g("seen")), format_stat(g("unseen")), format_stat(g("overall")),
@@ -98,8 +101,8 @@ POLICY_COLUMNS = (("RM acc.", "rm_accuracy", True), ("policy acc.", "policy_accu
 
 
 def render_policy(summary: dict[str, dict], console: Console | None = None) -> None:
-    """The policy stage's table (unseen users; Selection Crisis Tables 4-5): a column for each metric some
-    method has, the zero-shot policy's ROUGE as the first row."""
+    """The policy stage's table (unseen users; Selection Crisis Tables 4-5): a row per method and per baseline
+    (zero_shot, icl, icl_rag), a column for each metric some row has."""
     rows = {e: agg["policy"] for e, agg in summary.items() if agg.get("policy")}
     if not rows:
         return
@@ -109,11 +112,6 @@ def render_policy(summary: dict[str, dict], console: Console | None = None) -> N
     table.add_column("method")
     for title, _, _ in columns:
         table.add_column(title, justify="right")
-    first = next(iter(rows.values()))
-    zero = {key: first.get(f"zero_shot_{key}") for _, key, _ in columns}
-    if any(zero.values()):
-        table.add_row("zero-shot policy", *[format_stat(zero[key], pct) if zero[key] else "" for _, key, pct in
-                                           columns])
     for entry, stats in rows.items():
         table.add_row(entry, *[format_stat(stats.get(key), pct) for _, key, pct in columns])
     console.print(table)

@@ -23,7 +23,7 @@ def overrides(out) -> list[str]:
             "dataset_options.pref_lamp.top_k=1", "cell.split.unseen_fraction=0.34",
             f"cell.backbone.model={TINY}", "cell.backbone.dtype=float32", f"cell.policy.model={TINY}",
             "cell.policy.dtype=float32", "cell.policy.max_new_tokens=6", "cell.policy.prompts_per_user=2",
-            "cell.policy.k=4", "cell.logger.kind=none",
+            "cell.policy.k=4", "cell.policy.baselines=[icl]", "cell.logger.kind=none",
             *[f"method_options.{m}.backbone.{k}={v}" for m in ("genarm", "pdpo")
               for k, v in (("model", TINY), ("dtype", "float32"))], "method_options.pdpo.adapt_steps=2"]
 
@@ -53,7 +53,8 @@ def test_pref_lamp_policy_bench_runs_every_method_through_the_policy_stage_and_r
     assert "win_rate" in records["pref_lamp/lore/seed-0"]["metrics"]["policy"]
     assert "win_rate" not in records["pref_lamp/pdpo/seed-0"]["metrics"]["policy"]  # no reward-guided output
     report = (outcome.bench_dir / "report.md").read_text()
-    assert "Policy stage on pref_lamp" in report and "| zero-shot policy |" in report
+    assert "Policy stage on pref_lamp" in report and "| zero_shot (no reward model) |" in report
+    assert "| icl (no reward model) |" in report
     assert "| rm_accuracy | policy_accuracy |" in report                # the rank correlations, 5 methods
     assert (outcome.bench_dir / "rm_vs_policy.png").is_file()
     again = run_bench(load_bench("bench/pref_lamp_policy", overrides(tmp_path)), show=False)

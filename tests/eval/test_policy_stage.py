@@ -27,7 +27,8 @@ def recipe(out, **policy) -> dict:
         "split": {"seeds": [0], "k": 2}, "eval": {"k_list": [2]},
         "methods": {"bt": {"max_epochs": 2}, "lore": {"rank": 2, "max_epochs": 2}},
         "logger": {"kind": "none"}, "trainer": {"progress_bar": False},
-        "policy": {"model": TINY, "dtype": "float32", "max_new_tokens": 5, "prompts_per_user": 2, "k": 4, **policy},
+        "policy": {"model": TINY, "dtype": "float32", "max_new_tokens": 5, "prompts_per_user": 2, "k": 4,
+                   "baselines": ["icl", "icl_rag"], "icl_shots": 8, **policy},
     }
 
 
@@ -73,8 +74,18 @@ def test_fit_records_the_policy_stage_of_every_method(fitted):
         again = policy_math.policy_accuracies(pairs["dll"], pairs["dlln"], pairs["dr"], pairs["drm"], users,
                                               policy["lambda"])
         assert again["rgd_accuracy"] == pytest.approx(policy["policy_accuracy"])
-    assert "policy stage" not in saved  # numbers live per method; correlations need >= 3 methods
-    assert "policy_correlations" not in saved
+    # rank correlations across the rows that have both metrics: the baselines have no RM accuracy (dropped)
+    corr = {(r["x"], r["y"]): r for r in saved["policy_correlations"]}
+    assert corr[("rm_accuracy", "policy_accuracy")]["n"] == 2 and corr[("policy_accuracy", "rouge1")]["n"] == 5
+    assert all(r["unit"] == "method" for r in corr.values())
+    for name in ("zero_shot", "icl", "icl_rag"):  # the rows of no reward model, once per seed
+        row = saved["per_seed"]["0"][name]["policy"]
+        assert 0 <= row["policy_accuracy"] <= 1 and row["generations"] == 8 and "win_rate" not in row
+    # ICL reads the first split.k = 2 support pairs of each unseen user (none shares the query's prompt here)
+    assert saved["per_seed"]["0"]["icl"]["policy"]["demonstrations"] == pytest.approx(2.0)
+    zs = saved["per_seed"]["0"]["zero_shot"]["policy"]
+    assert zs["rouge1"] == pytest.approx(saved["per_seed"]["0"]["bt"]["policy"]["zero_shot_rouge1"])
+    assert zs["policy_accuracy"] == pytest.approx(saved["per_seed"]["0"]["bt"]["policy"]["base_policy_accuracy"])
 
 
 def test_lambda_is_chosen_on_seen_users_only(fitted):
