@@ -54,15 +54,41 @@ class Decoded:
         return self.n_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-@dataclass
-class ArgsConfig:
-    """ARGS settings (defaults: the ARGS paper's HH-RLHF setting, k = 10, w = 1.5)."""
+class Trajectory:
+    """The rows of a decoding batch as they grow: each row's tokens, which rows have stopped, and per step the
+    chosen token's log-probability, reward and score (what :class:`Decoded` returns). Shared by every decoder."""
 
-    k: int = 10
-    weight: float = 1.5
-    max_new_tokens: int = 128
-    mode: str = "greedy"          # greedy | sample
-    temperature: float = 0.7      # sampling temperature (the authors' code: 0.7)
+    def __init__(self, users: Tensor, stop_ids: Tensor) -> None:
+        self.start = time.perf_counter()
+        self.device, self.stop_ids = users.device, stop_ids.to(users.device)
+        self.tokens: list[list[int]] = [[] for _ in range(len(users))]
+        self.finished = torch.zeros(len(users), dtype=torch.bool, device=users.device)
+        self.last = torch.zeros(len(users), dtype=torch.long, device=users.device)
+        self.steps: dict[str, list[Tensor]] = {"lp": [], "r": [], "s": [], "alive": []}
+
+    def append(self, token: Tensor, lp: Tensor, reward: Tensor, score: Tensor) -> Tensor:
+        """Record one step's chosen token per row (B,) and its numbers (B,); a finished row keeps its stop token
+        (rows never see each other, so what it is fed changes nothing). Returns the tokens to feed."""
+        alive = ~self.finished
+        token = torch.where(alive, token, self.last)
+        for name, value in (("lp", lp), ("r", reward), ("s", score)):
+            self.steps[name].append(value * alive)
+        self.steps["alive"].append(alive)
+        for row in torch.nonzero(alive)[:, 0].tolist():
+            self.tokens[row].append(int(token[row]))
+        self.finished = self.finished | torch.isin(token, self.stop_ids)
+        self.last = token
+        return token
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all())
+
+    def result(self, probabilities: list[Tensor] | None = None) -> Decoded:
+        b = len(self.tokens)
+        stacked = {n: torch.stack(v, 1) if v else torch.zeros(b, 0, device=self.device) for n, v in self.steps.items()}
+        return Decoded(self.tokens, stacked["lp"], stacked["r"], stacked["s"], stacked["alive"].bool(),
+                       time.perf_counter() - self.start, probabilities or [])
 
 
 def _select(scores: Tensor, mode: str, temperature: float, generator: torch.Generator | None
@@ -84,49 +110,34 @@ def args_decode(policy: Policy, guide: Guide | None, policy_prompts: dict, guide
     model (ragged {'ids', 'lengths'}; the same prompts, each in its model's template), ``users`` (B,)."""
     if k < 1 or max_new_tokens < 0:
         raise ValueError(f"ARGS needs k >= 1 and max_new_tokens >= 0; got k={k}, max_new_tokens={max_new_tokens}")
-    start = time.perf_counter()
     guide = None if weight == 0 else guide  # w = 0: the policy alone (its greedy decoding when k = 1 or greedy)
-    b = len(users)
-    stop_ids = policy.stop_ids.to(users.device)
-    generated: list[list[int]] = [[] for _ in range(b)]
-    finished = torch.zeros(b, dtype=torch.bool, device=users.device)
-    last = torch.zeros(b, dtype=torch.long, device=users.device)
-    steps: dict[str, list[Tensor]] = {"lp": [], "r": [], "s": [], "alive": []}
+    path = Trajectory(users, policy.stop_ids)
     probabilities = []
     p_state = g_state = None
     for t in range(max_new_tokens):
         if cached:
-            p_state = policy.prefill(policy_prompts, users) if t == 0 else policy.advance(p_state, last)
+            p_state = policy.prefill(policy_prompts, users) if t == 0 else policy.advance(p_state, path.last)
             if guide is not None and t == 0:
                 g_state = guide.prefill(guide_prompts, users)
             logprobs = p_state.logprobs
         else:
-            logprobs = policy.prefill(append_tokens(policy_prompts, generated), users).logprobs
+            logprobs = policy.prefill(append_tokens(policy_prompts, path.tokens), users).logprobs
         lp, candidates = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)                         # (B, k)
         if guide is None:
             rewards = torch.zeros_like(lp)
         else:
-            stop = torch.isin(candidates, stop_ids)
+            stop = torch.isin(candidates, path.stop_ids)
             rewards = (guide.candidate_rewards(g_state, candidates, stop) if cached
-                       else guide.naive_candidate_rewards(guide_prompts, generated, candidates, stop, users))
+                       else guide.naive_candidate_rewards(guide_prompts, path.tokens, candidates, stop, users))
         scores = lp + weight * rewards
         choice, probs = _select(scores, mode, temperature, generator)
         if keep_distributions and probs is not None:
             probabilities.append(probs)
-        token = candidates.gather(1, choice[:, None])[:, 0]
-        alive = ~finished
-        token = torch.where(alive, token, last)                    # a finished row repeats its stop token
-        for name, value in (("lp", lp), ("r", rewards), ("s", scores)):
-            steps[name].append(value.gather(1, choice[:, None])[:, 0] * alive)
-        steps["alive"].append(alive)
-        for row in torch.nonzero(alive)[:, 0].tolist():
-            generated[row].append(int(token[row]))
-        finished = finished | torch.isin(token, stop_ids)
-        last = token
-        if bool(finished.all()):
+        pick = choice[:, None]
+        path.append(candidates.gather(1, pick)[:, 0], lp.gather(1, pick)[:, 0], rewards.gather(1, pick)[:, 0],
+                    scores.gather(1, pick)[:, 0])
+        if path.done:
             break
         if cached and guide is not None:
             g_state = guide.advance(g_state, candidates, choice)
-    stacked = {n: torch.stack(v, 1) if v else torch.zeros(b, 0, device=users.device) for n, v in steps.items()}
-    return Decoded(generated, stacked["lp"], stacked["r"], stacked["s"], stacked["alive"].bool(),
-                   time.perf_counter() - start, probabilities)
+    return path.result(probabilities)

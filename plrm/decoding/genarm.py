@@ -12,12 +12,10 @@ language-model-arithmetic, which divides by (1 + alpha) before renormalising (he
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor
 
-from plrm.decoding.args import Decoded
+from plrm.decoding.args import Decoded, Trajectory
 from plrm.decoding.guides import TokenGuide
 from plrm.decoding.policy import Policy
 
@@ -28,13 +26,8 @@ def genarm_decode(policy: Policy, guide: TokenGuide, policy_prompts: dict, guide
                   generator: torch.Generator | None = None) -> Decoded:
     """Decode from pi_base * pi_r^alpha (greedy or sampled at ``temperature``); ``Decoded.rewards`` holds the
     guide's reward of each chosen token, ``scores`` its log pi_decode."""
-    start = time.perf_counter()
-    b = len(users)
-    stop_ids = policy.stop_ids.to(users.device)
+    path = Trajectory(users, policy.stop_ids)
     p_state, g_state = policy.prefill(policy_prompts, users), guide.prefill(guide_prompts, users)
-    finished = torch.zeros(b, dtype=torch.bool, device=users.device)
-    generated: list[list[int]] = [[] for _ in range(b)]
-    steps: dict[str, list[Tensor]] = {"lp": [], "r": [], "s": [], "alive": []}
     for _ in range(max_new_tokens):
         base, rewards = p_state.logprobs, guide.next_token_rewards(g_state)
         v = min(base.shape[1], rewards.shape[1])  # embedding matrices may be padded to different sizes
@@ -46,23 +39,12 @@ def genarm_decode(policy: Policy, guide: TokenGuide, policy_prompts: dict, guide
             token = torch.multinomial(torch.softmax(scores / temperature, -1), 1, generator=generator)[:, 0]
         else:
             raise ValueError(f"decoding mode {mode!r}: choose greedy or sample")
-        alive = ~finished
-        token = torch.where(alive, token, torch.tensor(generated_last(generated), device=token.device))
-        decode = torch.log_softmax(scores, -1)
-        for name, value in (("lp", base), ("r", rewards), ("s", decode)):
-            steps[name].append(value.gather(1, token[:, None])[:, 0] * alive)
-        steps["alive"].append(alive)
-        for row in torch.nonzero(alive)[:, 0].tolist():
-            generated[row].append(int(token[row]))
-        finished = finished | torch.isin(token, stop_ids)
-        if bool(finished.all()):
+        pick = token[:, None]
+        token = path.append(token, base.gather(1, pick)[:, 0], rewards.gather(1, pick)[:, 0],
+                            torch.log_softmax(scores, -1).gather(1, pick)[:, 0])
+        if path.done:
             break
         p_state, g_state = policy.advance(p_state, token), guide.advance_tokens(g_state, token)
-    stacked = {n: torch.stack(v, 1) if v else torch.zeros(b, 0, device=users.device) for n, v in steps.items()}
-    return Decoded(generated, stacked["lp"], stacked["r"], stacked["s"], stacked["alive"].bool(),
-                   time.perf_counter() - start)
+    return path.result()
 
 
-def generated_last(generated: list[list[int]]) -> list[int]:
-    """Each row's last generated token (0 before any): what a finished row keeps being fed."""
-    return [row[-1] if row else 0 for row in generated]

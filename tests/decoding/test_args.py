@@ -35,32 +35,31 @@ def _perturb(model, seed):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def lore(tmp_path_factory):
-    from tests.conftest import write_length_pairs
+def _prepared(tmp_path_factory, backbone):
+    from conftest import write_length_pairs
 
     path = write_length_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", n_users=4, pairs_per_user=2)
-    prepared = PreparedData(PreferenceFiles(PreferenceFiles.Config(path=str(path))).load(),
-                            TransformerBackbone(TransformerBackbone.Config(model="tiny-random:qwen2", dtype="float32",
-                                                                           lora_dropout=0.0)))
-    torch.manual_seed(1)
-    method = LoRe(LoRe.Config(rank=4), n_users=4, feature_dim=prepared.backbone.feature_dim,
-                  encoder=prepared.backbone.encoder())
-    return SequenceGuide(_perturb(method, 2), prepared.backbone)
+    return PreparedData(PreferenceFiles(PreferenceFiles.Config(path=str(path))).load(),
+                        backbone(backbone.Config(model="tiny-random:qwen2", dtype="float32",
+                                                           lora_dropout=0.0)))
+
+
+def _built(cls, config, prepared, seed):
+    torch.manual_seed(seed)
+    return _perturb(cls(config, n_users=4, feature_dim=prepared.backbone.feature_dim,
+                        encoder=prepared.backbone.encoder()), seed + 1)
+
+
+@pytest.fixture(scope="module")
+def lore(tmp_path_factory):
+    prepared = _prepared(tmp_path_factory, TransformerBackbone)
+    return SequenceGuide(_built(LoRe, LoRe.Config(rank=4), prepared, 1), prepared.backbone)
 
 
 @pytest.fixture(scope="module")
 def genarm(tmp_path_factory):
-    from tests.conftest import write_length_pairs
-
-    path = write_length_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", n_users=4, pairs_per_user=2)
-    prepared = PreparedData(PreferenceFiles(PreferenceFiles.Config(path=str(path))).load(),
-                            CausalLMBackbone(CausalLMBackbone.Config(model="tiny-random:qwen2", dtype="float32",
-                                                                     lora_dropout=0.0)))
-    torch.manual_seed(3)
-    method = GenARM(GenARM.Config(beta=0.5), n_users=4, feature_dim=prepared.backbone.feature_dim,
-                    encoder=prepared.backbone.encoder())
-    return TokenGuide(_perturb(method, 4), prepared.backbone)
+    prepared = _prepared(tmp_path_factory, CausalLMBackbone)
+    return TokenGuide(_built(GenARM, GenARM.Config(beta=0.5), prepared, 3), prepared.backbone)
 
 
 def _inputs(policy, guide, prompts=PROMPTS):
