@@ -93,10 +93,10 @@ class ZeroShot:
 
 
 class TokenRate:
-    """A progress bar over prompts with the generated tokens/s, on a terminal only (batch jobs get nothing)."""
+    """A progress bar over prompts with the generated tokens/s on a terminal; one log line in batch jobs."""
 
     def __init__(self, total: int, desc: str) -> None:
-        self.bar = None
+        self.bar, self.total, self.desc = None, total, desc
         if sys.stderr.isatty() and total:
             from tqdm import tqdm  # installed with transformers
 
@@ -113,6 +113,9 @@ class TokenRate:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.total:  # a batch job: one plain line
+            print(f"[{self.desc}] {self.total} prompts, {self.tokens} tokens, "
+                  f"{self.tokens / max(self.seconds, 1e-9):.1f} tokens/s", file=sys.stderr, flush=True)
 
 
 def decode_texts(policy: Policy, out: Decoded) -> list[str]:
@@ -340,7 +343,19 @@ def policy_correlations(per_seed: dict[int, dict], unit: str = "method") -> list
 BASELINES = ("zero_shot", "icl", "icl_rag")
 
 
+_BASELINES: dict[tuple, dict] = {}  # evaluate_baselines' results in this process, by data, split and settings
+
+
 def evaluate_baselines(dm: PreferenceDataModule, section, zero_shot: ZeroShot, k: int) -> dict[str, dict]:
+    """Cached :func:`compute_baselines`: the cells of a benchmark that share a dataset and a split seed share
+    these rows (they depend on no method), so they are computed once per process."""
+    key = (id(dm.prepared.data), dm.prepared.data.name, dm.split.seed, hash(dm.split.role.tobytes()), k, repr(section))
+    if key not in _BASELINES:
+        _BASELINES[key] = compute_baselines(dm, section, zero_shot, k)
+    return {name: dict(metrics) for name, metrics in _BASELINES[key].items()}
+
+
+def compute_baselines(dm: PreferenceDataModule, section, zero_shot: ZeroShot, k: int) -> dict[str, dict]:
     """The policy-level rows that need no reward model, on the same unseen users, prompts and pairs as the
     methods' policy stage: the base policy zero-shot (its policy accuracy is eq. 4, the length-normalised
     likelihood) and, for each of ``section.baselines``, ICL / ICL-RAG (eq. 7: the same with the user's
