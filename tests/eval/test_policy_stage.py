@@ -115,3 +115,16 @@ def test_generate_writes_one_table_and_names_bad_arguments(fitted, tmp_path):
         runner.generate(result.run_dir, users=["nobody"], show=False)
     with pytest.raises(RecipeError, match="unknown policy setting"):
         runner.generate(result.run_dir, show=False, topk=3)
+
+
+def test_a_policy_section_turns_the_stage_on_and_its_errors_name_their_keys(tmp_path):
+    from plrm.recipe import load_recipe
+
+    assert load_recipe(recipe(tmp_path)).policy.enabled
+    assert not load_recipe(recipe(tmp_path, enabled=False)).policy.enabled
+    assert not load_recipe("quickstart").policy.enabled                   # no section: no stage
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe(tmp_path), ["policy.weight=-1", "policy.k=0", "policy.baselines=[rag]"])
+    for line in ("policy.k: must be >= 1, got 0", "policy.weight: must be >= 0, got -1.0",
+                 "policy.baselines: expected list['icl' | 'icl_rag'], got ['rag']"):
+        assert line in str(err.value)
