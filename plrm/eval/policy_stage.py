@@ -76,9 +76,10 @@ class ZeroShot:
     seconds: float = 0.0
     tokens: int = 0
 
-    def generate(self, prompts: list[str]) -> list[str]:
+    def generate(self, prompts: list[str], desc: str = "zero-shot") -> list[str]:
+        """Greedy continuations of ``prompts`` (any text: the plain prompts, or ICL prompts), each decoded once."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self.texts]
-        rate = TokenRate(len(todo), "zero-shot")
+        rate = TokenRate(len(todo), desc)
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start:start + self.batch_size]
             out = args_decode(self.policy, None, self.policy.tokenize(batch), None,
@@ -400,7 +401,7 @@ def compute_baselines(dm: PreferenceDataModule, section, zero_shot: ZeroShot, k:
                    "policy_pairs": n, "generations": len(gen_rows)}
         if shots:
             metrics["demonstrations"] = float(np.mean(shots))
-        texts = zero_shot.generate(gen_prompts)
+        texts = zero_shot.generate(gen_prompts, desc=name)
         if references is not None:
             refs, cleaned = [str(r) for r in references[gen_rows]], [clean_generation(t) for t in texts]
             for metric, values in rouge(cleaned, refs).items():
