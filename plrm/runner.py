@@ -696,6 +696,11 @@ def _policy_stage(unit: Unit, model) -> dict:
     settings for the unit's record, its generations and pair scores written next to the checkpoint. A method
     that cannot guide decoding gets policy None and the reason (the run goes on)."""
     run = unit.run
+    if cap.TEXT not in run.prepared.data.provides:
+        reason = (f"dataset '{run.recipe.data.name}' provides no prompt and response text: there is nothing for a "
+                  "policy to generate")
+        print(f"seed {unit.seed} {unit.label}: no policy stage: {reason}", file=sys.stderr)
+        return {"policy": None, "policy_skipped": reason}
     zero_shot = run.zero_shot()
     start = time.perf_counter()
     try:
@@ -723,7 +728,7 @@ def _policy_baselines(run: Run) -> Callable[[int, PreferenceDataModule], dict] |
         return None
 
     def baselines(seed: int, data: PreferenceDataModule) -> dict:
-        if not len(data.split.unseen_users):
+        if not len(data.split.unseen_users) or cap.TEXT not in run.prepared.data.provides:
             return {}
         rows = evaluate_baselines(data, section, run.zero_shot(), run.recipe.split.k)
         return {name: {"policy": metrics} for name, metrics in rows.items()}

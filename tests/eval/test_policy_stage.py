@@ -128,3 +128,13 @@ def test_a_policy_section_turns_the_stage_on_and_its_errors_name_their_keys(tmp_
     for line in ("policy.k: must be >= 1, got 0", "policy.weight: must be >= 0, got -1.0",
                  "policy.baselines: expected list['icl' | 'icl_rag'], got ['rag']"):
         assert line in str(err.value)
+
+
+def test_a_world_without_text_gets_the_reason_not_a_policy_stage(tmp_path):
+    result = runner.fit("quickstart", ["policy.enabled=true", f"policy.model={TINY}", "logger.kind=none",
+                                       f"run.output_dir={tmp_path}", "split.seeds=[0]", "trainer.progress_bar=false"],
+                        show=False)
+    for label in ("bt", "lore"):
+        m = result.per_seed[0][label]
+        assert m["policy"] is None and "provides no prompt and response text" in m["policy_skipped"]
+    assert "zero_shot" not in result.per_seed[0]
