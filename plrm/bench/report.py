@@ -29,7 +29,7 @@ from plrm.recipe import RecipeError  # noqa: E402
 
 _fmt = run_report.format_stat  # "mean ± std" in %, "n/a" for a missing statistic: the same cells as `plrm fit` prints
 WORST = ("accuracy_worst_10pct", "accuracy_worst_20pct", "accuracy_worst_50pct")
-PLOTS = ("fewshot.png", "worst_users.png", "per_user.png", "accuracy_vs_time.png")
+PLOTS = ("fewshot.png", "worst_users.png", "per_user.png", "accuracy_vs_time.png")  # + rm_vs_*.png with a policy stage
 
 
 # ---- aggregation ---------------------------------------------------------------------------------------------
@@ -378,29 +378,36 @@ def figures(cell_list: list[dict], oracle_rows: dict, records: list[dict], out: 
     written.append("accuracy_vs_time.png")
     policy = [d for d in datasets if any((c["summary"].get("policy") or {}).get("policy_accuracy")
                                          for c in done if c["dataset"] == d)]
-    if policy:
-        fig, axes = _grid(len(policy))  # RM accuracy vs policy accuracy, the Selection Crisis paper's Fig. 1
-        for ax, dataset in zip(axes, policy):
-            for c in (c for c in done if c["dataset"] == dataset):
-                pol = c["summary"].get("policy") or {}
-                x, y = pol.get("rm_accuracy"), pol.get("policy_accuracy")
-                if not x or not y:
-                    continue
-                ax.errorbar(100 * x["mean"], 100 * y["mean"], xerr=100 * x["std"], yerr=100 * y["std"],
-                            color=colors[c["method"]], marker="o", capsize=2, linestyle="none")
-                ax.annotate(c["method"], (100 * x["mean"], 100 * y["mean"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-            corr = next((r for r in dataset_correlations(dataset, records)
-                         if {r["x"], r["y"]} == {"rm_accuracy", "policy_accuracy"}), None)
-            stats = (f"tau={corr['kendall_tau_b']:.2f}, rho={corr['spearman']:.2f}, r={corr['pearson']:.2f} "
-                     f"(n={corr['n']} methods)") if corr else "fewer than 3 methods: no correlation"
-            ax.set_title(f"{dataset}\n{stats}", fontsize=9)
-            ax.set_xlabel("RM accuracy, unseen users (%)")
-            ax.set_ylabel("policy accuracy, unseen users (%)")
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"{title}: does reward-model accuracy predict policy accuracy?")
-        _save(fig, out / "rm_vs_policy.png")
-        written.append("rm_vs_policy.png")
+    if policy:  # RM accuracy against policy accuracy and against ROUGE-1: the Selection Crisis paper's Fig. 1, Table 6
+        for y_key, y_label, name in (("policy_accuracy", "policy accuracy", "rm_vs_policy.png"),
+                                     ("rouge1", "ROUGE-1 of the guided generations", "rm_vs_rouge.png")):
+            fig, axes = _grid(len(policy), width=6.5, height=4.5)
+            drawn = False
+            for ax, dataset in zip(axes, policy):
+                for c in (c for c in done if c["dataset"] == dataset):
+                    pol = c["summary"].get("policy") or {}
+                    x, y = pol.get("rm_accuracy"), pol.get(y_key)
+                    if not x or not y:
+                        continue
+                    drawn = True
+                    ax.errorbar(100 * x["mean"], 100 * y["mean"], xerr=100 * x["std"], yerr=100 * y["std"],
+                                color=colors[c["method"]], marker="o", capsize=2, linestyle="none")
+                    ax.annotate(c["method"], (100 * x["mean"], 100 * y["mean"]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+                corr = next((r for r in dataset_correlations(dataset, records)
+                             if {r["x"], r["y"]} == {"rm_accuracy", y_key}), None)
+                stats = (f"tau={corr['kendall_tau_b']:.2f}, rho={corr['spearman']:.2f}, r={corr['pearson']:.2f} "
+                         f"(n={corr['n']} methods)") if corr else "fewer than 3 methods: no correlation"
+                ax.set_title(f"{dataset}: {stats}", fontsize=9)
+                ax.set_xlabel("RM accuracy, unseen users (%)")
+                ax.set_ylabel(f"{y_label}, unseen users (%)")
+                ax.grid(alpha=0.3)
+            fig.suptitle(f"{title}: RM accuracy vs {y_label}", fontsize=10)
+            if drawn:
+                _save(fig, out / name)
+                written.append(name)
+            else:
+                plt.close(fig)
     return written
 
 
