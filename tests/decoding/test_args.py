@@ -247,20 +247,26 @@ def test_policy_accuracy_scores_are_the_cumulative_args_score(policy, lore):
         assert closed["lln"] == pytest.approx(float(closed["ll"]) / (n + 1))
 
 
-def test_a_frozen_encoder_over_a_causal_lm_guides_with_the_features_it_cached(policy, tmp_path):
-    """frozen_encoder (features cached, standardized) over a decoder: the guide reloads the LM and reproduces the
-    cached features exactly, so the reward it guides with is the one the method was evaluated with; ARGS cached ==
-    naive. Over a bidirectional encoder (MiniLM) it is refused with the reason."""
-
-
+def _frozen_lore(tmp_path, model: str, seed: int):
+    """(data, prepared on a standardized frozen_encoder over ``model``, a perturbed LoRe on its features)."""
     from plrm.backbones.frozen import FrozenEncoder
 
     path = write_length_pairs(tmp_path / "pairs.jsonl", n_users=4, pairs_per_user=2)
     data = PreferenceFiles(PreferenceFiles.Config(path=str(path))).load()
-    prepared = PreparedData(data, FrozenEncoder(FrozenEncoder.Config(model="tiny-random:qwen2", standardize=True,
+    prepared = PreparedData(data, FrozenEncoder(FrozenEncoder.Config(model=model, standardize=True,
                                                                      cache_dir=str(tmp_path / "cache"))))
-    torch.manual_seed(5)
-    method = _perturb(LoRe(LoRe.Config(rank=3), n_users=4, feature_dim=prepared.backbone.feature_dim), 6)
+    torch.manual_seed(seed)
+    method = _perturb(LoRe(LoRe.Config(rank=3), n_users=4, feature_dim=prepared.backbone.feature_dim), seed + 1)
+    return data, prepared, method
+
+
+def test_a_frozen_encoder_over_a_causal_lm_guides_with_the_features_it_cached(policy, tmp_path):
+    """frozen_encoder (features cached, standardized) over a decoder: the guide reloads the LM and reproduces the
+    cached features exactly, so the reward it guides with is the one the method was evaluated with; ARGS cached ==
+    naive. Over a bidirectional encoder (MiniLM) it is refused with the reason."""
+    from plrm.backbones.frozen import FrozenEncoder
+
+    data, prepared, method = _frozen_lore(tmp_path, "tiny-random:qwen2", 5)
     guide = SequenceGuide(method, prepared.backbone)
     items = prepared.backbone.tokenize(*[list(x) for x in zip(*[(p, r) for p, r in zip(
         data.pairs.data.table["prompt"].to_pylist()[:4], data.pairs.data.table["chosen"].to_pylist()[:4])])])
@@ -281,8 +287,6 @@ def test_a_frozen_encoder_over_a_causal_lm_guides_with_the_features_it_cached(po
 
 def test_cached_args_equals_naive_args_with_a_reference_token_guide(policy, tmp_path):
     """P-DPO's implicit reward beta (log pi_theta - log pi_ref): two cached LMs per step against the naive re-run."""
-
-
     from plrm.methods.pdpo import PDPO
 
     path = write_length_pairs(tmp_path / "pairs.jsonl", n_users=4, pairs_per_user=2)
@@ -343,17 +347,9 @@ def test_a_bidirectional_encoder_guides_through_text(policy, tmp_path):
     candidate prefix decoded with the policy's tokenizer and encoded afresh, standardized like the cached
     features; its rewards are the method's reward of that text, cached and naive ARGS agree, and the scoring path
     (every prefix of a response) equals the decoding path walked along the same tokens."""
-
-
-    from plrm.backbones.frozen import FrozenEncoder
     from plrm.decoding.guides import TextGuide
 
-    path = write_length_pairs(tmp_path / "pairs.jsonl", n_users=4, pairs_per_user=2)
-    data = PreferenceFiles(PreferenceFiles.Config(path=str(path))).load()
-    prepared = PreparedData(data, FrozenEncoder(FrozenEncoder.Config(model="offline:minilm", standardize=True,
-                                                                     cache_dir=str(tmp_path / "cache"))))
-    torch.manual_seed(9)
-    method = _perturb(LoRe(LoRe.Config(rank=3), n_users=4, feature_dim=prepared.backbone.feature_dim), 10)
+    data, prepared, method = _frozen_lore(tmp_path, "offline:minilm", 9)
     tok = policy.backbone.tokenizer()
     guide = guide_for(method, prepared.backbone, tok)
     assert isinstance(guide, TextGuide)
