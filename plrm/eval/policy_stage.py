@@ -37,10 +37,11 @@ from plrm.decoding.args import Decoded, args_decode
 from plrm.decoding.genarm import genarm_decode
 from plrm.decoding.guides import Guide, TextGuide, TokenGuide, check_same_tokenizer, guide_for
 from plrm.decoding.policy import Policy, PolicyConfig
-from plrm.decoding.scoring import pair_differences
+from plrm.decoding.scoring import pair_differences, response_scores
 from plrm.errors import RecipeError
 from plrm.eval.correlation import bootstrap_ci, metric_correlations
 from plrm.eval.generation import bertscore_f1, clean_generation, rouge, win_outcomes, win_rate
+from plrm.eval.icl import embed_texts, render_icl_prompt, select_demos
 from plrm.eval.policy import LambdaChoice, best_lambda, policy_accuracies
 from plrm.methods.base import PersonalizedRewardModel
 
@@ -73,8 +74,6 @@ class ZeroShot:
     max_new_tokens: int
     batch_size: int
     texts: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    tokens: int = 0
 
     def generate(self, prompts: list[str], desc: str = "zero-shot") -> list[str]:
         """Greedy continuations of ``prompts`` (any text: the plain prompts, or ICL prompts), each decoded once."""
@@ -85,8 +84,6 @@ class ZeroShot:
             out = args_decode(self.policy, None, self.policy.tokenize(batch), None,
                               torch.zeros(len(batch), dtype=torch.long, device=self.policy.device), k=1,
                               weight=0.0, max_new_tokens=self.max_new_tokens)
-            self.seconds += out.seconds
-            self.tokens += out.n_tokens
             self.texts.update(zip(batch, decode_texts(self.policy, out)))
             rate.update(len(batch), out)
         rate.close()
@@ -364,9 +361,6 @@ def compute_baselines(dm: PreferenceDataModule, section, zero_shot: ZeroShot, k:
     likelihood) and, for each of ``section.baselines``, ICL / ICL-RAG (eq. 7: the same with the user's
     demonstrations in the prompt; plrm.eval.icl). Generation is greedy decoding of the base policy, cached by
     prompt text."""
-    from plrm.decoding.scoring import response_scores
-    from plrm.eval.icl import embed_texts, render_icl_prompt, select_demos
-
     split, table = dm.split, dm.prepared.data.pairs.data.table
     column = {c: table[c].to_numpy(zero_copy_only=False).astype(str) for c in ("prompt", "chosen", "rejected")}
     references = table["reference"].to_numpy(zero_copy_only=False) if "reference" in table.column_names else None

@@ -115,6 +115,22 @@ def test_generate_writes_one_table_and_names_bad_arguments(fitted, tmp_path):
         runner.generate(result.run_dir, users=["nobody"], show=False)
     with pytest.raises(RecipeError, match="unknown policy setting"):
         runner.generate(result.run_dir, show=False, topk=3)
+    with pytest.raises(RecipeError, match=r"--seed 7: the run's split seeds are \[0\]"):
+        runner.generate(result.run_dir, seeds=[7], show=False)
+    with pytest.raises(RecipeError, match="--out .*gen.txt: write .parquet, .csv or .jsonl"):
+        runner.generate(result.run_dir, out=tmp_path / "gen.txt", show=False)
+    assert not (tmp_path / "gen.txt").exists() and not (result.run_dir / "generations.parquet").exists()
+
+
+def test_generate_refuses_a_weight_that_is_not_a_number(fitted, capsys):
+    from plrm import cli
+
+    result, _ = fitted
+    assert cli.main(["generate", "--run", str(result.run_dir), "--weight", "abc"]) == 2
+    assert "--weight 'abc': give a number >= 0 or auto" in capsys.readouterr().err
+    assert cli.main(["generate", "--run", str(result.run_dir), "--weight", "-1"]) == 2
+    assert "--weight '-1': must be >= 0" in capsys.readouterr().err
+    assert not (result.run_dir / "generations.parquet").exists()
 
 
 def test_a_policy_section_turns_the_stage_on_and_its_errors_name_their_keys(tmp_path):
