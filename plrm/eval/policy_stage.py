@@ -42,7 +42,7 @@ from plrm.errors import RecipeError
 from plrm.eval.correlation import bootstrap_ci, metric_correlations
 from plrm.eval.generation import bertscore_f1, clean_generation, rouge, win_outcomes, win_rate
 from plrm.eval.icl import embed_texts, render_icl_prompt, select_demos
-from plrm.eval.policy import LambdaChoice, best_lambda, policy_accuracies
+from plrm.eval.policy import LambdaChoice, best_lambda, per_user_accuracy, policy_accuracies
 from plrm.methods.base import PersonalizedRewardModel
 
 
@@ -143,6 +143,8 @@ def first_rows_per_user(rows: np.ndarray, users: np.ndarray, keep: int | None, k
 
 
 def _macro(values: np.ndarray, users: np.ndarray) -> float:
+    """The mean over users of each user's mean of a per-example score (ROUGE, BERTScore): the headline of the
+    generation metrics, as per_user_accuracy's macro is for accuracies."""
     if not len(values):
         return float("nan")
     uniq, inverse = np.unique(users, return_inverse=True)
@@ -391,7 +393,7 @@ def compute_baselines(dm: PreferenceDataModule, section, zero_shot: ZeroShot, k:
                                  + list(column["rejected"][pair_rows]), torch.cat([users, users]), section.batch_size)
         n = len(pair_rows)
         correct = scores["lln"][:n] - scores["lln"][n:] > 0
-        metrics = {"policy_accuracy": _macro(correct.astype(float), split.row_user[pair_rows]),
+        metrics = {"policy_accuracy": per_user_accuracy(correct, split.row_user[pair_rows])[0],
                    "policy_pairs": n, "generations": len(gen_rows)}
         if shots:
             metrics["demonstrations"] = float(np.mean(shots))
