@@ -39,3 +39,28 @@ def fit_per_user(
             loss.backward()
             optimizer.step()
     return params.detach()
+
+
+def fit_per_user_sets(
+    init: dict[str, Tensor],                     # name -> (U, ...) starting parameters of the users being fitted
+    user_losses: Callable[[dict[str, Tensor]], Tensor],  # parameters -> (U,) each user's mean loss on their pairs
+    steps: int,
+    lr: float,
+    l2: float = 0.0,
+) -> dict[str, Tensor]:
+    """:func:`fit_per_user` for per-user parameters held as several (U, ...) tensors (an MLP head per user) whose
+    losses the caller computes on the users' padded pair sets (``bmm`` over (U, S, D)), not on a per-pair gather:
+    a gathered copy of every pair's user's weights would hold P x D x H numbers. The sum over users of their own
+    mean losses again gives each user exactly their own gradient, so Adam follows U independent trajectories.
+    Returns the fitted tensors (detached), same names."""
+    params = {name: value.detach().clone().requires_grad_(True) for name, value in init.items()}
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = user_losses(params).sum()
+            if l2:
+                loss = loss + l2 * sum(p.pow(2).sum() for p in params.values())
+            loss.backward()
+            optimizer.step()
+    return {name: p.detach() for name, p in params.items()}
