@@ -93,6 +93,11 @@ class LowRankWorld(DatasetSource):
             "total concentration alpha * K, and with a small alpha a user leans on function k with probability "
             "about p_k, so [0.7, 0.2, 0.07, 0.03] plants two minority groups. null: all equally common.",
             nonempty=True, gt=0)
+        minority_fraction: float = opt(
+            0.0, "A planted minority that inverts the shared preference: this share of the users (a seeded random "
+            "set, truth['minority']) has its true weights negated, r_u = -e . (V w_u), so it prefers what the "
+            "majority dislikes (the minority users of When Personalization Meets Reality, Dong et al., arXiv "
+            "2502.19158, Fig. 5). 0: none.", min=0, lt=0.5)
         users_per_pair: int | None = opt(
             None, "Dense overlap (PReF's setting, app. B.2: 50): users label a shared pool of random "
             "response pairs, each pair by about this many users; null: every user labels their own best-vs-worst "
@@ -195,6 +200,10 @@ class LowRankWorld(DatasetSource):
             prevalence = np.asarray(c.function_prevalence, dtype=np.float64)
             concentration = c.alpha * c.n_functions * prevalence / prevalence.sum()                  # (K,)
         user_weights = dirichlet(rng, concentration, c.n_users, c.n_functions)                     # (U, K)
+        minority = np.zeros(c.n_users, dtype=bool)
+        if c.minority_fraction:
+            minority[rng.permutation(c.n_users)[:round(c.minority_fraction * c.n_users)]] = True
+            user_weights = np.where(minority[:, None], -user_weights, user_weights)                # signed
         mean_weights = user_weights.mean(axis=0)                                                   # (K,)
 
         if c.users_per_pair is None and c.pair_choice == "extremes":
@@ -245,5 +254,6 @@ class LowRankWorld(DatasetSource):
             features=FeatureTable(keys, features),
             oracle_logits={"oracle/personal": personal.ravel().astype(np.float32),
                            "oracle/non-personalized": population.ravel().astype(np.float32)},
-            truth={"directions": directions, "user_weights": user_weights, "feature_dim": c.feature_dim},
+            truth={"directions": directions, "user_weights": user_weights, "feature_dim": c.feature_dim,
+                   "minority": minority},
         )

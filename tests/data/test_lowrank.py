@@ -177,6 +177,26 @@ def test_function_prevalence_plants_minority_groups_and_uniform_changes_nothing(
     assert default.pairs.data.table.equals(uniform.pairs.data.table)
 
 
+def test_minority_inverts_the_shared_preference():
+    """minority_fraction = 0.25: a quarter of the users have negated true weights; the non-personalized oracle
+    (the signed population mean) is right for the majority and wrong for the minority, the personal oracle right
+    for both; the option at 0 leaves the world as it was."""
+    inverted = world(minority_fraction=0.25, alpha=0.05)
+    minority = inverted.truth["minority"]
+    assert minority.sum() == 10                                                   # round(0.25 * 40)
+    assert (inverted.truth["user_weights"][minority] <= 0).all()
+    assert (inverted.truth["user_weights"][~minority] >= 0).all()
+    user = np.asarray([int(u[4:]) for u in inverted.pairs["user_id"]])
+    personal = inverted.oracle_logits["oracle/personal"]
+    population = inverted.oracle_logits["oracle/non-personalized"]
+    assert (personal > 0).all()
+    assert (population[~minority[user]] > 0).mean() > 0.8
+    assert (population[minority[user]] > 0).mean() < 0.2
+    plain = world()
+    assert not plain.truth["minority"].any()
+    assert plain.pairs.data.table.equals(world(minority_fraction=0.0).pairs.data.table)
+
+
 # ---- dense overlap (PReF's setting) -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dense():
