@@ -13,6 +13,7 @@ SHARED_PAIRS = "shared_pairs"  # the same (prompt, response, response) item is l
 REFERENCE = "reference"        # each user's own ground-truth completion (Pref-LaMP-style evaluation)
 ORACLE = "oracle"              # ground-truth per-user rewards (synthetic worlds): oracle rows in the results
 USERS = "users"                # pairs labelled by two or more users: something to personalize and to split by user
+TOKEN_STATES = "token_states"  # every token's hidden state of a transformer run inside the method (not pooled features)
 
 DESCRIPTIONS = {
     FEATURES: "a feature vector per (prompt, response)",
@@ -22,6 +23,7 @@ DESCRIPTIONS = {
     REFERENCE: "reference completions per user",
     ORACLE: "ground-truth user rewards",
     USERS: "pairs labelled by two or more users",
+    TOKEN_STATES: "per-token hidden states of a transformer backbone (backbone 'transformer')",
 }
 
 

@@ -701,6 +701,11 @@ def _policy_stage(unit: Unit, model) -> dict:
                   "policy to generate")
         print(f"seed {unit.seed} {unit.label}: no policy stage: {reason}", file=sys.stderr)
         return {"policy": None, "policy_skipped": reason}
+    if model.pairwise_only:
+        reason = (f"{type(model).__name__} is a pairwise-only method (it judges pairs, it has no reward of one "
+                  "response); not usable for ARGS / policy evaluation")
+        print(f"seed {unit.seed} {unit.label}: no policy stage: {reason}", file=sys.stderr)
+        return {"policy": None, "policy_skipped": reason}
     zero_shot = run.zero_shot()
     start = time.perf_counter()
     try:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plrm import capabilities as cap
-from plrm.backbones.text import TokenizedItems, item_texts, ragged_select, tokenize_items
+from plrm.backbones.text import ItemTextTable, TokenizedItems, item_texts, ragged_select, tokenize_items
 from plrm.backbones.transformer import TransformerBackbone
 from plrm.config import Forbid, opt
 from plrm.errors import BackboneError
@@ -232,7 +232,9 @@ class CausalLMBackbone(TransformerBackbone):
         if self.config.append_eos and tok.eos_token_id is None:
             raise BackboneError(f"backbone.append_eos=true, but the tokenizer of {self.config.model!r} has no EOS "
                                 "token; set append_eos=false")
-        self.tokens = self.tokenize_texts(*item_texts(data, items))
+        prompts, responses = item_texts(data, items)
+        self.texts = ItemTextTable(prompts, responses, tok)  # for methods that write prompts around items
+        self.tokens = self.tokenize_texts(prompts, responses)
         empty = int((self.tokens.lengths - self.tokens.prompt_lengths <= 0).sum())
         if empty:
             raise BackboneError(f"{empty} item(s) have no response token left after truncation to "
@@ -255,5 +257,7 @@ class CausalLMBackbone(TransformerBackbone):
 
     def encoder(self) -> nn.Module:
         c = self.config
-        return CausalLM(self.trainable_model(), self.pad_id, c.inference_batch_size, lr=c.lr,
-                        weight_decay=c.weight_decay)
+        lm = CausalLM(self.trainable_model(), self.pad_id, c.inference_batch_size, lr=c.lr,
+                      weight_decay=c.weight_decay)
+        lm.item_texts = getattr(self, "texts", None)  # the prepared items' texts (the RAG judge reads them)
+        return lm

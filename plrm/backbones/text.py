@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,21 @@ def item_texts(data, items: ItemIndex) -> tuple[np.ndarray, np.ndarray]:
         prompt_of[uniq] = prompts[first]
         response_of[uniq] = table[column].to_numpy(zero_copy_only=False)[first]
     return prompt_of, response_of
+
+
+@dataclass
+class ItemTextTable:
+    """The text of every item of a prepared dataset and the tokenizer of the backbone that read them: what a
+    method that writes its own prompts around items (the RAG judge) reads besides item ids."""
+
+    prompts: np.ndarray    # (I,) object
+    responses: np.ndarray  # (I,) object
+    tokenizer: Any
+
+    def texts(self, item_ids: Tensor) -> tuple[list[str], list[str]]:
+        """(prompts, responses) of items ``item_ids`` (the backbone's item ids)."""
+        ids = item_ids.cpu().numpy()
+        return [str(p) for p in self.prompts[ids]], [str(r) for r in self.responses[ids]]
 
 
 def as_messages(prompt: str) -> list[dict]:

@@ -16,7 +16,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -55,31 +55,42 @@ class HFModelConfig:
                                     f"directory, or an offline alias ({', '.join(models.ALIASES)})"),)
 
 
+# reduce(hidden (N, L, H) float32, attention mask (N, L), the ragged batch) -> per-item output (N, ...)
+Reduce = Callable[[Tensor, Tensor, dict], Tensor]
+
+
 class HFEncoder(nn.Module):
     """Ragged token batches -> pooled features (N, H) in float32. Chunks itself when gradients are off."""
 
     def __init__(self, model: nn.Module, pooling: str, pad_id: int, inference_batch_size: int,
-                 lr: float | None = None, weight_decay: float = 0.0):
+                 lr: float | None = None, weight_decay: float = 0.0, tokenizer=None):
         super().__init__()
         self.model = model
+        self.tokenizer = tokenizer  # the backbone's (what tokenized the items): methods that edit token ids use it
         self.pooling, self.pad_id, self.inference_batch_size = pooling, pad_id, inference_batch_size
         self.lr, self.weight_decay = lr, weight_decay  # the optimizer group of the trainable encoder weights
 
-    def _forward(self, items: dict) -> Tensor:
+    def _forward(self, items: dict, reduce: Reduce | None) -> Tensor:
         input_ids, mask = pad(items, self.pad_id)
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        return pool(hidden, mask, self.pooling).float()
+        if reduce is None:
+            return pool(hidden, mask, self.pooling).float()
+        return reduce(hidden.float(), mask, items)
 
-    def forward(self, items: dict) -> Tensor:
+    def forward(self, items: dict, reduce: Reduce | None = None) -> Tensor:
+        """Pooled features (N, H); with ``reduce``, whatever it makes of every token's hidden state (N, L, H), the
+        attention mask (N, L) and the batch (Global RM-v2's mean of per-token rewards)."""
         n, chunk = len(items["lengths"]), self.inference_batch_size
         if torch.is_grad_enabled() or n <= chunk:
-            return self._forward(items)
+            return self._forward(items, reduce)
         # no gradients: length-sorted chunks (little padding), results put back in input order
         lengths = items["lengths"]
         order = torch.argsort(lengths, stable=True)
         starts = torch.cumsum(lengths, 0) - lengths
-        feats = torch.cat([self._forward(ragged_select(items["ids"], starts, lengths, order[s:s + chunk]))
-                           for s in range(0, n, chunk)])
+        per_item = {k: v for k, v in items.items() if k not in ("ids", "lengths")}  # prompt_lengths, ...
+        feats = torch.cat([self._forward({**ragged_select(items["ids"], starts, lengths, rows),
+                                          **{k: v[rows] for k, v in per_item.items()}}, reduce)
+                           for rows in (order[s:s + chunk] for s in range(0, n, chunk))])
         out = torch.empty_like(feats)
         out[order] = feats
         return out
@@ -167,6 +178,7 @@ class TransformerBackbone(HFBackbone):
 
     registry_name = "transformer"
     auto_model = "AutoModel"  # the transformers class that loads it (a causal LM backbone: AutoModelForCausalLM)
+    provides = frozenset({cap.FEATURES, cap.TOKEN_STATES})
 
     @dataclass
     class Config(HFModelConfig):
@@ -201,7 +213,8 @@ class TransformerBackbone(HFBackbone):
         self.tokens = self.tokenize_texts(*item_texts(data, items))
 
     def inputs(self, item_ids: Tensor) -> dict:
-        return self.tokens.gather(item_ids)
+        """The items' ragged token batch and each one's prompt length (where the response starts)."""
+        return {**self.tokens.gather(item_ids), "prompt_lengths": self.tokens.prompt_lengths[item_ids]}
 
     def load_base(self, device_map=None) -> nn.Module:
         """The pretrained transformer (no head; ``auto_model`` decides), quantized if configured."""
@@ -234,7 +247,7 @@ class TransformerBackbone(HFBackbone):
     def encoder(self) -> nn.Module:
         c = self.config
         return HFEncoder(self.trainable_model(), self.pooling, self.pad_id, c.inference_batch_size,
-                         lr=c.lr, weight_decay=c.weight_decay)
+                         lr=c.lr, weight_decay=c.weight_decay, tokenizer=self.tokenizer())
 
 
 def bnb_config(c, compute_dtype: torch.dtype):

@@ -10,6 +10,8 @@ r(x, [y_<t, v]); policy accuracy needs the reward of every prefix of a whole res
   reads ``head(h, u)`` and collapses it to the chosen rows (``batch_select_indices``). Because nothing is
   appended after a response when the RM is trained or scored, the hidden state at each response position of one
   forward is the last-token feature of that prefix: all prefix rewards come out of one forward.
+* :class:`MeanTokenGuide` -- a method whose reward is the mean of per-position rewards (Global RM-v2): the same
+  cached steps, with the running sum of the chosen tokens' rewards carried in the state.
 * :class:`TokenGuide` -- a token-level method (GenARM: beta_r log pi_r; P-DPO: beta log pi_theta / pi_ref), which
   rewards every vocabulary item of the next position in one cached forward of B rows: no k-fold expansion.
 * :class:`TextGuide` -- a factored method on a bidirectional encoder's features (MiniLM): each candidate prefix
@@ -162,17 +164,27 @@ class SequenceGuide(Guide):
         prev = self._reward(out.last_hidden_state[:, -1], users)          # r(x, empty response)
         return SequenceState(out.cache, mask, positions[:, -1], users, prev)
 
+    def _extend(self, state: SequenceState, candidates: Tensor) -> Tensor:
+        """Run each row's k candidates as one token of B*k rows on the expanded cache: their hidden states
+        (B*k, D); ``state.mask`` grows to the B*k rows."""
+        b, k = candidates.shape
+        state.cache.batch_repeat_interleave(k)                              # row b*k + i continues prompt b
+        state.mask = torch.cat([state.mask.repeat_interleave(k, 0), state.mask.new_ones(b * k, 1)], dim=1)
+        positions = state.positions.repeat_interleave(k) + 1
+        out = self.model(input_ids=candidates.reshape(b * k, 1).to(self.model_device), attention_mask=state.mask,
+                         position_ids=positions[:, None], cache=state.cache, use_cache=True)
+        return out.last_hidden_state[:, -1]
+
+    def _candidate_values(self, state: SequenceState, hidden: Tensor, k: int) -> Tensor:
+        """r(x, [y_<t, v]) (B*k,) from the candidates' hidden states (B*k, D)."""
+        return self._reward(hidden, state.users.repeat_interleave(k))
+
     @torch.no_grad()
     def candidate_rewards(self, state: SequenceState, candidates: Tensor, stop: Tensor) -> Tensor:
         b, k = candidates.shape
-        state.cache.batch_repeat_interleave(k)                              # row b*k + i continues prompt b
-        mask = torch.cat([state.mask.repeat_interleave(k, 0), state.mask.new_ones(b * k, 1)], dim=1)
-        positions = state.positions.repeat_interleave(k) + 1
-        out = self.model(input_ids=candidates.reshape(b * k, 1).to(self.model_device), attention_mask=mask,
-                         position_ids=positions[:, None], cache=state.cache, use_cache=True)
-        rewards = self._reward(out.last_hidden_state[:, -1], state.users.repeat_interleave(k)).view(b, k)
+        rewards = self._candidate_values(state, self._extend(state, candidates), k).view(b, k)
         rewards = torch.where(stop.to(rewards.device), state.prev[:, None], rewards)  # ending now: r of y_<t
-        state.mask, state.rewards = mask, rewards
+        state.rewards = rewards
         return rewards
 
     @torch.no_grad()
@@ -218,6 +230,114 @@ class SequenceGuide(Guide):
         feats = self.transform(h).to(users.device)
         valid = valid.to(users.device)
         return self.method.prefix_rewards(feats, users) * valid, valid
+
+
+def is_causal(model) -> bool:
+    """Whether a transformer's hidden state at a position ignores later tokens: two rows that differ only in
+    their second token must agree at the first (dropout off while checking)."""
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([[1, 2], [1, 3]], device=device)
+            hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    finally:
+        model.train(was_training)
+    return torch.allclose(hidden[0, 0], hidden[1, 0], atol=1e-5)
+
+
+@dataclass
+class MeanState(SequenceState):
+    """A :class:`MeanTokenGuide`'s cache plus each row's running sum of counted position rewards and their number
+    (B,), and the candidates' own position rewards (B, k) between ``candidate_rewards`` and ``advance``."""
+
+    total: Tensor | None = None
+    count: Tensor | None = None
+    steps: Tensor | None = None
+
+
+class MeanTokenGuide(SequenceGuide):
+    """A method whose sequence reward is the mean of per-position rewards (Global RM-v2, ``pools_positions``): the
+    prefix reward r(x, y_<=t) is the running mean over the counted positions so far, so a step still runs one
+    token per candidate, and the state carries the running sum (no re-run of the prefix). A response with no
+    counted position yet (``pool_over: response`` before the first token) has reward 0."""
+
+    name = "mean"
+
+    def __init__(self, method: PersonalizedRewardModel, backbone) -> None:
+        Guide.__init__(self, method, backbone)
+        encoder = method.encoder
+        if not isinstance(encoder, HFEncoder) or not is_causal(encoder.model):
+            raise RecipeError(f"{type(method).__name__} averages per-token rewards; guiding decoding with it needs "
+                              "a causal transformer backbone (backbone 'transformer' with a decoder such as SmolLM2 "
+                              "or Qwen2.5): a bidirectional encoder's states change with every later token")
+        self.model, self.pad_id, self.transform = encoder.model, encoder.pad_id, lambda h: h.float()
+        self.model_device = next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def prefill(self, prompts: dict, users: Tensor) -> MeanState:
+        input_ids, mask = left_pad(_on(prompts, self.model_device), self.pad_id)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        device = users.device
+        if self.method.config.pool_over == "all":  # the prompt's positions count
+            r = self.method.position_rewards(self.transform(out.last_hidden_state).to(device)) * mask.to(device)
+            total, count = r.sum(1), mask.sum(1).to(device, r.dtype)
+        else:
+            total = count = torch.zeros(len(users), device=device)
+        return MeanState(out.cache, mask, positions[:, -1], users, total / count.clamp_min(1), total=total,
+                         count=count)
+
+    def _candidate_values(self, state: MeanState, hidden: Tensor, k: int) -> Tensor:
+        steps = self.method.position_rewards(self.transform(hidden).to(state.users.device))      # (B*k,)
+        state.steps = steps.view(-1, k)
+        return (state.total.repeat_interleave(k) + steps) / (state.count.repeat_interleave(k) + 1)
+
+    @torch.no_grad()
+    def advance(self, state: MeanState, candidates: Tensor, choice: Tensor) -> MeanState:
+        b, k = candidates.shape
+        rows = torch.arange(b, device=self.model_device) * k + choice.to(self.model_device)
+        state.cache.batch_select_indices(rows)
+        pick = choice[:, None].to(state.steps.device)
+        return MeanState(state.cache, state.mask[rows], state.positions + 1, state.users,
+                         state.rewards.gather(1, pick)[:, 0], total=state.total + state.steps.gather(1, pick)[:, 0],
+                         count=state.count + 1)
+
+    def _running_means(self, items: dict) -> tuple[Tensor, Tensor]:
+        hidden, mask = self._hidden(items)
+        device = next(self.method.parameters()).device
+        return (self.method.running_means(self.transform(hidden).to(device), mask.to(device),
+                                          items["prompt_lengths"].to(device)), mask.to(device))
+
+    @torch.no_grad()
+    def sequence_reward(self, items: dict, users: Tensor) -> Tensor:
+        means, mask = self._running_means(items)
+        return means.gather(1, (mask.sum(1) - 1)[:, None])[:, 0]
+
+    @torch.no_grad()
+    def naive_candidate_rewards(self, prompts: dict, generated: list[list[int]], candidates: Tensor, stop: Tensor,
+                                users: Tensor) -> Tensor:
+        b, k = candidates.shape
+        items = {**append_tokens(prompts, generated, candidates),
+                 "prompt_lengths": prompts["lengths"].repeat_interleave(k)}
+        rewards = self.sequence_reward(items, users.repeat_interleave(k)).view(b, k)
+        if stop.any():
+            prev = self.sequence_reward({**append_tokens(prompts, generated), "prompt_lengths": prompts["lengths"]},
+                                        users)
+            rewards = torch.where(stop.to(rewards.device), prev[:, None], rewards)
+        return rewards
+
+    @torch.no_grad()
+    def response_rewards(self, items: dict, users: Tensor) -> tuple[Tensor, Tensor]:
+        """r(x, y_<=t) of every response prefix: the running means at the response's positions, one forward."""
+        means, _ = self._running_means(items)
+        device = means.device
+        responses = (items["lengths"] - items["prompt_lengths"]).to(device)
+        width = int(responses.max()) if len(responses) else 0
+        column = torch.arange(width, device=device)
+        valid = column[None, :] < responses[:, None]                                          # (N, T)
+        at = (items["prompt_lengths"].to(device)[:, None] + column[None, :]).clamp_max(means.shape[1] - 1)
+        return means.gather(1, at) * valid, valid
 
 
 @dataclass
@@ -374,8 +494,13 @@ class TokenGuide(Guide):
 def guide_for(method: PersonalizedRewardModel, backbone, policy_tokenizer=None) -> Guide:
     """The guide a method serves: token-level if it has a token reward; prefix by prefix from a causal LM's
     states; else, on a frozen encoder given the policy's tokenizer, through text (:class:`TextGuide`)."""
+    if method.pairwise_only:
+        raise RecipeError(f"{type(method).__name__} is a pairwise-only method (it judges pairs, it has no reward of "
+                          "one response); not usable for ARGS / policy evaluation")
     if hasattr(method, "next_token_rewards"):
         return TokenGuide(method, backbone)
+    if getattr(method, "pools_positions", False):
+        return MeanTokenGuide(method, backbone)
     try:
         return SequenceGuide(method, backbone)
     except RecipeError:

@@ -15,7 +15,6 @@ pairs as demonstrations before the query -- no reward model at all.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 ICL_HEADER = ("Here are earlier requests from the same user. For each one you see the response the user preferred "
               "and a response they rejected.")
@@ -27,27 +26,6 @@ def render_icl_prompt(prompt: str, demos: list[tuple[str, str, str]]) -> str:
     """The ICL prompt of one query: the header, one block per (prompt, chosen, rejected) demonstration, the query."""
     blocks = [ICL_BLOCK.format(prompt=p, chosen=c, rejected=r) for p, c, r in demos]
     return "\n\n".join([ICL_HEADER, *blocks, ICL_QUERY.format(prompt=prompt)])
-
-
-@torch.no_grad()
-def embed_texts(texts: list[str], model: str = "offline:minilm", batch_size: int = 64) -> np.ndarray:
-    """L2-normalised mean-pooled embeddings (N, D) of ``texts`` (sentence-transformers' convention), each unique
-    text encoded once."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from plrm.backbones.models import resolve
-
-    path = resolve(model)
-    tok, enc = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    uniq, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-    out = []
-    for start in range(0, len(uniq), batch_size):
-        batch = tok(list(uniq[start:start + batch_size]), padding=True, truncation=True, max_length=256,
-                    return_tensors="pt")
-        hidden = enc(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1))
-    return torch.cat(out).numpy()[inverse] if out else np.zeros((0, 1), np.float32)
 
 
 def select_demos(query_prompts: np.ndarray, query_users: np.ndarray, pool_prompts: np.ndarray,

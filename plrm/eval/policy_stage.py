@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from plrm.backbones.sentence import embed_texts
 from plrm.data.datamodule import PreferenceDataModule
 from plrm.data.splits import TEST
 from plrm.decoding.args import Decoded, args_decode
@@ -41,7 +42,7 @@ from plrm.decoding.scoring import pair_differences, response_scores
 from plrm.errors import RecipeError
 from plrm.eval.correlation import bootstrap_ci, metric_correlations
 from plrm.eval.generation import bertscore_f1, clean_generation, rouge, win_outcomes, win_rate
-from plrm.eval.icl import embed_texts, render_icl_prompt, select_demos
+from plrm.eval.icl import render_icl_prompt, select_demos
 from plrm.eval.policy import LambdaChoice, best_lambda, per_user_accuracy, policy_accuracies
 from plrm.methods.base import PersonalizedRewardModel
 

@@ -17,7 +17,8 @@ A method's reward comes in one of two shapes, declared by ``reward_shape``:
   chunks, chosen and rejected in one forward, and still computes once per unique item whatever part of the
   reward does not depend on the user (``item_statistics``: P-DPO's reference log-probabilities).
 
-Pairwise-only judges override ``pair_logit`` (and make ``user_reward`` raise).
+Pairwise-only judges (the RAG judge) set ``pairwise_only``, are ``conditioned`` and override
+``conditioned_pair_logit``; their ``reward`` raises, and reward-guided decoding and the policy stage skip them.
 
 Per-user state lives in the module (``nn.Embedding``-style tables indexed by ``user_idx``), so Lightning
 checkpoints, DDP and loggers work unchanged. ``adapt(support, users)`` fits new users' rows from their support
@@ -112,6 +113,9 @@ class PersonalizedRewardModel(L.LightningModule):
     # 'factored': reward = user_reward(item_embedding(encode(items)), u); 'conditioned': the user changes the
     # encoder's forward, the method implements conditioned_reward (see the module docstring).
     reward_shape: ClassVar[Literal["factored", "conditioned"]] = FACTORED
+    # True: the method only judges pairs (the log-odds that chosen beats rejected); it has no pointwise reward, so
+    # reward-guided decoding and the policy stage skip it by this flag, never by name.
+    pairwise_only: ClassVar[bool] = False
     # True: the training step runs its own backward passes and optimizer steps (Lightning manual optimization);
     # declared on the class so a recipe's trainer settings are checked against it before anything runs.
     manual_optimization: ClassVar[bool] = False

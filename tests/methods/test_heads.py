@@ -137,7 +137,7 @@ def test_mlp_fit_equals_one_user_at_a_time_and_lowers_each_loss():
 
 def _score(heads, h, z, owner):
     """r_{owner[i]}(z_i) from explicit per-user rows h (U, ...)."""
-    return heads.apply({n: v[owner] for n, v in h.items()}, z[:, None]).squeeze(1)
+    return heads.score({n: v[owner] for n, v in h.items()}, z[:, None]).squeeze(1)
 
 
 def test_bad_options_are_refused():
