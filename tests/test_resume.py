@@ -6,6 +6,7 @@ tests/test_resume_kill.py (slow)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -136,26 +137,59 @@ def method_names() -> list[str]:
     return sorted(name for name, _ in registry.methods.items())
 
 
-def _needs_lm(method: str) -> bool:
+def _text_backbone(method: str) -> str | None:
+    """The backbone a method that reads text needs: causal_lm (log-probabilities), transformer (every token's
+    hidden state), or None (frozen features)."""
     from plrm import capabilities as cap
     from plrm import registry
 
-    return cap.LM in registry.methods.get(method).needs
+    needs = registry.methods.get(method).needs
+    return "causal_lm" if cap.LM in needs else "transformer" if cap.TOKEN_STATES in needs else None
+
+
+def _feature_options(method: str) -> dict:
+    """Four epochs of several steps each: 64-pair batches, or 8 users per meta-batch for episodic methods."""
+    from plrm import registry
+
+    fields = {f.name for f in dataclasses.fields(registry.methods.get(method).Config)}
+    wanted = {"max_epochs": 4, "batch_size": 64, "meta_batch_size": 8}
+    return {k: v for k, v in wanted.items() if k in fields}
+
+
+def _frozen_judge(method: str) -> bool:
+    from plrm import registry
+
+    return registry.methods.get(method).pairwise_only
+
+
+def _text_options(method: str) -> dict:
+    """Two short epochs; a method that trains nothing (the RAG judge: one epoch, no optimizer step) gets small
+    batches instead, so it is still interrupted mid-epoch."""
+    from plrm import registry
+
+    cls = registry.methods.get(method)
+    if cls.pairwise_only:
+        return {"batch_size": 8}
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    return {k: v for k, v in {"max_epochs": 2, "batch_size": 24, "adapt_steps": 2}.items() if k in fields}
 
 
 @pytest.mark.parametrize("method", method_names())
 def test_every_method_resumes_to_the_uninterrupted_results(tmp_path, monkeypatch, method, length_pairs, text_recipe):
     """Each method (its own optimizers, schedulers, episodes drawn from the global RNG, data hooks) stopped
     mid-training and resumed ends with an uninterrupted run's weights and metrics. Methods on frozen features
-    train on the low-rank world; LM methods (P-DPO, GenARM) on text pairs with a tiny random causal LM + LoRA."""
-    if _needs_lm(method):
-        backbone = {"name": "causal_lm", "model": "tiny-random:qwen2", "lora_dropout": 0.0, "dtype": "float32"}
-        recipe = text_recipe(tmp_path, length_pairs, backbone, {method: {"max_epochs": 2, "batch_size": 24,
-                                                                      "adapt_steps": 2}})
+    train on the low-rank world; methods that read text (P-DPO, GenARM, the RAG judge on a causal LM; Conditional
+    RM and Global RM-v2 on a transformer) on text pairs with a tiny random Qwen2 + LoRA."""
+    backbone_name = _text_backbone(method)
+    if backbone_name:
+        backbone = {"name": backbone_name, "model": "tiny-random:qwen2", "lora_dropout": 0.0, "dtype": "float32"}
+        if _frozen_judge(method):
+            backbone["finetune"] = "frozen"  # a judge trains nothing and refuses trainable weights
+        recipe = text_recipe(tmp_path, length_pairs, backbone, {method: _text_options(method)})
         base = ["logger.kind=none", "trainer.progress_bar=false", "run.checkpoint_interval=0",
                 "run.checkpoint_every_n_steps=2", f"run.output_dir={tmp_path}"]
     else:
-        recipe = {"extends": "quickstart", "methods": {method: {"name": method, "max_epochs": 4, "batch_size": 64}}}
+        recipe = {"extends": "quickstart", "methods": {method: {"name": method, **_feature_options(method)}}}
         base = EVERY_METHOD + [f"run.output_dir={tmp_path}", "~methods.bt", "~methods.lore"]
     if method in ("bt", "lore"):
         base = [o for o in base if o != f"~methods.{method}"]

@@ -301,7 +301,11 @@ def test_bench_quick_as_shipped_includes_the_example_plugin(tmp_path):
     assert cli.main(["bench", "--recipe", "bench/quick", f"bench.output_dir={tmp_path}"]) == 0
     results = json.loads((tmp_path / "quick" / "results.json").read_text())
     done = {(c["method"], tuple(c["seeds_done"])) for c in results["cells"] if c["status"] == "done"}
-    assert done == {(m, (0, 1)) for m in ("bt", "lore", "lore_alt", "mrm", "pref", "shrunk_individual")}
+    feature_methods = ("bt", "lore", "lore_alt", "mrm", "pref", "shrunk_individual", "individual", "further_ft",
+                       "similar_user", "mpu", "mpu_avg", "prm", "vpl", "gpo", "pal_a", "pal_b")
+    assert done == {(m, (0, 1)) for m in feature_methods}
+    skipped = {c["method"] for c in results["cells"] if c["status"] == "skipped"}
+    assert skipped == {"pdpo", "genarm", "conditional", "rm_v2", "rag_judge"}  # they read text (transformer or causal LM)
     report = (tmp_path / "quick" / "report.md").read_text()
     assert "| shrunk_individual (plugin: plrm-shrinkage " in report
     plugin = next(r for r in results["records"] if r["method"] == "shrunk_individual")

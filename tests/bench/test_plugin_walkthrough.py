@@ -31,7 +31,8 @@ ERROR_CLASSES = {name for name, obj in vars(plrm.errors).items()
 # import" documents exactly these; anything else in plrm is internal.
 PUBLIC_API: dict[str, set[str]] = {
     "plrm.methods.base": {"PersonalizedRewardModel", "MethodConfig", "AdaptConfig", "SeenUsersData"},
-    "plrm.methods.peruser": {"fit_per_user"},
+    "plrm.methods.peruser": {"fit_per_user", "fit_per_user_sets"},
+    "plrm.methods.heads": {"PerUserHeads"},
     "plrm.methods.episodic": {"EpisodicRewardModel", "EpisodeConfig"},
     "plrm.methods.losses": {"bradley_terry_nll", "masked_bradley_terry_nll", "reduce_nll", "robust_objective"},
     "plrm.methods.meta": {"adapt", "query_losses", "pad_groups", "episode_split"},
@@ -39,7 +40,7 @@ PUBLIC_API: dict[str, set[str]] = {
     "plrm.data.source": {"DatasetSource", "PreferenceData", "FeatureTable", "EncoderRequest"},
     "plrm.data.published": {"PublishedConfig", "resolve_files", "read_table", "require_columns", "malformed",
                             "LoadReport"},
-    "plrm.capabilities": {"FEATURES", "USERS", "TEXT", "SHARED_PAIRS", "REFERENCE", "ORACLE", "LM"},
+    "plrm.capabilities": {"FEATURES", "USERS", "TEXT", "SHARED_PAIRS", "REFERENCE", "ORACLE", "LM", "TOKEN_STATES"},
     "plrm.distributed": {"to_device"},
     "plrm.errors": ERROR_CLASSES,  # every class: PlrmError and its subclasses
 }
