@@ -35,9 +35,10 @@ def _modules(heads: PerUserHeads) -> list[nn.Module]:
 
 
 @pytest.mark.parametrize("hidden", [0, 5])
-def test_stacked_heads_equal_a_loop_of_per_user_modules(hidden):
+@pytest.mark.parametrize("n_users", [6, 20])  # most users in the batch (padded over all) or few (their rows gathered)
+def test_stacked_heads_equal_a_loop_of_per_user_modules(hidden, n_users):
     """Rows in any order, users repeated or absent: each row scored by its own user's module."""
-    heads = PerUserHeads(n_users=6, dim=4, hidden=hidden)
+    heads = PerUserHeads(n_users=n_users, dim=4, hidden=hidden)
     _randomize(heads)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(23, 4, generator=g)
@@ -45,7 +46,7 @@ def test_stacked_heads_equal_a_loop_of_per_user_modules(hidden):
     modules = _modules(heads)
     expected = torch.stack([modules[u](z[i]).squeeze() for i, u in enumerate(users.tolist())])
     torch.testing.assert_close(heads(z, users), expected, rtol=1e-5, atol=1e-6)
-    every = torch.stack([modules[u](z).squeeze(-1) for u in range(6)], 1)          # (N, U)
+    every = torch.stack([modules[u](z).squeeze(-1) for u in range(n_users)], 1)    # (N, U)
     torch.testing.assert_close(heads.all_users(z), every, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(heads.all_users(z, torch.tensor([4, 1])), every[:, [4, 1]], rtol=1e-5, atol=1e-5)
 
