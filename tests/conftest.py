@@ -109,3 +109,13 @@ def text_recipe():
 def pairs_writer():
     """write_length_pairs(path, n_users, pairs_per_user, seed, opposite) for tests that need other sizes."""
     return write_length_pairs
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test: tiny models train several times faster on one thread of a shared
+    2-core machine than on two (OpenMP synchronisation on every small op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,15 +29,9 @@ from plrm.methods.base import CONDITIONED
 from plrm.methods.conditional import ConditionalRM, UserPrefix, chat_opening, plain_opening
 from tests.conftest import write_length_pairs
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 PREFIX = "User ID: {user_index}\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _prepared(path, model="tiny-random:qwen2", **config) -> PreparedData:

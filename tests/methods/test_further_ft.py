@@ -12,15 +12,9 @@ from plrm.methods.bt import GlobalBT
 from plrm.methods.further_ft import FurtherFineTunedRM
 from plrm.recipe import build_section
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 D = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(n_users=5, **changes):

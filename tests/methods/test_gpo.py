@@ -19,15 +19,6 @@ from plrm.recipe import build_section, load_recipe
 D = 6
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train far faster on one thread on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(n_users=8, seed=0, **changes):
     torch.manual_seed(seed)
     config = GPO.Config(**{"d_model": 16, "n_layers": 2, "dim_feedforward": 32, "n_heads": 2, "min_ctx": 1,

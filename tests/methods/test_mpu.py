@@ -17,15 +17,9 @@ from plrm.errors import RecipeError
 from plrm.methods.mpu import MPU, MPUAvg
 from plrm.recipe import load_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 D, H = 4, 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(cls=MPU, n_users=6, encoder=None, **changes):

@@ -246,15 +246,6 @@ def test_adjusted_rand_index_matches_scikit_learn():
         assert adjusted_rand_index(a, b) == pytest.approx(metrics.adjusted_rand_score(a, b))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train fastest on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _world(tmp_path, name: str, alpha: float, *method_options: str) -> list[str]:
     return ["data.n_users=300", "data.pairs_per_user=30", "data.n_train_prompts=1000", "data.n_test_prompts=100",
             "data.test_prompts_per_user=30", "data.feature_dim=16", "data.n_functions=4", f"data.alpha={alpha}",

@@ -27,13 +27,7 @@ from plrm.methods.base import CONDITIONED
 from plrm.methods.prm import PRM, SoftTokenPRM
 from plrm.recipe import load_recipe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _sp(x: float) -> float:
@@ -280,7 +274,6 @@ def test_a_transformer_gets_soft_user_tokens_in_front_of_the_text_and_a_linear_h
             hidden = lm(inputs_embeds=embeds).last_hidden_state[0, -1]
             torch.testing.assert_close(got[i], model.v_head(hidden)[0], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got[1], model.reward(select(items, [1]), torch.tensor([0])))  # the user matters
-
 
 
 def test_transformer_loss_terms_and_their_gradients(prepared):

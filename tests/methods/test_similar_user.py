@@ -17,15 +17,9 @@ from plrm.export import export
 from plrm.methods.similar_user import SimilarUserRM
 from plrm.recipe import build_section, load_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 D = 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(n_users=6, heads=((1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)), **changes):

@@ -21,13 +21,7 @@ from plrm.eval.protocol import evaluate
 from plrm.methods.vpl import VPL, annealed_weight, gaussian_kl
 from plrm.recipe import RecipeError, load_recipe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(n_users=4, feature_dim=3, **changes):
