@@ -119,3 +119,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def calibration_world(tmp_path, method: str, *extra: str) -> list[str]:
+    """quickstart overrides for the baselines' calibration world (recipes/baselines_lowrank.yaml's): D = 16, K = 4
+    true directions, Dirichlet(0.05) users, 4 responses per prompt, 100 seen users x 50 train pairs and 100 unseen
+    users, 100 test pairs each, k = 10; ``method`` alone, with its defaults unless ``extra`` says otherwise."""
+    return ["data.n_users=200", "data.pairs_per_user=50", "data.n_train_prompts=2000", "data.n_test_prompts=300",
+            "data.test_prompts_per_user=100", "data.feature_dim=16", "data.n_functions=4", "data.alpha=0.05",
+            "data.n_responses=4", "split.k=10", "eval.k_list=[10]", "~methods.lore", "~methods.bt",
+            f"+methods.{method}={{}}", "logger.kind=none", f"run.output_dir={tmp_path}", "trainer.progress_bar=false",
+            *extra]

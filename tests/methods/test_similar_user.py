@@ -16,6 +16,7 @@ from plrm.eval.protocol import adapt_unseen, evaluate
 from plrm.export import export
 from plrm.methods.similar_user import SimilarUserRM
 from plrm.recipe import build_section, load_recipe
+from tests.conftest import calibration_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -137,13 +138,7 @@ def test_bad_options_name_their_key():
 
 
 def _world(tmp_path, *extra):
-    """The calibration world: D = 16, K = 4 true directions, Dirichlet(0.05) users, 4 responses per prompt, 100 seen
-    users x 50 train pairs and 100 unseen users, 100 test pairs each, k = 10."""
-    return ["data.n_users=200", "data.pairs_per_user=50", "data.n_train_prompts=2000", "data.n_test_prompts=300",
-            "data.test_prompts_per_user=100", "data.feature_dim=16", "data.n_functions=4", "data.alpha=0.05",
-            "data.n_responses=4", "split.k=10", "eval.k_list=[10]", "~methods.lore", "~methods.bt",
-            "+methods.similar_user={}", "logger.kind=none", f"run.output_dir={tmp_path}", "trainer.progress_bar=false",
-            *extra]
+    return calibration_world(tmp_path, "similar_user", *extra)
 
 
 @pytest.mark.slow
