@@ -205,10 +205,20 @@ dataset_options:
   lowrank_world: {n_users: 60, pairs_per_user: 10, n_train_prompts: 300, n_test_prompts: 20,
                   test_prompts_per_user: 10, feature_dim: 16}
   attribute_world: {n_users: 20}
-method_options:
+method_options:                # every method joins; each trains only a few steps here
   lore: {max_epochs: 5}
   lore_alt: {max_epochs: 5}
   mrm: {max_epochs: 3}
+  individual: {max_steps: 20}
+  similar_user: {max_steps: 20}
+  further_ft: {max_epochs: 3}
+  mpu: {max_epochs: 3}
+  mpu_avg: {max_epochs: 3}
+  prm: {max_epochs: 3}
+  vpl: {max_epochs: 2}
+  gpo: {max_steps: 10}
+  pal_a: {max_epochs: 3}
+  pal_b: {max_epochs: 3}
 cell:
   logger: {kind: none}
 """)
