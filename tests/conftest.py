@@ -130,3 +130,22 @@ def calibration_world(tmp_path, method: str, *extra: str) -> list[str]:
             "data.n_responses=4", "split.k=10", "eval.k_list=[10]", "~methods.lore", "~methods.bt",
             f"+methods.{method}={{}}", "logger.kind=none", f"run.output_dir={tmp_path}", "trainer.progress_bar=false",
             *extra]
+
+
+def export_support(run_dir, k: int, path, rename=lambda u: f"new-{u}") -> list[str]:
+    """Write the unseen users' first k support pairs of a finished run (seed 0) to ``path`` as a canonical jsonl
+    pairs file, row order kept and each user renamed by ``rename`` (as new users of `plrm adapt --pairs`); return
+    the users' original ids, sorted."""
+    import pandas as pd
+    import yaml
+
+    from plrm import runner
+    from plrm.recipe import load_recipe
+
+    recipe = load_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+    pairs = runner.prepare(recipe).data.pairs.to_pandas()
+    split = pd.read_parquet(run_dir / "seed-0" / "split.parquet")
+    rows = split[(split.role == "support") & (split.support_rank < k)].row.to_numpy()
+    frame = pairs.iloc[rows][["user_id", "prompt", "chosen", "rejected"]]
+    frame.assign(user_id=frame.user_id.astype(str).map(rename)).to_json(path, orient="records", lines=True)
+    return sorted(frame.user_id.astype(str).unique())

@@ -5,12 +5,12 @@ import json
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from plrm import runner
 from plrm.data.schema import DataValidationError
 from plrm.methods.base import MethodConfig, PersonalizedRewardModel
 from plrm.recipe import RecipeError, load_recipe, read_recipe
+from tests.conftest import export_support
 
 
 @pytest.fixture
@@ -186,22 +186,11 @@ def test_validation_split_is_evaluated_during_training(tmp_path, tiny_overrides)
     assert metrics["val/accuracy"].notna().sum() == 3  # one validation pass per epoch (max_epochs=3)
 
 
-def _export_support(run_dir, k, path, rename=lambda u: u):
-    """The unseen users' first k support pairs of a finished run, as a canonical jsonl file (row order kept)."""
-    recipe = load_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
-    pairs = runner.prepare(recipe).data.pairs.to_pandas()
-    split = pd.read_parquet(run_dir / "seed-0" / "split.parquet")
-    rows = split[(split.role == "support") & (split.support_rank < k)].row.to_numpy()
-    frame = pairs.iloc[rows][["user_id", "prompt", "chosen", "rejected"]]
-    frame.assign(user_id=frame.user_id.map(rename)).to_json(path, orient="records", lines=True)
-    return sorted(frame.user_id.unique())
-
-
 def test_adapt_new_users_from_a_pairs_file_equals_adapting_them_in_the_run(finished_run, tmp_path):
     """Users fitted from a file they are alone in get the same state as the same users fitted from the same
     pairs inside the run (adapt touches only their rows and reads only shared weights)."""
     path = tmp_path / "newcomers.jsonl"
-    unseen = _export_support(finished_run.run_dir, 3, path, rename=lambda u: f"new-{u}")
+    unseen = export_support(finished_run.run_dir, 3, path)
     out = runner.adapt_new_users(finished_run.run_dir, path, show=False)
     assert out["n_users"] == len(unseen) == 40
     saved = torch.load(finished_run.run_dir / "seed-0" / "lore.users-newcomers.ckpt", weights_only=True)
@@ -222,7 +211,7 @@ def test_cli_adapt_pairs_rejects_k(finished_run, tmp_path, capsys):
     from plrm.cli import main
 
     path = tmp_path / "p.jsonl"
-    _export_support(finished_run.run_dir, 1, path)
+    export_support(finished_run.run_dir, 1, path, rename=str)
     assert main(["adapt", "--run", str(finished_run.run_dir), "--pairs", str(path), "--k", "2"]) == 2
     assert "with --pairs every pair in the file is used" in capsys.readouterr().err
 

@@ -116,6 +116,9 @@ class PersonalizedRewardModel(L.LightningModule):
     # True: the method only judges pairs (the log-odds that chosen beats rejected); it has no pointwise reward, so
     # reward-guided decoding and the policy stage skip it by this flag, never by name.
     pairwise_only: ClassVar[bool] = False
+    # True: pair_logit scores chosen and rejected in one user_reward call on the 2B rows, for rewards that group
+    # rows by user (stacked MLP heads) or read a user's context (GPO), so the grouping is done once per batch.
+    joint_pair_scoring: ClassVar[bool] = False
     # True: the training step runs its own backward passes and optimizer steps (Lightning manual optimization);
     # declared on the class so a recipe's trainer settings are checked against it before anything runs.
     manual_optimization: ClassVar[bool] = False
@@ -330,6 +333,10 @@ class PersonalizedRewardModel(L.LightningModule):
 
     def pair_logit(self, z_chosen: Tensor, z_rejected: Tensor, user_idx: Tensor) -> Tensor:
         """Log-odds that chosen beats rejected, from item embeddings."""
+        if self.joint_pair_scoring:
+            n = len(user_idx)
+            r = self.user_reward(torch.cat([z_chosen, z_rejected]), torch.cat([user_idx, user_idx]))  # (2B,)
+            return r[:n] - r[n:]
         return self.user_reward(z_chosen, user_idx) - self.user_reward(z_rejected, user_idx)
 
     def embed_pairs(self, batch: dict) -> tuple[Tensor, Tensor]:

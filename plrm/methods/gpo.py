@@ -96,6 +96,7 @@ class GPO(EpisodicRewardModel):
     """GPO: an in-context transformer over a user's labelled pairs; the user's state is that context set."""
 
     user_state = ("context_z", "context_labels", "context_mask")
+    joint_pair_scoring = True  # both items of a pair in one pass over the user's context
 
     @dataclass
     class Config(MethodConfig, EpisodeConfig):
@@ -225,11 +226,6 @@ class GPO(EpisodicRewardModel):
             values.append(m[k])
             rows.append(i[k])
         return torch.cat(values).new_empty(n).index_copy(0, torch.cat(rows), torch.cat(values))
-
-    def pair_logit(self, z_chosen: Tensor, z_rejected: Tensor, user_idx: Tensor) -> Tensor:
-        """m+ - m-, both items of a pair scored in one pass over the user's context."""
-        r = self.user_reward(torch.cat([z_chosen, z_rejected]), torch.cat([user_idx, user_idx]))
-        return r[:len(user_idx)] - r[len(user_idx):]
 
     # ---- meta-training -------------------------------------------------------------------------------------------
     def pair_inputs(self, batch: dict) -> Tensor:

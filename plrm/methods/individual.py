@@ -87,6 +87,7 @@ class IndividualRM(PersonalizedRewardModel):
                               "nothing; this backbone has trainable (e.g. LoRA) weights, which every user would "
                               "share. Use a frozen backbone (frozen_encoder or precomputed features)")
         self.linear_in_features = config.hidden == 0  # v_u^T h is linear in h: pairs scored from h+ - h-
+        self.joint_pair_scoring = config.hidden > 0  # MLP heads: both sides in one grouped bmm
         # an MLP head starts from one seeded head (the run's seeded RNG draws the seed); a linear one from zeros
         seed = int(torch.randint(2**31 - 1, ())) if config.hidden else 0
         self.heads = PerUserHeads(self.head_rows(n_users), feature_dim, config.hidden, config.activation,
@@ -108,12 +109,6 @@ class IndividualRM(PersonalizedRewardModel):
     # ---- the reward ----------------------------------------------------------------------------------------
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return self.heads(z, user_idx)  # r_u(h): (N,)
-
-    def pair_logit(self, z_chosen: Tensor, z_rejected: Tensor, user_idx: Tensor) -> Tensor:
-        """r_u(y+) - r_u(y-), both sides in one call (an MLP groups the rows by user once)."""
-        n = len(user_idx)
-        r = self.user_reward(torch.cat([z_chosen, z_rejected]), torch.cat([user_idx, user_idx]))  # (2B,)
-        return r[:n] - r[n:]
 
     def regularization(self, batch: dict) -> Tensor | float:
         """l2 ||theta_u||^2 of each user of the batch, weighted as the NLL weighs that user's pairs (the mean

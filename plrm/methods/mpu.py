@@ -70,6 +70,7 @@ class MPU(PersonalizedRewardModel):
     """MPU: shared backbone + per-user MLP heads from one initialisation; new users from that initialisation."""
 
     user_state = ("heads.w1", "heads.b1", "heads.w2", "heads.b2")
+    joint_pair_scoring = True  # both sides in one grouped bmm
 
     @dataclass
     class Config(MethodConfig, AdaptConfig):
@@ -99,12 +100,6 @@ class MPU(PersonalizedRewardModel):
 
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return self.heads(z, user_idx)  # MLP_u(h): (N,)
-
-    def pair_logit(self, z_chosen: Tensor, z_rejected: Tensor, user_idx: Tensor) -> Tensor:
-        """r_u(y+) - r_u(y-), both sides in one grouped ``bmm`` (one grouping of the rows by user)."""
-        n = len(user_idx)
-        r = self.heads(torch.cat([z_chosen, z_rejected]), torch.cat([user_idx, user_idx]))  # (2B,)
-        return r[:n] - r[n:]
 
     @torch.no_grad()
     def fit_seen_users(self, seen: SeenUsersData) -> None:

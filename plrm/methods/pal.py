@@ -82,6 +82,7 @@ class PAL(PersonalizedRewardModel):
     """What PAL-A and PAL-B share: the (U, K) mixture logits, the loss, the parameter groups and new users."""
 
     user_state = ("user_logits",)
+    joint_pair_scoring = True  # one unique() over the users of both sides
 
     @dataclass
     class Config(MethodConfig, AdaptConfig):
@@ -124,10 +125,6 @@ class PAL(PersonalizedRewardModel):
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         users, row = torch.unique(user_idx, return_inverse=True)
         return self.reward_of(z, self.user_logits[users], row)
-
-    def pair_logit(self, z_chosen: Tensor, z_rejected: Tensor, user_idx: Tensor) -> Tensor:
-        r = self.user_reward(torch.cat([z_chosen, z_rejected]), torch.cat([user_idx, user_idx]))  # (2B,)
-        return r[:len(user_idx)] - r[len(user_idx):]
 
     def pair_loss(self, logit: Tensor) -> Tensor:
         """Per-pair loss (P,) of preference logits r+ - r-."""

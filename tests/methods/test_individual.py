@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 import plrm.methods.further_ft  # noqa: F401  (registers further_ft for the minority-world test)
@@ -20,7 +19,7 @@ from plrm.eval.metrics import worst_fraction_mean
 from plrm.export import export
 from plrm.methods.individual import IndividualRM
 from plrm.recipe import build_section, load_recipe
-from tests.conftest import calibration_world
+from tests.conftest import calibration_world, export_support
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -203,19 +202,15 @@ def test_reload_and_new_users_from_a_pairs_file(tmp_path, tiny_overrides, hidden
 
     runner.adapt(result.run_dir, k=3, show=False)
     in_run = torch.load(result.run_dir / "seed-0" / "individual.adapted-k3.ckpt", weights_only=True)["state_dict"]
-    recipe = load_recipe(yaml.safe_load((result.run_dir / "recipe.yaml").read_text()))
-    pairs = runner.prepare(recipe).data.pairs.to_pandas()
-    split = pd.read_parquet(result.run_dir / "seed-0" / "split.parquet")
-    rows = split[(split.role == "support") & (split.support_rank < 3)].row.to_numpy()
-    frame = pairs.iloc[rows][["user_id", "prompt", "chosen", "rejected"]]
     path = tmp_path / "newcomers.jsonl"
-    frame.assign(user_id="new-" + frame.user_id.astype(str)).to_json(path, orient="records", lines=True)
+    new_ids = export_support(result.run_dir, 3, path)
+    split = pd.read_parquet(result.run_dir / "seed-0" / "split.parquet")
     runner.adapt_new_users(result.run_dir, path, show=False)
     saved = torch.load(result.run_dir / "seed-0" / "individual.users-newcomers.ckpt", weights_only=True)
     names = ["heads.weight"] if not hidden else ["heads.b1", "heads.b2", "heads.w1", "heads.w2"]
     assert sorted(saved["state_dict"]) == names
     user_ids = sorted(split.user_id.unique())
-    index = [user_ids.index(u) for u in sorted(frame.user_id.unique())]
+    index = [user_ids.index(u) for u in new_ids]
     for key, value in saved["state_dict"].items():
         torch.testing.assert_close(value, in_run[key][index], rtol=1e-5, atol=1e-6)
     if not hidden:  # plrm export checks that W[u] . h (here g is the identity) reproduces the method's rewards

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from plrm import registry, runner
 from plrm.errors import RecipeError
 from plrm.methods.mpu import MPU, MPUAvg
 from plrm.recipe import load_recipe
+from tests.conftest import export_support
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -187,17 +187,6 @@ def test_bad_options_name_the_key(tmp_path, key, value, message):
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
-def _export_support(run_dir, k, path):
-    """The unseen users' first k support pairs of a finished run as a canonical jsonl file, renamed as new users."""
-    recipe = load_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
-    pairs = runner.prepare(recipe).data.pairs.to_pandas()
-    split = pd.read_parquet(run_dir / "seed-0" / "split.parquet")
-    rows = split[(split.role == "support") & (split.support_rank < k)].row.to_numpy()
-    frame = pairs.iloc[rows][["user_id", "prompt", "chosen", "rejected"]]
-    frame.assign(user_id="new-" + frame.user_id.astype(str)).to_json(path, orient="records", lines=True)
-    return sorted(frame.user_id.astype(str).unique())
-
-
 @pytest.mark.slow
 def test_checkpoints_keep_the_seen_mean_and_new_users_adapt_from_a_pairs_file(tmp_path, tiny_overrides):
     """The run's seen users define the mean head (not the unseen rows, which adapt overwrote); `plrm test` reloads
@@ -221,7 +210,7 @@ def test_checkpoints_keep_the_seen_mean_and_new_users_adapt_from_a_pairs_file(tm
         assert not torch.allclose(in_run[f"seen_mean_head.{name}"], heads.mean(0))
 
     path = tmp_path / "newcomers.jsonl"
-    new_ids = _export_support(result.run_dir, 3, path)
+    new_ids = export_support(result.run_dir, 3, path)
     out = runner.adapt_new_users(result.run_dir, path, show=False)
     saved = torch.load(result.run_dir / "seed-0" / "mpu_avg.users-newcomers.ckpt", weights_only=True)
     assert saved["user_ids"] == [f"new-{u}" for u in new_ids]

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from plrm import runner
 from plrm.data.datamodule import PreferenceDataModule
@@ -16,7 +15,7 @@ from plrm.eval.protocol import adapt_unseen, evaluate
 from plrm.export import export
 from plrm.methods.similar_user import SimilarUserRM
 from plrm.recipe import build_section, load_recipe
-from tests.conftest import calibration_world
+from tests.conftest import calibration_world, export_support
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -185,18 +184,14 @@ def test_reload_and_new_users_from_a_pairs_file(tmp_path, tiny_overrides):
 
     runner.adapt(result.run_dir, k=3, show=False)
     in_run = torch.load(result.run_dir / "seed-0" / "similar_user.adapted-k3.ckpt", weights_only=True)["state_dict"]
-    recipe = load_recipe(yaml.safe_load((result.run_dir / "recipe.yaml").read_text()))
-    pairs = runner.prepare(recipe).data.pairs.to_pandas()
-    split = pd.read_parquet(result.run_dir / "seed-0" / "split.parquet")
-    rows = split[(split.role == "support") & (split.support_rank < 3)].row.to_numpy()
-    frame = pairs.iloc[rows][["user_id", "prompt", "chosen", "rejected"]]
     path = tmp_path / "newcomers.jsonl"
-    frame.assign(user_id="new-" + frame.user_id.astype(str)).to_json(path, orient="records", lines=True)
+    new_ids = export_support(result.run_dir, 3, path)
+    split = pd.read_parquet(result.run_dir / "seed-0" / "split.parquet")
     out = runner.adapt_new_users(result.run_dir, path, show=False)
     saved = torch.load(result.run_dir / "seed-0" / "similar_user.users-newcomers.ckpt", weights_only=True)
     assert sorted(saved["state_dict"]) == ["match"]
     user_ids = sorted(split.user_id.unique())
-    index = [user_ids.index(u) for u in sorted(frame.user_id.unique())]
+    index = [user_ids.index(u) for u in new_ids]
     assert torch.equal(saved["state_dict"]["match"], in_run["match"][index])
     assert out["per_seed"]["0"]["similar_user"]["support_accuracy"] > 0.6
     # plrm export of the adapted checkpoint: W = each user's matched head, checked against the method's rewards
