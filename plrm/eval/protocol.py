@@ -35,6 +35,10 @@ from plrm.methods.base import CONDITIONED, PersonalizedRewardModel
 
 ITEM_CHUNK = 8192
 PAIR_CHUNK_BYTES = 256 * 2**20  # gathered item embeddings per pair chunk
+# A method's (item x user) reward table (PersonalizedRewardModel.reward_table) replaces per-row scoring when it
+# has at most this many entries per row to score: every user on the same test prompts, as in the synthetic worlds.
+TABLE_ENTRIES_PER_ROW = 8
+TABLE_CHUNK_ENTRIES = 2**20    # (item, user) rewards per table chunk (4 MB of float32; an MLP head holds H times that)
 
 
 @dataclass
@@ -119,10 +123,35 @@ def _score_rows(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: 
     r = _Rows.of(dm, rows)
     device = model.device
     z = embed_items(model, dm.prepared, r.items)
+    users = torch.unique(r.users)
+    if len(users) * len(r.items) <= TABLE_ENTRIES_PER_ROW * len(rows):
+        logits = _score_rows_by_table(model, z, users, r)
+        if logits is not None:
+            return logits
     step = max(1, min(max_pairs, PAIR_CHUNK_BYTES // (2 * z.shape[1] * z.element_size())))
     out = [model.pair_logit(z[r.pos_c[s:s + step]], z[r.pos_r[s:s + step]], r.users[s:s + step].to(device)).float()
            .cpu() for s in range(0, len(rows), step)]
     return torch.cat(out) if out else torch.empty(0)
+
+
+def _score_rows_by_table(model: PersonalizedRewardModel, z: torch.Tensor, users: torch.Tensor,
+                         r: _Rows) -> torch.Tensor | None:
+    """Rows scored from the method's (item x user) reward table, computed for chunks of users (None: the method
+    has no table). Rows are grouped by user so each chunk's table is read only by its own rows."""
+    device = z.device
+    step = max(1, TABLE_CHUNK_ENTRIES // max(1, len(r.items)))
+    order = torch.argsort(r.users, stable=True)
+    bounds = torch.searchsorted(r.users[order], users[::step].contiguous()).tolist() + [len(order)]
+    out = torch.empty(len(order))
+    for i, start in enumerate(range(0, len(users), step)):
+        chunk = users[start:start + step]
+        table = model.reward_table(z, chunk.to(device))  # (I, C)
+        if table is None:
+            return None
+        rows = order[bounds[i]:bounds[i + 1]]
+        col = torch.searchsorted(chunk, r.users[rows]).to(device)
+        out[rows] = (table[r.pos_c[rows].to(device), col] - table[r.pos_r[rows].to(device), col]).float().cpu()
+    return out
 
 
 def _score_rows_conditioned(model: PersonalizedRewardModel, dm: PreferenceDataModule, rows: np.ndarray,

@@ -163,6 +163,14 @@ class PersonalizedRewardModel(L.LightningModule):
         tensor define :meth:`reward_with` instead and get this, and ``adapt``'s fitting, from it."""
         return self.reward_with(z, self.user_state_of(user_idx))
 
+    def reward_table(self, z: Tensor, users: Tensor) -> Tensor | None:
+        """Optional: rewards (I, U_b) of every item z (I, Z) under every user of ``users`` (U_b,), as matrix
+        products. Evaluation uses it when the rows to score cover a good share of all (item, user) combinations
+        (every user on the same test prompts), where it replaces a per-row gather of each user's parameters.
+        Define it when a user's reward is a head over z wider than a few numbers (a D-dimensional head per user);
+        it must equal user_reward on every (item, user). None (the default): evaluation scores rows."""
+        return None
+
     def reward_with(self, z: Tensor, state: Tensor) -> Tensor:
         """Scalar reward (N,) of item embeddings z (N, Z) under per-user parameters ``state`` (N, ...): the one
         place a method writes its reward formula, used for seen users (their rows of ``user_state[0]``) and by

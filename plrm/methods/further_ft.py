@@ -72,6 +72,9 @@ class FurtherFineTunedRM(PersonalizedRewardModel):
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return self.heads(z, user_idx)  # v_u^T h: (N,)
 
+    def reward_table(self, z: Tensor, users: Tensor) -> Tensor:
+        return self.heads.all_users(z, users)  # (I, U_b) = z V^T: one GEMM instead of a gather per row
+
     def loss(self, batch: dict) -> Tensor:
         """The Global RM's loss: Bradley-Terry NLL of v on the batch's pooled pairs."""
         return self.nll(self.global_head(self.embedding_difference(batch))[:, 0], batch)

@@ -140,8 +140,10 @@ class PerUserHeads(nn.Module):
         heads = self.rows(users)
         if self.is_linear:
             return z @ heads["weight"].T                                              # (N, D) @ (D, U)
-        hidden = self.act(torch.einsum("nd,udh->unh", z, heads["w1"]) + heads["b1"].unsqueeze(1))  # (U, N, H)
-        return (torch.einsum("unh,uh->un", hidden, heads["w2"]) + heads["b2"].unsqueeze(1)).T
+        n_users, dim, width = heads["w1"].shape
+        w1 = heads["w1"].permute(1, 0, 2).reshape(dim, n_users * width)              # (D, U*H): one 2-D GEMM
+        hidden = self.act((z @ w1).view(len(z), n_users, width) + heads["b1"])      # (N, U, H)
+        return (hidden * heads["w2"]).sum(-1) + heads["b2"]                          # (N, U)
 
     # ---- fitting -------------------------------------------------------------------------------------------
     def fit(self, init: Heads, users: Tensor, chosen: Tensor, rejected: Tensor, owner: Tensor, steps: int,

@@ -110,6 +110,9 @@ class IndividualRM(PersonalizedRewardModel):
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return self.heads(z, user_idx)  # r_u(h): (N,)
 
+    def reward_table(self, z: Tensor, users: Tensor) -> Tensor:
+        return self.heads.all_users(z, users)  # (I, U_b): one GEMM instead of a D-vector gathered per row
+
     def regularization(self, batch: dict) -> Tensor | float:
         """l2 ||theta_u||^2 of each user of the batch, weighted as the NLL weighs that user's pairs (the mean
         over the batch's pairs of each pair's weight times its user's penalty), so that a full batch's loss is

@@ -101,6 +101,9 @@ class MPU(PersonalizedRewardModel):
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return self.heads(z, user_idx)  # MLP_u(h): (N,)
 
+    def reward_table(self, z: Tensor, users: Tensor) -> Tensor:
+        return self.heads.all_users(z, users)  # (I, U_b): one GEMM (D x U*H) instead of a gather per row
+
     @torch.no_grad()
     def fit_seen_users(self, seen: SeenUsersData) -> None:
         """The mean of the seen users' heads (theirs only: other rows are unseen users, at the initialisation

@@ -82,6 +82,10 @@ class SimilarUserRM(IndividualRM):
     def user_reward(self, z: Tensor, user_idx: Tensor) -> Tensor:
         return self.heads(z, self.match[user_idx])  # r_{m(u)}(h): (N,)
 
+    def reward_table(self, z: Tensor, users: Tensor) -> Tensor:
+        heads, column = torch.unique(self.match[users], return_inverse=True)  # each matched head scored once
+        return self.heads.all_users(z, heads)[:, column]                        # (I, U_b)
+
     def export_head(self) -> tuple[list[nn.Module], Tensor]:
         """``plrm export``: g = the identity, W = each user's matched linear head (U, D)."""
         return [], super().export_head()[1][self.match]

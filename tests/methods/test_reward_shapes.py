@@ -161,3 +161,56 @@ def test_prefix_rewards_are_the_head_at_every_position():
             torch.testing.assert_close(out[b, t], model.head(h[b, t][None], users[b:b + 1])[0])
     with pytest.raises(NotImplementedError, match="conditions the encoder on the user"):
         UserShiftedMLP(MethodConfig(), 4, 5).prefix_rewards(h, users)
+
+
+def _head_methods(n_users: int, dim: int) -> dict[str, PersonalizedRewardModel]:
+    """Every built-in method that offers a reward table, with random per-user heads (similar_user: users matched
+    to a few shared heads, as after adaptation)."""
+    from plrm.methods.further_ft import FurtherFineTunedRM
+    from plrm.methods.individual import IndividualRM
+    from plrm.methods.mpu import MPU
+    from plrm.methods.similar_user import SimilarUserRM
+
+    torch.manual_seed(0)
+    models = {"individual": IndividualRM(IndividualRM.Config(), n_users, dim),
+              "individual_mlp": IndividualRM(IndividualRM.Config(hidden=8), n_users, dim),
+              "mpu": MPU(MPU.Config(hidden=8), n_users, dim),
+              "further_ft": FurtherFineTunedRM(FurtherFineTunedRM.Config(), n_users, dim),
+              "similar_user": SimilarUserRM(SimilarUserRM.Config(hidden=4), n_users, dim)}
+    with torch.no_grad():
+        for model in models.values():
+            for p in model.heads.parameters():
+                p.normal_()
+        models["similar_user"].match.copy_(torch.randint(0, 5, (n_users,)))
+    return models
+
+
+def test_reward_tables_score_rows_as_the_rows_do(tiny_overrides, tmp_path, monkeypatch):
+    """Evaluation from a method's (item x user) reward table, computed in several user chunks, gives the logits of
+    per-row scoring; the table is used when it is small beside the rows, and rows are scored otherwise."""
+    from plrm.eval import protocol
+    from plrm.recipe import load_recipe
+
+    prepared = runner.prepare(load_recipe("quickstart", tiny_overrides))
+    split = make_split(prepared.data.pairs.data.table, 0, unseen_fraction=0.5, test_fraction=0.5, val_fraction=0.0,
+                       need_support=3, source="lowrank_world")
+    dm = PreferenceDataModule(prepared, split)
+    rows = dm.test_rows(unseen=False)
+    for name, model in _head_methods(dm.n_users, dm.feature_dim).items():
+        monkeypatch.setattr(protocol, "TABLE_ENTRIES_PER_ROW", 0)      # per-row scoring
+        by_rows = score_rows(model, dm, rows)
+        calls = []
+        table_of = model.reward_table
+        monkeypatch.setattr(model, "reward_table", lambda z, users: calls.append(len(users)) or table_of(z, users))
+        monkeypatch.setattr(protocol, "TABLE_ENTRIES_PER_ROW", 10**9)  # the table, in chunks of 7 users' columns
+        monkeypatch.setattr(protocol, "TABLE_CHUNK_ENTRIES", 7 * len(np.unique(np.concatenate(
+            [prepared.items.chosen_item[rows], prepared.items.rejected_item[rows]]))))
+        by_table = score_rows(model, dm, rows)
+        n_users = len(np.unique(dm.row_user[torch.from_numpy(rows)].numpy()))
+        assert calls[0] == 7 and sum(calls) == n_users, name
+        torch.testing.assert_close(by_table, by_rows, rtol=1e-5, atol=1e-5, msg=name)
+        assert by_table.std() > 0.1, name
+
+
+def test_methods_without_a_table_are_scored_by_rows():
+    assert LoRe(LoRe.Config(), 3, 4).reward_table(torch.zeros(2, 4), torch.arange(3)) is None
