@@ -16,12 +16,14 @@ Regularization (not in the paper, whose basis overfits 45 pairs per user): ``bas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from plrm.config import opt
 from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel
+from plrm.methods.simplex import fit_simplex
 from plrm.registry import methods
 
 
@@ -43,6 +45,15 @@ class LoRe(PersonalizedRewardModel):
                                     "which overfits 45 pairs per user: 82% vs 95% unseen at PersonalLLM size; "
                                     "tuned over {0.001, 0.01, 0.03, 0.1}, see recipes/lowrank_personalllm.yaml).",
                                     min=0)
+        adapt_solver: Literal["adam", "newton"] = opt(
+            "adam", "How eq. 11 is solved for new users. 'adam': adapt_steps full-batch Adam steps on softmax "
+                    "logits from uniform weights (LoRe App. B.1's procedure; the step budget regularizes). "
+                    "'newton': every user's weights solved on the simplex to its KKT conditions by batched "
+                    "projected Newton (plrm.methods.simplex), with adapt_ridge; benchmarks/bench_adapt.py "
+                    "compares the two.")
+        adapt_ridge: float = opt(1e-4, "adapt_solver 'newton' only: adapt_ridge * ||w - 1/B||^2 added to eq. 11, "
+                                       "so that each user's weights are unique even with fewer pairs than B.",
+                                 gt=0)
 
     def __init__(self, config: Config, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)
@@ -73,6 +84,12 @@ class LoRe(PersonalizedRewardModel):
     @torch.no_grad()
     def adapt(self, support: dict, users: Tensor) -> None:
         """Eq. 11 for every user in ``users`` (sorted) at once, with the basis frozen; zero logits = uniform w."""
+        if self.config.adapt_solver == "newton":
+            owner = torch.searchsorted(users, support["user_idx"])
+            fit = fit_simplex(self.embedding_difference(support), owner, len(users), ridge=self.config.adapt_ridge)
+            # logits whose softmax is w; a weight of exactly 0 becomes a logit of log(1e-30), not -inf
+            self.user_logits[users] = fit.weights.clamp_min(1e-30).log().to(self.user_logits.dtype)
+            return
         init = torch.zeros(len(users), self.config.rank, device=self.user_logits.device)    # (U_new, B)
         self.user_logits[users] = self.fit_user_state(support, users, init, self.config.adapt_steps,
                                                       self.config.adapt_lr, self.config.adapt_l2)
