@@ -122,7 +122,8 @@ def fit_simplex(diffs: Tensor, owner: Tensor, n_users: int, ridge: float = 1e-4,
     idx = torch.arange(n_users, device=diffs.device)  # the users still moving: a user that meets tol stays put
     iterations = 0
     while len(idx) and iterations < max_iter:
-        wa, da, ma = w[idx], d[idx], mask[idx]
+        everyone = len(idx) == n_users  # then read the tensors themselves, not gathered copies
+        wa, da, ma = (w, d, mask) if everyone else (w[idx], d[idx], mask[idx])
         ga, ha = gradient_and_hessian(wa, da, ma, ridge)
         moving = kkt_residual(wa, ga) > tol
         if not moving.all():
@@ -144,13 +145,22 @@ def fit_simplex(diffs: Tensor, owner: Tensor, n_users: int, ridge: float = 1e-4,
             s[again] = _direction(ga[again], ha[again], free[again])
         # Armijo backtracking along the projection arc P(w + step s): a full step may zero several weights at
         # once; small steps stay inside the simplex (no free zero moves down), where s is a descent direction
-        f0, step = objective(wa, da, ma, ridge), wa.new_ones(len(idx))
+        # (each halving re-evaluates only the users whose step was refused; 1e-12 |f| absorbs rounding)
+        f0 = objective(wa, da, ma, ridge)
+        candidate = project_to_simplex(wa + s)
+        trial, step = torch.arange(len(idx), device=w.device), wa.new_ones(len(idx))
         for _ in range(40):
-            candidate = project_to_simplex(wa + step[:, None] * s)
-            worse = objective(candidate, da, ma, ridge) > f0 + 1e-4 * (ga * (candidate - wa)).sum(1)
-            if not worse.any():
+            c = candidate[trial]
+            bound = f0[trial] + 1e-4 * (ga[trial] * (c - wa[trial])).sum(1) + 1e-12 * f0[trial].abs()
+            trial = trial[objective(c, da[trial], ma[trial], ridge) > bound]
+            if not len(trial):
                 break
-            step = torch.where(worse, step / 2, step)
-        w[idx] = torch.where(candidate <= ZERO, torch.zeros_like(candidate), candidate)
+            step[trial] /= 2
+            candidate[trial] = project_to_simplex(wa[trial] + step[trial, None] * s[trial])
+        candidate = torch.where(candidate <= ZERO, torch.zeros_like(candidate), candidate)
+        if everyone and len(idx) == n_users:
+            w = candidate
+        else:
+            w[idx] = candidate
     g, _ = gradient_and_hessian(w, d, mask, ridge)
     return SimplexFit(w.to(diffs.dtype), iterations, kkt_residual(w, g))
