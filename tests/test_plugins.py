@@ -117,6 +117,23 @@ def test_example_plugin_runs_from_its_recipe_and_is_recorded(tmp_path):
     assert unseen > bt_unseen + 0.03     # personalization pays from 9 pairs: measured 0.948 vs 0.857
 
 
+def test_example_plugin_reward_table_equals_its_row_scores():
+    """The plugin's (item x user) reward table, which evaluation reads instead of gathering a D-vector per row,
+    equals user_reward on every (item, user)."""
+    import torch
+
+    torch.manual_seed(0)
+    cls = registry.methods.get("shrunk_individual")
+    model = cls(cls.Config(), n_users=6, feature_dim=5)
+    with torch.no_grad():
+        model.delta.normal_()
+        model.shared.weight.normal_()
+    z, users = torch.randn(7, 5), torch.tensor([1, 4, 5])
+    table = model.reward_table(z, users)
+    rows = model.user_reward(z.repeat_interleave(3, 0), users.repeat(7)).view(7, 3)
+    torch.testing.assert_close(table, rows)
+
+
 # ---- a broken plugin, installed for real ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def broken_plugin_path(tmp_path_factory, broken_plugin_writer) -> Path:

@@ -51,6 +51,10 @@ class ShrunkIndividualRM(PersonalizedRewardModel):
     def reward_with(self, z: Tensor, delta: Tensor) -> Tensor:
         return self.shared(z)[:, 0] + (z * delta).sum(-1)                 # (v + delta_u)^T e + b: (N,)
 
+    def reward_table(self, z: Tensor, users: Tensor) -> Tensor:
+        # Evaluation scores every item under every user at once: (I, D) @ (D, U_b) instead of one D-vector per row.
+        return self.shared(z) + z @ self.delta[users].T                  # (I, U_b)
+
     def regularization(self, batch: dict) -> Tensor:
         # Only the batch's users: the others' rows do not move this step.
         users = batch["user_idx"].unique()                                # (U_b,)
