@@ -112,7 +112,8 @@ def fit_simplex(diffs: Tensor, owner: Tensor, n_users: int, ridge: float = 1e-4,
     """Minimize f_u over the simplex for every user u in [0, n_users) at once; ``diffs`` (P, B): each pair's
     d_i = R(x, y+) - R(x, y-), ``owner`` (P,): its user. A user without pairs gets the ridge's centre (uniform
     weights). ``init`` (U, B): starting weights on the simplex (default uniform). Works in ``dtype`` (float64:
-    the tolerance is below float32's resolution of f) and returns weights in the input's dtype."""
+    the tolerance is below float32's resolution of f) and returns weights in the input's dtype. Memory: the
+    pairs padded to U x S x B, S = the most pairs of one user (few-shot support: S = k)."""
     if ridge <= 0:
         raise ValueError(f"fit_simplex: ridge must be > 0 (it makes each user's problem strictly convex), got {ridge}")
     b = diffs.shape[1]
