@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from plrm.methods.meta import pad_groups
+
 ZERO = 1e-12  # a weight at or below this is on the boundary
 
 
@@ -43,17 +45,9 @@ class SimplexFit:
 
 def pad_pairs(diffs: Tensor, owner: Tensor, n_users: int) -> tuple[Tensor, Tensor]:
     """Pairs (P, B) of users ``owner`` (P,) in [0, n_users) as a zero-padded (U, S, B) tensor and its mask (U, S),
-    S = the most pairs of one user; pairs keep their order within a user."""
-    counts = torch.bincount(owner, minlength=n_users)
-    order = torch.argsort(owner, stable=True)
-    start = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(owner), device=owner.device) - start[owner[order]]
-    width = int(counts.max()) if len(owner) else 0
-    padded = diffs.new_zeros(n_users, width, diffs.shape[1])
-    mask = torch.zeros(n_users, width, dtype=torch.bool, device=diffs.device)
-    padded[owner[order], slot] = diffs[order]
-    mask[owner[order], slot] = True
-    return padded, mask
+    S = the most pairs of one user; pairs keep their order within a user (plrm.methods.meta.pad_groups)."""
+    index, mask = pad_groups(owner, n_users)                                       # (U, S)
+    return diffs[index] * mask[..., None], mask
 
 
 def project_to_simplex(v: Tensor) -> Tensor:
@@ -123,8 +117,8 @@ def fit_simplex(diffs: Tensor, owner: Tensor, n_users: int, ridge: float = 1e-4,
     idx = torch.arange(n_users, device=diffs.device)  # the users still moving: a user that meets tol stays put
     iterations = 0
     while len(idx) and iterations < max_iter:
-        everyone = len(idx) == n_users  # then read the tensors themselves, not gathered copies
-        wa, da, ma = (w, d, mask) if everyone else (w[idx], d[idx], mask[idx])
+        # while every user moves, read the tensors themselves, not gathered copies
+        wa, da, ma = (w, d, mask) if len(idx) == n_users else (w[idx], d[idx], mask[idx])
         ga, ha = gradient_and_hessian(wa, da, ma, ridge)
         moving = kkt_residual(wa, ga) > tol
         if not moving.all():
@@ -159,7 +153,7 @@ def fit_simplex(diffs: Tensor, owner: Tensor, n_users: int, ridge: float = 1e-4,
             step[trial] /= 2
             candidate[trial] = project_to_simplex(wa[trial] + step[trial, None] * s[trial])
         candidate = torch.where(candidate <= ZERO, torch.zeros_like(candidate), candidate)
-        if everyone and len(idx) == n_users:
+        if len(idx) == n_users:
             w = candidate
         else:
             w[idx] = candidate
