@@ -43,6 +43,7 @@ from plrm import capabilities as cap
 from plrm.config import Forbid, opt
 from plrm.errors import PlrmError
 from plrm.methods.losses import bradley_terry_nll
+from plrm.methods.optim import adam
 from plrm.methods.peruser import fit_per_user
 
 FACTORED, CONDITIONED = "factored", "conditioned"
@@ -446,8 +447,14 @@ class PersonalizedRewardModel(L.LightningModule):
             {"params": encoder, "lr": self.config.lr if lr is None else lr,
              "weight_decay": getattr(self.encoder, "weight_decay", self.config.weight_decay)}]
 
+    def mixed_precision(self) -> bool:
+        """Whether the attached trainer runs a mixed-precision plugin (plrm.methods.optim: no fused kernel then)."""
+        trainer = self._trainer
+        return trainer is not None and str(trainer.precision).endswith("-mixed")
+
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.optimizer_groups(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return adam(self.optimizer_groups(), lr=self.config.lr, weight_decay=self.config.weight_decay,
+                    mixed_precision=self.mixed_precision())
 
 
 def concat_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:

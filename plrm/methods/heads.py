@@ -65,7 +65,17 @@ class PerUserHeads(nn.Module):
         self.act = ACTIVATIONS[activation]
         one = self.initial_head(seed) if init == "shared" else {n: torch.zeros(s) for n, s in self.shapes().items()}
         for name, value in one.items():
-            self.register_parameter(name, nn.Parameter(value.expand(n_users, *value.shape).clone()))
+            stacked = value.expand(n_users, *value.shape).clone()
+            if name in self.FIXED:
+                self.register_buffer(name, stacked)
+            else:
+                self.register_parameter(name, nn.Parameter(stacked))
+
+    # b2 cancels in r_u(z+) - r_u(z-): every loss these heads train on is pairwise, so its gradient is zero up to
+    # rounding, and Adam, which divides by the gradient's running scale, turns that noise into steps of about lr
+    # (a random walk of each user's offset). It stays at the shared initialisation, a buffer (same state-dict
+    # name), so the reward keeps the MLP's form without a parameter no data determines.
+    FIXED = ("b2",)
 
     @property
     def is_linear(self) -> bool:
@@ -149,9 +159,10 @@ class PerUserHeads(nn.Module):
     def fit(self, init: Heads, users: Tensor, chosen: Tensor, rejected: Tensor, owner: Tensor, steps: int,
             lr: float, l2: float = 0.0) -> Heads:
         """Heads (U_b, ...) of ``users`` fitted from ``init`` (U_b, ...) on their pairs, every other tensor
-        untouched: each user's mean Bradley-Terry NLL -log sigmoid(r_u(z+) - r_u(z-)) + l2 ||theta_u||^2, all
-        users at once, full batch (plrm.methods.peruser.fit_per_user_sets). ``chosen`` / ``rejected``: (P, D)
-        inputs of the pairs; ``owner`` (P,): each pair's position in ``users``."""
+        untouched (and ``b2``, which no pair loss sees, kept at ``init``): each user's mean Bradley-Terry NLL
+        -log sigmoid(r_u(z+) - r_u(z-)) + l2 ||theta_u||^2, all users at once, full batch
+        (plrm.methods.peruser.fit_per_user_sets). ``chosen`` / ``rejected``: (P, D) inputs of the pairs;
+        ``owner`` (P,): each pair's position in ``users``."""
         index, mask = pad_groups(owner, len(users))                                   # (U_b, S)
         both = torch.cat([chosen[index], rejected[index]], 1)                         # (U_b, 2S, D)
         s = index.shape[1]
@@ -161,4 +172,7 @@ class PerUserHeads(nn.Module):
             r = self.score(heads, both)                                               # (U_b, 2S)
             return (-F.logsigmoid(r[:, :s] - r[:, s:]) * weight).sum(1)               # (U_b,)
 
-        return fit_per_user_sets(init, user_losses, steps=steps, lr=lr, l2=l2)
+        fixed = {name: init[name] for name in self.FIXED if name in init}
+        fitted = fit_per_user_sets({name: v for name, v in init.items() if name not in fixed},
+                                   lambda heads: user_losses({**heads, **fixed}), steps=steps, lr=lr, l2=l2)
+        return {**fitted, **{name: v.detach() for name, v in fixed.items()}}

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from plrm.config import Forbid, Not, opt
 from plrm.errors import RecipeError
 from plrm.methods.lore import LoRe
+from plrm.methods.optim import adam
 from plrm.registry import methods
 
 
@@ -59,12 +60,13 @@ class LoReAlt(LoRe):
 
     def configure_optimizers(self):
         user_lr = self.config.user_lr if self.config.user_lr is not None else self.config.lr
-        user_opt = torch.optim.Adam([self.user_logits], lr=user_lr)
+        mixed = self.mixed_precision()
+        user_opt = adam([self.user_logits], lr=user_lr, mixed_precision=mixed)
         # the basis step trains everything but the user weights (the backbone's adapters in their own group)
         groups = [{**g, "params": [p for p in g["params"] if p is not self.user_logits]}
                   for g in self.optimizer_groups()]
-        basis_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
-                                      weight_decay=self.config.weight_decay)
+        basis_opt = adam([g for g in groups if g["params"]], lr=self.config.lr,
+                         weight_decay=self.config.weight_decay, mixed_precision=mixed)
         return [user_opt, basis_opt]
 
     def reference_penalty(self, batch: dict) -> Tensor | float:

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from plrm.methods.optim import adam
+
 
 def fit_per_user(
     init: Tensor,                                # (U, ...) starting parameters of the users being fitted
@@ -26,7 +28,7 @@ def fit_per_user(
 ) -> Tensor:
     """Fit every user's parameters on their own pairs; returns the fitted (U, ...) tensor (detached)."""
     params = init.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([params], lr=lr)
+    optimizer = adam([params], lr=lr)
     counts = torch.bincount(owner, minlength=init.shape[0]).clamp_min(1)
     weight = (1.0 / counts.to(init.dtype))[owner]  # per-user mean over that user's pairs
     positions = torch.arange(len(owner), device=owner.device)
@@ -54,7 +56,7 @@ def fit_per_user_sets(
     mean losses again gives each user exactly their own gradient, so Adam follows U independent trajectories.
     Returns the fitted tensors (detached), same names."""
     params = {name: value.detach().clone().requires_grad_(True) for name, value in init.items()}
-    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    optimizer = adam(list(params.values()), lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)

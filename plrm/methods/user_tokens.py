@@ -28,6 +28,7 @@ from plrm.config import opt
 from plrm.errors import RecipeError
 from plrm.methods.base import CONDITIONED, PersonalizedRewardModel, SeenUsersData, concat_inputs
 from plrm.methods.losses import dpo_logits, dpo_loss
+from plrm.methods.optim import adam
 
 VOCAB_INIT_SEED = 123
 
@@ -298,7 +299,7 @@ class UserTokenRewardModel(TokenRewards, PersonalizedRewardModel):
         for q in trainable:  # only the new users' parameters move (and get gradients)
             q.requires_grad_(False)
         state = start.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([state], lr=self.config.adapt_lr)
+        optimizer = adam([state], lr=self.config.adapt_lr)
         try:
             with torch.enable_grad():
                 for _ in range(self.config.adapt_steps):

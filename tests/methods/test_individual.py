@@ -96,7 +96,9 @@ def test_new_users_are_fitted_as_a_loop_of_per_user_modules(hidden):
     fresh = model.fresh_heads(1)
     for u in users.tolist():
         m = _own_module(hidden, {k: v[0] for k, v in fresh.items()})
-        opt = torch.optim.Adam(m.parameters(), lr=lr)
+        if hidden:
+            m[2].bias.requires_grad_(False)  # b2 cancels in the pair logit: plrm keeps it at the initialisation
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr)
         rows = support["user_idx"] == u
         for _ in range(steps):
             opt.zero_grad()
