@@ -76,7 +76,7 @@ from plrm import capabilities as cap
 from plrm.checkpoint import checkpoint_mismatch_error, load_checkpoint, save_model, save_state
 from plrm.data.datamodule import PreferenceDataModule, PreparedData
 from plrm.data.hooks import MethodHooks
-from plrm.data.splits import VAL, Split, load_split, make_split, stored_users
+from plrm.data.splits import TRAIN, VAL, Split, load_split, make_split, stored_users
 from plrm.errors import DataValidationError
 from plrm.eval import report
 from plrm.eval.metrics import per_user_accuracy, summarize
@@ -646,8 +646,10 @@ def _fit_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
     train_seed = recipe.run.seed + (seed if recipe.run.seed_per_split else 0)
     L.seed_everything(train_seed, verbose=False)
     model = build_model(recipe, label, run.prepared, len(unit.split.user_ids))
+    n_train = len(unit.split.rows(TRAIN))
     dm = PreferenceDataModule(run.prepared, unit.split, batch_size=comp.config.batch_size, seed=train_seed,
-                              users_per_batch=model.users_per_batch)
+                              users_per_batch=model.users_per_batch,
+                              difference_cache=model.uses_difference_cache(n_train, run.prepared.items.n_items))
     logger = make_logger(recipe.logger, run.dir, name=f"seed-{seed}/{label}",
                          group=recipe.logger.group or recipe.run.name, run_name=recipe.run.name,
                          config={**recipe.raw, "label": label, "split_seed": seed}) if run.main else None

@@ -14,6 +14,13 @@ users, MRM (Cai et al., arXiv 2601.18731) Algorithm 2) sets ``users_per_batch``:
 every train pair of that many randomly drawn seen users (grouped by user; an epoch visits every seen user with
 train pairs once).
 
+A method whose training reads a pair only as e+ - e- over a frozen feature table (``difference_cache``, set by
+the runner from the method) gets training batches of ``row``, ``user_idx``, ``pair_weight``, ``share`` and
+``difference`` (B, D), rows of a (train pairs, D) table of differences built once per run, with no ``chosen`` /
+``rejected``: a batch then costs one gather of B rows instead of two gathers and a subtraction, each a fresh
+(B, D) tensor, and a batch of every train pair is the table itself, in its own order (the loss is a mean over
+the pairs, so the order is free), with no copy at all.
+
 Distributed (DDP, ``world`` processes): ``batch_size`` (or ``users_per_batch``) stays the *global* batch. Every
 rank draws the same global batches (same seed) from the same rows -- seen users' train rows, validation rows --
 and keeps its contiguous 1/world part of each (:func:`shard`), so the split protocol is untouched and the
@@ -120,6 +127,37 @@ class _PairRows(torch.utils.data.Dataset):
         return {**self.dm.batch(self.rows[torch.as_tensor(positions)]), "share": share}
 
 
+class _DifferenceRows(torch.utils.data.Dataset):
+    """Training rows served from the run's difference table (module docstring); the same positions, batch for
+    batch, as :class:`_PairRows` would serve."""
+
+    CHUNK_ROWS = 4096  # the table is filled in chunks: no (P, D) temporaries for the two gathers
+
+    def __init__(self, dm: PreferenceDataModule, rows: np.ndarray):
+        self.dm, self.rows = dm, torch.from_numpy(rows)
+        p = dm.prepared
+        first = p.backbone.inputs(p.chosen_item[self.rows[:1]])
+        self.table = first.new_empty((len(rows), first.shape[1]))                 # (P, D)
+        for start in range(0, len(rows), self.CHUNK_ROWS):
+            part = self.rows[start:start + self.CHUNK_ROWS]
+            torch.sub(p.backbone.inputs(p.chosen_item[part]), p.backbone.inputs(p.rejected_item[part]),
+                      out=self.table[start:start + len(part)])
+        self.users = dm.row_user[self.rows]
+        self.weights = dm.user_weight[self.users]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item) -> dict:
+        positions, share = item
+        if len(positions) == len(self.rows):  # every train pair: the table itself
+            return {"row": self.rows, "user_idx": self.users, "difference": self.table, "pair_weight": self.weights,
+                    "share": share}
+        pos = torch.as_tensor(positions)
+        return {"row": self.rows[pos], "user_idx": self.users[pos], "difference": self.table[pos],
+                "pair_weight": self.weights[pos], "share": share}
+
+
 class _UserRows(torch.utils.data.Dataset):
     """Indexed by a list of *users* (positions in ``users``): the batch of all their rows, grouped by user."""
 
@@ -145,10 +183,12 @@ class _UserRows(torch.utils.data.Dataset):
 
 class PreferenceDataModule(L.LightningDataModule):
     def __init__(self, prepared: PreparedData, split: Split, batch_size: int = 1024, seed: int = 0,
-                 users_per_batch: int | None = None):
+                 users_per_batch: int | None = None, difference_cache: bool = False):
         super().__init__()
         self.prepared, self.split, self.batch_size, self.seed = prepared, split, batch_size, seed
         self.users_per_batch = users_per_batch
+        self.difference_cache = difference_cache
+        self._difference_rows: _DifferenceRows | None = None
         self.row_user = torch.from_numpy(split.row_user)
         train = split.role == TRAIN
         n_train = np.bincount(split.row_user[train], minlength=len(split.user_ids)).astype(np.float64)
@@ -186,6 +226,10 @@ class PreferenceDataModule(L.LightningDataModule):
         rows = self.split.rows(TRAIN)
         if self.users_per_batch is not None:
             return self._loader(_UserRows(self, rows), self.users_per_batch, shuffle=True)
+        if self.difference_cache:
+            if self._difference_rows is None:  # built once: Lightning asks again after a resume or per fit
+                self._difference_rows = _DifferenceRows(self, rows)
+            return self._loader(self._difference_rows, self.batch_size, shuffle=True)
         return self._loader(_PairRows(self, rows), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -61,6 +61,11 @@ class MethodConfig:
     balance_users: bool = opt(True, "Weight each pair by 1/|D_u| so every user counts equally "
                                     "(LoRe, Bose et al., arXiv 2504.14439, eq. 10); with equal pairs per user "
                                     "it changes nothing.")
+    difference_cache: Literal["auto", "always", "never"] = opt(
+        "auto", "Methods linear in frozen features (bt, lore, pref, individual, further_ft): train on a table of "
+        "every train pair's e+ - e- built once per run (train pairs x D numbers) instead of gathering both "
+        "sides and subtracting every batch. 'auto': when batch_size covers every train pair (the table is then "
+        "the batch, with no copy) or the table is no larger than the feature table; other methods ignore it.")
 
     forbid = (Forbid({"max_epochs": -1, "max_steps": -1},
                      "max_epochs: -1 together with max_steps: -1 never stops training; give one of them a limit"),)
@@ -136,6 +141,19 @@ class PersonalizedRewardModel(L.LightningModule):
         optimization with one backward per parameter group, parameters training never uses): DDP must then
         look for them (``find_unused_parameters``), which costs a graph traversal per step, so only then."""
         return not self.automatic_optimization
+
+    # True: every training step reads a pair only through embedding_difference (its loss and regularization read
+    # no batch["chosen"] / batch["rejected"]), so that over a frozen feature table the datamodule may serve training
+    # batches as rows of a difference table (``difference_cache``). A method sets it only when that holds.
+    trains_on_differences: ClassVar[bool] = False
+
+    def uses_difference_cache(self, n_train_pairs: int, n_items: int) -> bool:
+        """Whether training batches come from the difference table (``difference_cache``; ``auto``: when the
+        batch is every train pair, or the table (n_train_pairs rows) is no larger than the item feature table)."""
+        choice = getattr(self.config, "difference_cache", "never")
+        if not (self.trains_on_differences and self._scores_differences()) or choice == "never":
+            return False
+        return choice == "always" or self.config.batch_size >= n_train_pairs or n_train_pairs <= n_items
 
     @property
     def users_per_batch(self) -> int | None:
@@ -359,7 +377,10 @@ class PersonalizedRewardModel(L.LightningModule):
         return self.linear_in_features and isinstance(self.encoder, nn.Identity)
 
     def embedding_difference(self, batch: dict) -> Tensor:
-        """z+ - z- of each pair (B, Z), for methods whose reward is linear in z."""
+        """z+ - z- of each pair (B, Z), for methods whose reward is linear in z (a training batch of the
+        difference table carries e+ - e- itself, ``difference``)."""
+        if "difference" in batch:
+            return self.item_embedding(batch["difference"])
         if self._scores_differences():
             return self.item_embedding(batch["chosen"] - batch["rejected"])
         z_chosen, z_rejected = self.embed_pairs(batch)

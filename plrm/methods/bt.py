@@ -23,6 +23,7 @@ class GlobalBT(PersonalizedRewardModel):
 
     adapts_new_users = "generic"
     linear_in_features = True
+    trains_on_differences = True  # loss and penalty read pairs only as e+ - e- (difference_cache)
 
     def __init__(self, config: MethodConfig, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)

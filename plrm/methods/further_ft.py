@@ -52,6 +52,7 @@ class FurtherFineTunedRM(PersonalizedRewardModel):
     """The Global RM's linear head, fine-tuned for an epoch on each user's own pairs."""
 
     linear_in_features = True
+    trains_on_differences = True  # loss and penalty read pairs only as e+ - e- (difference_cache)
     user_state = ("heads.weight",)
 
     @dataclass

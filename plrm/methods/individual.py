@@ -87,6 +87,7 @@ class IndividualRM(PersonalizedRewardModel):
                               "nothing; this backbone has trainable (e.g. LoRA) weights, which every user would "
                               "share. Use a frozen backbone (frozen_encoder or precomputed features)")
         self.linear_in_features = config.hidden == 0  # v_u^T h is linear in h: pairs scored from h+ - h-
+        self.trains_on_differences = self.linear_in_features  # loss and penalty read pairs only as e+ - e-
         self.joint_pair_scoring = config.hidden > 0  # MLP heads: both sides in one grouped bmm
         # an MLP head starts from one seeded head (the run's seeded RNG draws the seed); a linear one from zeros
         seed = int(torch.randint(2**31 - 1, ())) if config.hidden else 0

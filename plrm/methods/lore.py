@@ -32,6 +32,7 @@ class LoRe(PersonalizedRewardModel):
     """LoRe: shared linear reward basis, per-user simplex weights; new users by eq. 11."""
 
     linear_in_features = True
+    trains_on_differences = True  # loss and penalty read pairs only as e+ - e- (difference_cache)
     user_state = ("user_logits",)
 
     @dataclass

@@ -30,6 +30,7 @@ class LoReAlt(LoRe):
     """LoRe with alternating user-weight / basis steps and an optional reference-RM penalty."""
 
     manual_optimization = True  # a user step, then a basis step, each with its own optimizer
+    trains_on_differences = False  # the reference penalty scores each side of a pair
     clips_gradients = True  # the basis step clips with trainer.gradient_clip_val (self.gradient_clip_val)
 
     @dataclass

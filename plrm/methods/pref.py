@@ -123,6 +123,7 @@ class PReF(PersonalizedRewardModel):
 
     needs = frozenset({cap.FEATURES, cap.USERS, cap.SHARED_PAIRS})
     linear_in_features = True
+    trains_on_differences = True  # loss and penalty read pairs only as e+ - e- (difference_cache)
     user_state = ("user_vectors",)
 
     @dataclass
