@@ -13,9 +13,10 @@ forward, backward, optimizer step):
 - ``table``: the batch is the (P, D) difference table itself (plrm.data.datamodule, built once, timed apart);
 - ``loop``: bench_lore.py's per-user Python loop on pre-gathered sides (the reference implementation).
 Probe: the two GEMMs a step cannot avoid, X A^T (P, B) and G^T X (B, D), timed alone on the same table, and a
-copy of the table into a mapped buffer (memory bandwidth). Reported: seconds per step (median of interleaved repetitions), the table's
-effective GB/s (two passes over P x D x 4 bytes per step), each path's time over the probe's, and the table
-path's speed-up over the per-batch path and over the loop; loss and gradients of the two plrm paths compared.
+copy of the table into a mapped buffer (memory bandwidth). Reported: seconds per step (median of interleaved
+repetitions), the table's effective GB/s (two passes over P x D x 4 bytes per step), each path's time over the
+probe's, and the table path's speed-up over the per-batch path and over the loop; loss and gradients of the two
+plrm paths compared.
 
 Writes benchmarks/results/difference_cpu.{json,md} (``--out`` to change); torch on 1 thread unless --threads
 (benchmarks/README.md: one thread, so that a 2-core machine's other core absorbs background load).
