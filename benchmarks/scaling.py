@@ -46,7 +46,11 @@ def bench_size(n_users: int, methods: list[str], work: Path) -> Path:
            "bench.seeds=[0]", f"bench.methods=[{','.join(methods)}]", f"{world}.n_users={n_users}",
            f"{world}.feature_dim=1024", f"{world}.test_prompts_per_user=20", "--out", str(out)]
     print(" ".join(cmd[2:]), file=sys.stderr)
-    subprocess.run(cmd, check=False)  # a failed cell is recorded by the benchmark itself
+    done = subprocess.run(cmd, check=False)  # a failed cell is recorded by the benchmark itself
+    if not (out / "results.json").is_file():  # the benchmark itself died (killed for memory, bad input)
+        raise SystemExit(f"scaling: the {n_users:,}-user benchmark exited with status {done.returncode} before "
+                         f"writing {out / 'results.json'}; its finished cells are under {out / 'cells'}, and "
+                         "rerunning the same command resumes it")
     return out
 
 
