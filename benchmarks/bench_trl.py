@@ -1,0 +1,275 @@
+"""LoRA reward-model training: plrm (``transformer`` backbone + ``bt``) beside TRL's ``RewardTrainer``.
+
+    python benchmarks/bench_trl.py                 # Qwen2-architecture model (hidden 256, 4 layers), 24 steps
+    python benchmarks/bench_trl.py --quick         # tiny-random:qwen2, 6 steps: a smoke run of the same code
+
+Both train the same Qwen2-architecture model (random weights, plrm's byte tokenizer: nothing is downloaded) with
+the same LoRA configuration (r 8, alpha 16, no dropout, q_proj and v_proj, a trainable linear reward head on the
+last token), the same AdamW learning rate, fp32 on CPU, on the same pairs: the attribute world's texts
+(``attribute_world n_users=40``) tokenized once by plrm, so both read identical token ids. Each side trains one
+epoch over the same ``steps x pairs`` pairs in a fresh process:
+
+- plrm: the pairs' batches from plrm's datamodule (chosen and rejected ragged, padded per batch) and
+  ``GlobalBT.training_step`` (chosen and rejected in one forward) with its ``configure_optimizers``;
+- TRL: ``RewardTrainer`` (pre-tokenized ``chosen_ids`` / ``rejected_ids``, its collator right-pads chosen and
+  rejected into one batch, one forward), ``AutoModelForSequenceClassification`` with peft's SEQ_CLS LoRA.
+
+Reported per side: real (non-padding) tokens per second over the steps after ``--warmup``, the padded share of
+the tokens run, median step time, and the process's peak RSS (model load included; torch's CPU allocator has no
+peak counter). Writes ``benchmarks/results/trl_cpu.{json,md}`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+RESULTS = Path(__file__).resolve().parent / "results"
+LORA = dict(r=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"])
+LR = 1e-4
+
+
+def small_qwen2(out: Path, hidden: int, layers: int) -> Path:
+    """A Qwen2-architecture model with random weights and plrm's byte tokenizer, saved once under ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from plrm.backbones import models
+
+    path = out / f"qwen2-h{hidden}-l{layers}"
+    if (path / "config.json").is_file():
+        return path
+    tok = AutoTokenizer.from_pretrained(models.resolve("tiny-random:qwen2"))
+    n = len(tok)
+    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 32, num_key_value_heads=2, vocab_size=n,
+                      max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def datamodule(model_path: str, pairs: int):
+    """plrm's datamodule over the attribute world with the transformer backbone (its tokenization), train rows."""
+    from plrm.backbones.transformer import TransformerBackbone
+    from plrm.data.attributes import AttributeWorld
+    from plrm.data.datamodule import PreferenceDataModule, PreparedData
+    from plrm.data.splits import TRAIN, make_split
+
+    data = AttributeWorld(AttributeWorld.Config(n_users=40)).load()
+    cfg = TransformerBackbone.Config(model=model_path, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
+                                     lora_dropout=LORA["dropout"], lora_target_modules=LORA["targets"],
+                                     lr=LR, max_length=1024)
+    prepared = PreparedData(data, TransformerBackbone(cfg))
+    split = make_split(data.pairs.data.table, 0, 0.5, 0.5, 0.0, need_support=1, source="bench")
+    return prepared, split, PreferenceDataModule(prepared, split, batch_size=pairs), split.rows(TRAIN)
+
+
+def pick_rows(train_rows, steps: int, pairs: int):
+    gen = torch.Generator().manual_seed(0)
+    return torch.from_numpy(train_rows)[torch.randperm(len(train_rows), generator=gen)[:steps * pairs]]
+
+
+def run_plrm(model_path: str, steps: int, pairs: int, warmup: int) -> dict:
+    from plrm.methods.bt import GlobalBT
+
+    prepared, split, dm, train = datamodule(model_path, pairs)
+    rows = pick_rows(train, steps, pairs)
+    torch.manual_seed(0)
+    model = GlobalBT(GlobalBT.Config(lr=LR, weight_decay=0.0), n_users=len(split.user_ids),
+                     feature_dim=prepared.backbone.feature_dim, encoder=prepared.backbone.encoder())
+    opt = model.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    model.train()
+    times, tokens, padded, seen = [], [], [], 0
+    last = time.perf_counter()
+    for i in range(steps):
+        batch = dm.batch(rows[i * pairs:(i + 1) * pairs])
+        loss = model.training_step(batch, i)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        lengths = torch.cat([batch["chosen"]["lengths"], batch["rejected"]["lengths"]])
+        seen += int(lengths.sum())
+        if i >= warmup:
+            times.append(now - last)
+            tokens.append(int(lengths.sum()))
+            padded.append(int(lengths.max()) * len(lengths))
+        last = now
+    return {"times": times, "tokens": tokens, "padded": padded, "all_tokens": seen}
+
+
+def run_trl(model_path: str, steps: int, pairs: int, warmup: int) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    prepared, _, dm, train = datamodule(model_path, pairs)
+    rows = pick_rows(train, steps, pairs)
+    batch = dm.batch(rows)  # every pair's chosen and rejected ids, ragged: split per item
+
+    def ids(items) -> list[list[int]]:
+        return [seq.tolist() for seq in torch.split(items["ids"], items["lengths"].tolist())]
+
+    dataset = Dataset.from_dict({"chosen_ids": ids(batch["chosen"]), "rejected_ids": ids(batch["rejected"])})
+    tok = AutoTokenizer.from_pretrained(model_path)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["targets"], task_type="SEQ_CLS", bias="none")
+    record = {"times": [], "tokens": [], "padded": []}
+    state = {"last": None, "tokens": 0}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, st, control, **kw):
+            if state["last"] is None:
+                state["last"] = time.perf_counter()
+
+        def on_step_end(self, args, st, control, **kw):
+            now = time.perf_counter()
+            total = trainer._total_train_tokens
+            if st.global_step > warmup:
+                record["times"].append(now - state["last"])
+                record["tokens"].append(int(total - state["tokens"]))
+            state["last"], state["tokens"] = now, total
+
+    args = RewardConfig(output_dir=tempfile.mkdtemp(prefix="trl_bench_"), per_device_train_batch_size=pairs,
+                        max_steps=steps, learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant",
+                        warmup_steps=0, logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True,
+                        dataloader_num_workers=0, max_length=None, disable_dropout=True, seed=0, bf16=False,
+                        fp16=False, gradient_checkpointing=False)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora,
+                            callbacks=[Clock()])
+    pads = []
+    collate = trainer.data_collator
+
+    def counting(features):
+        out = collate(features)
+        pads.append(int(out["input_ids"].numel()))
+        return out
+
+    trainer.data_collator = counting
+    trainer.train()
+    record["padded"] = pads[warmup:warmup + len(record["times"])]
+    record["all_tokens"] = int(trainer._total_train_tokens)  # TRL's own count of attention-mask tokens
+    return record
+
+
+def child(side: str, model_path: str, steps: int, pairs: int, warmup: int, threads: int, out: str) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    rec = (run_plrm if side == "plrm" else run_trl)(model_path, steps, pairs, warmup)
+    rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out).write_text(json.dumps(rec))
+
+
+def summarize(rec: dict) -> dict:
+    return {"tokens_per_second": sum(rec["tokens"]) / sum(rec["times"]),
+            "step_seconds_median": statistics.median(rec["times"]), "timed_steps": len(rec["times"]),
+            "real_tokens": sum(rec["tokens"]), "epoch_tokens": rec["all_tokens"],
+            "padding_share": 1 - sum(rec["tokens"]) / max(sum(rec["padded"]), 1),
+            "peak_rss_mib": rec["peak_rss_mib"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny-random:qwen2, 6 steps, 1 warmup")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 24; quick 6)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 4; quick 1)")
+    ap.add_argument("--pairs", type=int, default=8, help="pairs per step")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the Qwen2-architecture model")
+    ap.add_argument("--layers", type=int, default=4, help="its layers")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in each process")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/trl_cpu.json; "
+                                                "--quick: /tmp/trl_quick.json)")
+    ap.add_argument("--child", choices=["plrm", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--model-path", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    steps = args.steps or (6 if args.quick else 24)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 4)
+    if args.child:
+        child(args.child, args.model_path, steps, args.pairs, warmup, args.threads, args.child_out)
+        return 0
+    from plrm.backbones import models
+
+    warnings.filterwarnings("ignore")
+    if args.quick:
+        model_path, label = str(models.resolve("tiny-random:qwen2")), "tiny-random:qwen2 (hidden 64, 2 layers)"
+    else:
+        model_path = str(small_qwen2(Path(tempfile.gettempdir()) / "plrm-bench-trl", args.hidden, args.layers))
+        label = f"Qwen2 architecture, hidden {args.hidden}, {args.layers} layers, random weights"
+    out = Path(args.out) if args.out else (Path("/tmp/trl_quick.json") if args.quick else RESULTS / "trl_cpu.json")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    sides = {}
+    for side in ("trl", "plrm"):
+        part = Path(tempfile.mkdtemp()) / f"{side}.json"
+        cmd = [sys.executable, __file__, "--child", side, "--model-path", model_path, "--child-out", str(part),
+               "--steps", str(steps), "--warmup", str(warmup), "--pairs", str(args.pairs),
+               "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+            raise SystemExit(f"bench_trl: the {side} process failed (exit {proc.returncode})")
+        sides[side] = {**summarize(json.loads(part.read_text())), "raw": json.loads(part.read_text())}
+        print(f"{side}: {sides[side]['tokens_per_second']:.0f} tokens/s, peak RSS "
+              f"{sides[side]['peak_rss_mib']:.0f} MiB", flush=True)
+    import peft
+    import transformers
+    import trl
+    result = {"command": "python benchmarks/bench_trl.py" + (" --quick" if args.quick else ""),
+              "started": started.isoformat(timespec="seconds"), "python": platform.python_version(),
+              "machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads,
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                           "trl": trl.__version__, "peft": peft.__version__},
+              "model": label, "steps": steps, "warmup": warmup, "pairs": args.pairs, "lora": LORA, "lr": LR,
+              "sides": sides,
+              "ratio": {"tokens_per_second": sides["plrm"]["tokens_per_second"] / sides["trl"]["tokens_per_second"],
+                        "peak_rss": sides["plrm"]["peak_rss_mib"] / sides["trl"]["peak_rss_mib"]}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    s = r["sides"]
+    row = lambda name, v: (f"| {name} | {v['tokens_per_second']:,.0f} | {v['step_seconds_median']:.3f} | "  # noqa: E731
+                           f"{100 * v['padding_share']:.0f} % | {v['peak_rss_mib']:,.0f} |")
+    return "\n".join([
+        "# LoRA reward training: plrm beside TRL's RewardTrainer (CPU)", "",
+        f"`{r['command']}` — {r['started']}, Python {r['python']}, torch {r['versions']['torch']}, transformers "
+        f"{r['versions']['transformers']}, TRL {r['versions']['trl']}, peft {r['versions']['peft']}; "
+        f"{r['machine']}, {r['cpu_count']} CPUs, {r['threads']} torch threads per process.", "",
+        f"Model: {r['model']}, fp32. LoRA r {r['lora']['r']}, alpha {r['lora']['alpha']}, dropout "
+        f"{r['lora']['dropout']}, {', '.join(r['lora']['targets'])}; AdamW lr {r['lr']}. {r['pairs']} pairs per "
+        f"step, {r['steps']} steps ({r['warmup']} warm-up steps not timed), the same pairs and token ids on both "
+        "sides (attribute world, 40 users).", "",
+        "| | real tokens/s | median step s | padding run | peak RSS MiB |", "|---|---|---|---|---|",
+        row("TRL RewardTrainer", s["trl"]), row("plrm transformer + bt", s["plrm"]), "",
+        f"plrm / TRL: **{r['ratio']['tokens_per_second']:.2f}x** tokens/s at **{r['ratio']['peak_rss']:.2f}x** "
+        "peak RSS.", ""])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
