@@ -57,11 +57,28 @@ def svd_factors(user_idx: np.ndarray, pair_idx: np.ndarray, sign: np.ndarray, n_
         u, s, vt = np.linalg.svd(matrix.toarray(), full_matrices=False)
         u, s, vt = u[:, :rank], s[:rank], vt[:rank]
     else:  # PROPACK (sparse-aware; seeded start vector, same output for the same input)
-        u, s, vt = scipy.sparse.linalg.svds(matrix, k=rank, solver="propack", random_state=0)
+        u, s, vt = _propack(matrix, rank)
     order = np.argsort(s)[::-1]
     u, s, vt = u[:, order], s[order], vt[order]
     root = np.sqrt(s)
     return (u * root).astype(np.float32), (root[:, None] * vt).astype(np.float32), s.astype(np.float32)
+
+
+def _propack(matrix, rank: int):
+    """PROPACK's rank-J SVD. Its default budget of 10 J Lanczos steps runs out on spectra with a long flat tail
+    (a dense world of 2,000 users x 6,000 pairs, each pair labelled by 100 users, needs about 2x that for J = 20);
+    then it runs again with a budget of min(users, pairs) steps, which Lanczos never needs more than."""
+    try:
+        return scipy.sparse.linalg.svds(matrix, k=rank, solver="propack", random_state=0)
+    except np.linalg.LinAlgError:
+        budget = min(matrix.shape)
+        try:
+            return scipy.sparse.linalg.svds(matrix, k=rank, solver="propack", random_state=0, maxiter=budget)
+        except np.linalg.LinAlgError as exc:
+            raise np.linalg.LinAlgError(
+                f"PReF's SVD init: the top {rank} singular vectors of the {matrix.shape[0]} x {matrix.shape[1]} "
+                f"training sign matrix did not converge in {budget} Lanczos steps ({exc}); set a smaller rank "
+                "(method option rank: J) or init: random") from exc
 
 
 def elbow(values: np.ndarray) -> int:

@@ -192,3 +192,19 @@ def test_svd_factors_is_reproducible_on_a_degenerate_spectrum():
         again = svd_factors(user, np.arange(600), sign, 60, 600, 20)
         for a, b in zip(first, again):
             np.testing.assert_array_equal(a, b)
+
+
+def test_svd_factors_converges_on_a_dense_world_with_a_flat_spectral_tail():
+    """1,000 labelling users x 300 of 6,000 shared pairs (pref_dense at 2,000 users): PROPACK's default budget of
+    10 J Lanczos steps does not converge for J = 20; the retry does, and equals LAPACK's dense SVD."""
+    rng = np.random.default_rng(0)
+    n_users, n_pairs, k = 2000, 6000, 4
+    lam, phi = rng.dirichlet([0.1] * k, size=n_users), rng.normal(size=(k, n_pairs))
+    user = np.repeat(np.arange(1000), 300)
+    pair = np.concatenate([rng.choice(n_pairs, 300, replace=False) for _ in range(1000)])
+    logit = 3 * (lam[user] * phi[:, pair].T).sum(1)
+    sign = np.where(rng.random(len(user)) < 1 / (1 + np.exp(-logit)), 1.0, -1.0)
+    _, _, s = svd_factors(user, pair, sign, n_users, n_pairs, rank=20)
+    dense = np.zeros((n_users, n_pairs))
+    dense[user, pair] = sign
+    np.testing.assert_allclose(s, np.linalg.svd(dense, compute_uv=False)[:20], rtol=1e-4)
