@@ -278,9 +278,9 @@ def markdown(r: dict) -> str:
 
     def row(name: str, key: str, users: str, mkey: str | None = None) -> str:
         met = m.get(mkey or key)
-        return (f"| {name} | {users} | {r['seconds'][key]:.2f} | {u[key]:.1f} | "
+        return (f"| {name} | {users} | {r['seconds'][key]:.2f} | {u[key]:.3g} | "
                 f"{u['plrm'] / u[key]:.1f}x | {100 * met['accuracy']:.1f} | {100 * met['auroc']:.1f} |"
-                if met else f"| {name} | {users} | {r['seconds'][key]:.2f} | {u[key]:.1f} | "
+                if met else f"| {name} | {users} | {r['seconds'][key]:.2f} | {u[key]:.3g} | "
                 f"{u['plrm'] / u[key]:.1f}x | | |")
 
     n = w["new_users"]

@@ -15,7 +15,7 @@ questions, one per round, all users at once:
 
 Answers come from the pool's held-out labels, or (``answers: oracle``) from the synthetic world's personal
 oracle, i.e. the user's noise-free preference. Nothing here loops over users: each round is one batched
-scoring of all remaining candidates, one per-user argmax and one vectorized ``adapt``.
+scoring of every candidate (the asked ones masked), one per-user argmax and one vectorized ``adapt``.
 """
 
 from __future__ import annotations
@@ -86,13 +86,6 @@ def _where(flip: torch.Tensor, a, b):
     return torch.where(flip.view(-1, *([1] * (a.dim() - 1))), b, a)
 
 
-def _take(batch, index: torch.Tensor):
-    """Rows ``index`` of a batch dict (tensors, or dicts of them for token batches)."""
-    if isinstance(batch, dict):
-        return {k: _take(v, index) for k, v in batch.items()}
-    return batch[index]
-
-
 def _batch(dm: PreferenceDataModule, rows: np.ndarray, flip: np.ndarray | None, device) -> dict:
     batch = dm.batch(torch.from_numpy(rows))
     if flip is not None and flip[rows].any():
@@ -126,10 +119,13 @@ def run_session(model: PersonalizedRewardModel, dm: PreferenceDataModule, budget
     asked = np.full((n_users, budget), -1, dtype=np.int64)
     is_asked = np.zeros(pool.shape, dtype=bool)
     order_pos = np.zeros(n_users, dtype=np.int64)  # random: next position in the seeded order
-    if strategy == "uncertainty":  # every candidate's inputs gathered once; each round takes the unasked ones
+    if strategy == "uncertainty":
+        # every candidate's inputs gathered once; each round scores them all and masks the asked ones (a score
+        # depends on its own pair and the user's state only; gathering the unasked ones cost more than scoring)
         candidates = _batch(dm, pool[pool >= 0], flip, model.device)
-        cell = np.full(pool.shape, -1, dtype=np.int64)
-        cell[pool >= 0] = np.arange(int((pool >= 0).sum()))
+        if model._scores_differences():  # reward linear in frozen inputs: e+ - e- is all a score reads
+            candidates = {**{k: v for k, v in candidates.items() if k not in ("chosen", "rejected")},
+                          "difference": candidates["chosen"] - candidates["rejected"]}
     curve = []
     arange = np.arange(n_users)
     for t in range(1, budget + 1):
@@ -138,13 +134,12 @@ def run_session(model: PersonalizedRewardModel, dm: PreferenceDataModule, budget
             pick = order_pos
             order_pos = order_pos + 1
         else:
-            valid = (pool >= 0) & ~is_asked
             answered = asked[:, :t - 1].ravel()
-            remaining = _take(candidates, torch.from_numpy(cell[valid]).to(model.device))
             scores = model.uncertainty(_batch(dm, np.sort(answered), flip, model.device), users,
-                                       remaining).cpu().numpy()
+                                       candidates).cpu().numpy()
             grid = np.full(pool.shape, -np.inf)
-            grid[valid] = scores
+            grid[pool >= 0] = scores
+            grid[is_asked] = -np.inf
             pick = grid.argmax(axis=1)
         asked[:, t - 1] = pool[arange, pick]
         is_asked[arange, pick] = True
