@@ -39,12 +39,13 @@ FEATURE_METHODS = ["bt", "lore", "lore_alt", "pref", "mrm", "individual", "furth
 SLOPE_TARGET = 1.1
 
 
-def bench_size(n_users: int, methods: list[str], work: Path) -> Path:
+def bench_size(n_users: int, methods: list[str], work: Path, threads: int) -> Path:
     out = work / f"users-{n_users}"
     world = "dataset_options.lowrank_world"
     cmd = [sys.executable, "-m", "plrm.cli", "bench", "--recipe", "bench/lowrank", "cell.logger.kind=none",
            "bench.seeds=[0]", f"bench.methods=[{','.join(methods)}]", f"{world}.n_users={n_users}",
-           f"{world}.feature_dim=1024", f"{world}.test_prompts_per_user=20", "--out", str(out)]
+           f"{world}.feature_dim=1024", f"{world}.test_prompts_per_user=20", f"cell.trainer.num_threads={threads}",
+           "--out", str(out)]
     print(" ".join(cmd[2:]), file=sys.stderr)
     done = subprocess.run(cmd, check=False)  # a failed cell is recorded by the benchmark itself
     if not (out / "results.json").is_file():  # the benchmark itself died (killed for memory, bad input)
@@ -74,28 +75,37 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200, 400, 800 users; bt and lore")
     parser.add_argument("--work", default="/tmp/plrm_scaling", help="where the bench directories go")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per unit (0: torch's default)")
+    parser.add_argument("--methods-at", nargs="+", default=[], metavar="N:M1,M2",
+                        help="run only these methods at size N (e.g. 100000:bt,lore,pref,mrm); a method measured at "
+                             "two sizes or more gets its slope over those")
     args = parser.parse_args()
     sizes, methods = ([200, 400, 800], ["bt", "lore"]) if args.quick else (sorted(args.sizes), args.methods)
+    only = {int(n): spec.split(",") for n, spec in (item.split(":", 1) for item in args.methods_at)}
     work = Path(args.work)
-    by_size = {n: records(bench_size(n, methods, work)) for n in sizes}
+    by_size = {n: records(bench_size(n, [m for m in methods if m in only.get(n, methods)], work, args.threads))
+               for n in sizes}
 
     table = {}
     for m in methods:
-        runs = [by_size[n].get(m) for n in sizes]
-        if not all(runs):
-            table[m] = {"missing_sizes": [n for n, r in zip(sizes, runs) if not r]}
+        measured = [n for n in sizes if by_size[n].get(m)]
+        if len(measured) < 2:
+            table[m] = {"missing_sizes": [n for n in sizes if n not in measured]}
             continue
+        runs = [by_size[n][m] for n in measured]
         seconds = [r["wall_seconds"] for r in runs]
         memory = [r["peak_rss_mb"] for r in runs]
         parts = {p: [r["metrics"].get(f"{p}_seconds") for r in runs] for p in ("train", "adapt", "eval")}
-        table[m] = {"seconds": seconds, "peak_rss_mb": memory, **{f"{p}_seconds": v for p, v in parts.items()},
-                    "slope_seconds": slope(sizes, seconds), "slope_memory": slope(sizes, memory),
-                    **{f"slope_{p}": slope(sizes, v) for p, v in parts.items()}}
+        table[m] = {"sizes": measured, "seconds": seconds, "peak_rss_mb": memory,
+                    **{f"{p}_seconds": v for p, v in parts.items()},
+                    "slope_seconds": slope(measured, seconds), "slope_memory": slope(measured, memory),
+                    **{f"slope_{p}": slope(measured, v) for p, v in parts.items()}}
 
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     name = "scaling_quick" if args.quick else "scaling"
     command = "python benchmarks/scaling.py" + (" --quick" if args.quick else
-                                                f" --sizes {' '.join(map(str, sizes))} --methods {' '.join(methods)}")
+                                                f" --sizes {' '.join(map(str, sizes))} --methods {' '.join(methods)}"
+                                                + "".join(f" --methods-at {x}" for x in args.methods_at))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"command": command, "date": stamp, "machine": platform.platform(),
@@ -114,7 +124,8 @@ def main() -> None:
         if "missing_sizes" in row:
             md.append(f"| {m} | " + " | ".join("" for _ in sizes) + f" | missing at {row['missing_sizes']} | | |")
             continue
-        md.append(f"| {m} | " + " | ".join(f"{s:.1f}" for s in row["seconds"])
+        at = dict(zip(row["sizes"], row["seconds"]))
+        md.append(f"| {m} | " + " | ".join(f"{at[n]:.1f}" if n in at else "—" for n in sizes)
                   + f" | **{fmt(row['slope_seconds'])}** | {fmt(row['slope_train'])} / {fmt(row['slope_adapt'])}"
                   f" / {fmt(row['slope_eval'])} | {fmt(row['slope_memory'])} |")
         if row["slope_seconds"] is not None and row["slope_seconds"] > SLOPE_TARGET:
@@ -130,8 +141,8 @@ def main() -> None:
     for m, row in table.items():
         if "missing_sizes" in row:
             continue
-        axes[0].loglog(sizes, row["seconds"], "o-", label=f"{m} ({fmt(row['slope_seconds'])})")
-        axes[1].loglog(sizes, row["peak_rss_mb"], "o-", label=m)
+        axes[0].loglog(row["sizes"], row["seconds"], "o-", label=f"{m} ({fmt(row['slope_seconds'])})")
+        axes[1].loglog(row["sizes"], row["peak_rss_mb"], "o-", label=m)
     axes[0].set(xlabel="users", ylabel="seconds (fit + adapt + evaluate)", title="time (legend: slope)")
     axes[1].set(xlabel="users", ylabel="peak RSS (MB)", title="memory")
     axes[0].legend(fontsize=7)

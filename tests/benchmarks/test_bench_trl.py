@@ -8,7 +8,7 @@ import pytest
 @pytest.mark.slow
 def test_quick_trl_benchmark_trains_both_sides_on_the_same_tokens(tmp_path, run_benchmark):
     out = tmp_path / "trl.json"
-    run_benchmark("bench_trl.py", "--quick", "--steps", "4", "--warmup", "1", "--threads", "1", "--out", str(out),
+    run_benchmark("bench_trl.py", "--quick", "--steps", "4", "--warmup", "1", "--threads", "1", "--rounds", "1", "--out", str(out),
                   timeout=400)
     r = json.loads(out.read_text())
     assert out.with_suffix(".md").is_file()
@@ -18,4 +18,5 @@ def test_quick_trl_benchmark_trains_both_sides_on_the_same_tokens(tmp_path, run_
     # against plrm's ragged lengths); only the order of the pairs differs (TRL shuffles)
     assert plrm["epoch_tokens"] == trl["epoch_tokens"] > 0
     assert 0 <= plrm["padding_share"] < 1 and 0 <= trl["padding_share"] < 1
-    assert r["ratio"]["tokens_per_second"] > 0 and plrm["peak_rss_mib"] > 0
+    assert r["ratio"]["tokens_per_second"] > 0 and plrm["live_peak_rss_mib"] > 0
+    assert plrm["memory_run_epoch_tokens"] == trl["memory_run_epoch_tokens"] == plrm["epoch_tokens"]
