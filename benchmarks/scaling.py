@@ -68,6 +68,26 @@ def slope(sizes: list[int], values: list[float]) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def scaling_table(sizes: list[int], methods: list[str], by_size: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Per method: its seconds, peak RSS and phase seconds at the sizes it ran at, and their log-log slopes; a
+    method measured at fewer than two sizes gets only ``missing_sizes``."""
+    table = {}
+    for m in methods:
+        measured = [n for n in sizes if by_size[n].get(m)]
+        if len(measured) < 2:
+            table[m] = {"missing_sizes": [n for n in sizes if n not in measured]}
+            continue
+        runs = [by_size[n][m] for n in measured]
+        seconds = [r["wall_seconds"] for r in runs]
+        memory = [r["peak_rss_mb"] for r in runs]
+        parts = {p: [r["metrics"].get(f"{p}_seconds") for r in runs] for p in ("train", "adapt", "eval")}
+        table[m] = {"sizes": measured, "seconds": seconds, "peak_rss_mb": memory,
+                    **{f"{p}_seconds": v for p, v in parts.items()},
+                    "slope_seconds": slope(measured, seconds), "slope_memory": slope(measured, memory),
+                    **{f"slope_{p}": slope(measured, v) for p, v in parts.items()}}
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -86,20 +106,7 @@ def main() -> None:
     by_size = {n: records(bench_size(n, [m for m in methods if m in only.get(n, methods)], work, args.threads))
                for n in sizes}
 
-    table = {}
-    for m in methods:
-        measured = [n for n in sizes if by_size[n].get(m)]
-        if len(measured) < 2:
-            table[m] = {"missing_sizes": [n for n in sizes if n not in measured]}
-            continue
-        runs = [by_size[n][m] for n in measured]
-        seconds = [r["wall_seconds"] for r in runs]
-        memory = [r["peak_rss_mb"] for r in runs]
-        parts = {p: [r["metrics"].get(f"{p}_seconds") for r in runs] for p in ("train", "adapt", "eval")}
-        table[m] = {"sizes": measured, "seconds": seconds, "peak_rss_mb": memory,
-                    **{f"{p}_seconds": v for p, v in parts.items()},
-                    "slope_seconds": slope(measured, seconds), "slope_memory": slope(measured, memory),
-                    **{f"slope_{p}": slope(measured, v) for p, v in parts.items()}}
+    table = scaling_table(sizes, methods, by_size)
 
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     name = "scaling_quick" if args.quick else "scaling"
