@@ -64,21 +64,27 @@ def svd_factors(user_idx: np.ndarray, pair_idx: np.ndarray, sign: np.ndarray, n_
     return (u * root).astype(np.float32), (root[:, None] * vt).astype(np.float32), s.astype(np.float32)
 
 
+PROPACK_WORK_BYTES = 2 * 2**30  # the Lanczos bases PROPACK allocates: (users + pairs) x steps float64 numbers
+
+
 def _propack(matrix, rank: int):
     """PROPACK's rank-J SVD. Its default budget of 10 J Lanczos steps runs out on spectra with a long flat tail
-    (a dense world of 2,000 users x 6,000 pairs, each pair labelled by 100 users, needs about 2x that for J = 20);
-    then it runs again with a budget of min(users, pairs) steps, which Lanczos never needs more than."""
-    try:
-        return scipy.sparse.linalg.svds(matrix, k=rank, solver="propack", random_state=0)
-    except np.linalg.LinAlgError:
-        budget = min(matrix.shape)
+    (a dense world of 2,000 users x 6,000 pairs, each pair labelled by 100 users, needs more for J = 20); then it
+    runs again with 4, 16 and 64 times that budget, capped by the matrix's smaller side and by the memory of the
+    Lanczos bases (PROPACK_WORK_BYTES)."""
+    m, n = matrix.shape
+    cap = min(m, n, PROPACK_WORK_BYTES // (8 * (m + n)))
+    budgets = [None] + sorted({min(cap, 10 * rank * f) for f in (4, 16, 64)} - {10 * rank})
+    budgets = [b for b in budgets if b is None or b > 10 * rank]
+    for budget in budgets:
         try:
             return scipy.sparse.linalg.svds(matrix, k=rank, solver="propack", random_state=0, maxiter=budget)
         except np.linalg.LinAlgError as exc:
-            raise np.linalg.LinAlgError(
-                f"PReF's SVD init: the top {rank} singular vectors of the {matrix.shape[0]} x {matrix.shape[1]} "
-                f"training sign matrix did not converge in {budget} Lanczos steps ({exc}); set a smaller rank "
-                "(method option rank: J) or init: random") from exc
+            error = exc
+    raise np.linalg.LinAlgError(
+        f"PReF's SVD init: the top {rank} singular vectors of the {m} x {n} training sign matrix did not converge "
+        f"in {budgets[-1] or 10 * rank} Lanczos steps ({error}); set a smaller rank (method option rank: J) or "
+        "init: random")
 
 
 def elbow(values: np.ndarray) -> int:

@@ -208,3 +208,24 @@ def test_svd_factors_converges_on_a_dense_world_with_a_flat_spectral_tail():
     dense = np.zeros((n_users, n_pairs))
     dense[user, pair] = sign
     np.testing.assert_allclose(s, np.linalg.svd(dense, compute_uv=False)[:20], rtol=1e-4)
+
+
+def test_propack_retries_with_budgets_capped_by_memory(monkeypatch):
+    """At 100,000 users x 100,001 pairs a retry with min(users, pairs) Lanczos steps would allocate 74.5 GiB; the
+    retries stop at the budget whose bases fit PROPACK_WORK_BYTES, then the error names the matrix."""
+    import scipy.sparse
+
+    from plrm.methods import pref
+
+    budgets = []
+
+    def never_converges(matrix, k, solver, random_state, maxiter=None):
+        budgets.append(maxiter)
+        raise np.linalg.LinAlgError(f"k={k} singular triplets did not converge within kmax={maxiter}")
+
+    monkeypatch.setattr(pref.scipy.sparse.linalg, "svds", never_converges)
+    matrix = scipy.sparse.csr_matrix((100_000, 100_001))
+    with pytest.raises(np.linalg.LinAlgError, match=r"100000 x 100001 training sign matrix did not converge in "
+                                                    r"1342 Lanczos steps.*rank: J\) or init: random"):
+        pref._propack(matrix, 10)
+    assert budgets == [None, 400, 1342]                  # 2 GiB / (8 x 200,001 numbers per step) = 1342 steps
