@@ -20,10 +20,9 @@ average over users (MPU-Avg's new-user head) is an average of heads trained from
 U (D H + 2 H + 1) parameters, three times that with Adam's state: 1,000 users x 4096 x 64 is 1 GiB in fp32.
 
 Measured against a ModuleList of per-user heads (benchmarks/bench_heads.py, 1,000 users, D = 4096, H = 16):
-scoring every user is 1.6x faster, but a training step was slower -- 0.7x on random batches (padding each user's
-few rows), 0.1x on 32-user batches (a dense Adam updates every user's row). Those figures predate torch's fused Adam
-(plrm.methods.optim, about 9x faster per step on such tables, benchmarks/results/optim_cpu.md); bench_heads.py has
-not been rerun since.
+scoring every user is 1.3x faster, but a training step is slower -- 0.9x on random batches (padding each user's
+few rows), 0.2x on 32-user batches (Adam, even torch's fused one, updates every user's row; before plrm used the
+fused kernel: 0.7x and 0.1x) -- so row-sparse Adam is the next step.
 """
 
 from __future__ import annotations
