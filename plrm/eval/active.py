@@ -123,7 +123,7 @@ def run_session(model: PersonalizedRewardModel, dm: PreferenceDataModule, budget
         # every candidate's inputs gathered once; each round scores them all and masks the asked ones (a score
         # depends on its own pair and the user's state only; gathering the unasked ones cost more than scoring)
         candidates = _batch(dm, pool[pool >= 0], flip, model.device)
-        if model._scores_differences():  # reward linear in frozen inputs: e+ - e- is all a score reads
+        if model.scores_differences():  # reward linear in frozen inputs: e+ - e- is all a score reads
             candidates = {**{k: v for k, v in candidates.items() if k not in ("chosen", "rejected")},
                           "difference": candidates["chosen"] - candidates["rejected"]}
     curve = []

@@ -151,7 +151,7 @@ class PersonalizedRewardModel(L.LightningModule):
         """Whether training batches come from the difference table (``difference_cache``; ``auto``: when the
         batch is every train pair, or the table (n_train_pairs rows) is no larger than the item feature table)."""
         choice = getattr(self.config, "difference_cache", "never")
-        if not (self.trains_on_differences and self._scores_differences()) or choice == "never":
+        if not (self.trains_on_differences and self.scores_differences()) or choice == "never":
             return False
         return choice == "always" or self.config.batch_size >= n_train_pairs or n_train_pairs <= n_items
 
@@ -373,7 +373,9 @@ class PersonalizedRewardModel(L.LightningModule):
         z = self.item_embedding(self.encode(items))  # (2B, Z)
         return z[:n], z[n:]
 
-    def _scores_differences(self) -> bool:
+    def scores_differences(self) -> bool:
+        """Whether a pair's reward difference reads only e+ - e- of its inputs (a reward linear in frozen
+        features): then training (``difference_cache``) and active sessions hand the method that difference."""
         return self.linear_in_features and isinstance(self.encoder, nn.Identity)
 
     def embedding_difference(self, batch: dict) -> Tensor:
@@ -381,7 +383,7 @@ class PersonalizedRewardModel(L.LightningModule):
         difference table carries e+ - e- itself, ``difference``)."""
         if "difference" in batch:
             return self.item_embedding(batch["difference"])
-        if self._scores_differences():
+        if self.scores_differences():
             return self.item_embedding(batch["chosen"] - batch["rejected"])
         z_chosen, z_rejected = self.embed_pairs(batch)
         return z_chosen - z_rejected
@@ -389,7 +391,7 @@ class PersonalizedRewardModel(L.LightningModule):
     def preference_logit(self, batch: dict) -> Tensor:
         if self.reward_shape == CONDITIONED:
             return self.conditioned_pair_logit(batch["chosen"], batch["rejected"], batch["user_idx"])
-        if self._scores_differences():
+        if self.scores_differences():
             return self.user_reward(self.embedding_difference(batch), batch["user_idx"])
         z_chosen, z_rejected = self.embed_pairs(batch)
         return self.pair_logit(z_chosen, z_rejected, batch["user_idx"])

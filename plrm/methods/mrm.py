@@ -141,7 +141,7 @@ class MRM(EpisodicRewardModel):
 
     def pair_inputs(self, batch: dict) -> Tensor:
         """What the inner loop sees of each pair: phi(y+) - phi(y-) (R, K)."""
-        if self._scores_differences():
+        if self.scores_differences():
             # two skinny (B, D) @ (D, K) GEMMs instead of materializing h+ - h- (B, D): the same numbers, no
             # B x D temporary (2x faster at B = 8,000, D = 4,096, K = 2 on one CPU thread, and fewer page faults)
             return self.basis(batch["chosen"]) - self.basis(batch["rejected"])
