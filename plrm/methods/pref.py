@@ -74,8 +74,8 @@ def _propack(matrix, rank: int):
     Lanczos bases (PROPACK_WORK_BYTES)."""
     m, n = matrix.shape
     cap = min(m, n, PROPACK_WORK_BYTES // (8 * (m + n)))
-    budgets = [None] + sorted({min(cap, 10 * rank * f) for f in (4, 16, 64)} - {10 * rank})
-    budgets = [b for b in budgets if b is None or b > 10 * rank]
+    default = 10 * rank  # svds' own budget (maxiter=None)
+    budgets = [None, *sorted(b for b in {min(cap, default * f) for f in (4, 16, 64)} if b > default)]
     for budget in budgets:
         try:
             return scipy.sparse.linalg.svds(matrix, k=rank, solver="propack", random_state=0, maxiter=budget)
@@ -83,7 +83,7 @@ def _propack(matrix, rank: int):
             error = exc
     raise np.linalg.LinAlgError(
         f"PReF's SVD init: the top {rank} singular vectors of the {m} x {n} training sign matrix did not converge "
-        f"in {budgets[-1] or 10 * rank} Lanczos steps ({error}); set a smaller rank (method option rank: J) or "
+        f"in {budgets[-1] or default} Lanczos steps ({error}); set a smaller rank (method option rank: J) or "
         "init: random")
 
 
