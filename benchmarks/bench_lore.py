@@ -227,7 +227,7 @@ class Vectorized:
     def __init__(self, w: Workload, seed: int = 0):
         torch.manual_seed(seed)
         self.model = LoRe(LoRe.Config(rank=w.rank), n_users=w.n_users, feature_dim=w.feature_dim)
-        assert self.model._scores_differences(), "LoRe over features should score pairs from e+ - e-"
+        assert self.model.scores_differences(), "LoRe over features should score pairs from e+ - e-"
         self.optimizer = self.model.configure_optimizers()
 
     def parameters(self) -> list[Tensor]:
