@@ -14,6 +14,9 @@ epoch over the same ``steps x pairs`` pairs in a fresh process:
 - TRL: ``RewardTrainer`` (pre-tokenized ``chosen_ids`` / ``rejected_ids``, its collator right-pads chosen and
   rejected into one batch, one forward), ``AutoModelForSequenceClassification`` with peft's SEQ_CLS LoRA.
 
+A third side is plrm with ``backbone.packing: true`` (the batch's sequences packed into rows, no compute on
+padding): the before / after of packing in the same run.
+
 Reported per side: real (non-padding) tokens per second over the steps after ``--warmup``, the padded share of
 the tokens run, median step time, and the process's peak RSS (model load included; torch's CPU allocator has no
 peak counter). Writes ``benchmarks/results/trl_cpu.{json,md}`` (``--out`` to change).
@@ -42,6 +45,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results"
 LORA = dict(r=8, alpha=16.0, dropout=0.0, targets=["q_proj", "v_proj"])
 LR = 1e-4
+SIDES = ("trl", "plrm", "plrm_packed")
 
 
 def rss_mib() -> float:
@@ -71,7 +75,7 @@ def small_qwen2(out: Path, hidden: int, layers: int) -> Path:
     return path
 
 
-def datamodule(model_path: str, pairs: int):
+def datamodule(model_path: str, pairs: int, packing: bool = False):
     """plrm's datamodule over the attribute world with the transformer backbone (its tokenization), train rows."""
     from plrm.backbones.transformer import TransformerBackbone
     from plrm.data.attributes import AttributeWorld
@@ -81,7 +85,7 @@ def datamodule(model_path: str, pairs: int):
     data = AttributeWorld(AttributeWorld.Config(n_users=40)).load()
     cfg = TransformerBackbone.Config(model=model_path, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                                      lora_dropout=LORA["dropout"], lora_target_modules=LORA["targets"],
-                                     lr=LR, max_length=1024)
+                                     lr=LR, max_length=1024, packing=packing)
     prepared = PreparedData(data, TransformerBackbone(cfg))
     split = make_split(data.pairs.data.table, 0, 0.5, 0.5, 0.0, need_support=1, source="bench")
     return prepared, split, PreferenceDataModule(prepared, split, batch_size=pairs), split.rows(TRAIN)
@@ -92,10 +96,11 @@ def pick_rows(train_rows, steps: int, pairs: int):
     return torch.from_numpy(train_rows)[torch.randperm(len(train_rows), generator=gen)[:steps * pairs]]
 
 
-def run_plrm(model_path: str, steps: int, pairs: int, warmup: int) -> dict:
+def run_plrm(model_path: str, steps: int, pairs: int, warmup: int, packing: bool = False) -> dict:
+    from plrm.backbones.transformer import pack_rows
     from plrm.methods.bt import GlobalBT
 
-    prepared, split, dm, train = datamodule(model_path, pairs)
+    prepared, split, dm, train = datamodule(model_path, pairs, packing)
     rows = pick_rows(train, steps, pairs)
     torch.manual_seed(0)
     model = GlobalBT(GlobalBT.Config(lr=LR, weight_decay=0.0), n_users=len(split.user_ids),
@@ -119,7 +124,8 @@ def run_plrm(model_path: str, steps: int, pairs: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(now - last)
             tokens.append(int(lengths.sum()))
-            padded.append(int(lengths.max()) * len(lengths))
+            width = int(lengths.max())  # tokens the model runs: padded rows, or packed rows of that width
+            padded.append(width * (len(pack_rows(lengths.tolist(), width)[2]) if packing else len(lengths)))
         last = now
     return {"times": times, "tokens": tokens, "padded": padded, "all_tokens": seen, "rss_setup_mib": rss[0],
             "rss_training_peak_mib": max(rss)}
@@ -191,7 +197,10 @@ def run_trl(model_path: str, steps: int, pairs: int, warmup: int) -> dict:
 def child(side: str, model_path: str, steps: int, pairs: int, warmup: int, threads: int, out: str) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
-    rec = (run_plrm if side == "plrm" else run_trl)(model_path, steps, pairs, warmup)
+    if side == "trl":
+        rec = run_trl(model_path, steps, pairs, warmup)
+    else:
+        rec = run_plrm(model_path, steps, pairs, warmup, packing=side == "plrm_packed")
     rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out).write_text(json.dumps(rec))
 
@@ -217,7 +226,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each process")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/trl_cpu.json; "
                                                 "--quick: /tmp/trl_quick.json)")
-    ap.add_argument("--child", choices=["plrm", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -253,12 +262,12 @@ def main() -> int:
             raise SystemExit(f"bench_trl: the {side} {kind} process failed (exit {proc.returncode})")
         return json.loads(part.read_text())
 
-    speed: dict[str, list[dict]] = {"trl": [], "plrm": []}
+    speed: dict[str, list[dict]] = {side: [] for side in SIDES}
     for _ in range(args.rounds):  # sides alternate; each side's fastest run counts (this CPU's speed drifts)
-        for side in ("trl", "plrm"):
+        for side in SIDES:
             speed[side].append(child_run(side, "speed", None))
             print(f"{side}: {summarize(speed[side][-1])['tokens_per_second']:.0f} tokens/s", flush=True)
-    for side in ("trl", "plrm"):
+    for side in SIDES:
         best = max(speed[side], key=lambda rec: summarize(rec)["tokens_per_second"])
         mem = child_run(side, "memory", live)
         sides[side] = {**summarize(best), "raw": best,
@@ -278,15 +287,20 @@ def main() -> int:
               "model": label, "rounds": args.rounds, "steps": steps, "warmup": warmup, "pairs": args.pairs,
               "lora": LORA, "lr": LR,
               "sides": sides,
-              "ratio": {"tokens_per_second": sides["plrm"]["tokens_per_second"] / sides["trl"]["tokens_per_second"],
-                        "live_peak_rss": sides["plrm"]["live_peak_rss_mib"] / sides["trl"]["live_peak_rss_mib"],
-                        "live_peak_above_setup": sides["plrm"]["live_peak_above_setup_mib"]
-                        / sides["trl"]["live_peak_above_setup_mib"]}}
+              "ratio": ratios(sides, "plrm", "trl"), "ratio_packed": ratios(sides, "plrm_packed", "trl"),
+              "packing": ratios(sides, "plrm_packed", "plrm")}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return 0
+
+
+def ratios(sides: dict, a: str, b: str) -> dict:
+    """Side ``a`` over side ``b``: tokens/s, live peak RSS and the live peak above setup."""
+    return {"tokens_per_second": sides[a]["tokens_per_second"] / sides[b]["tokens_per_second"],
+            "live_peak_rss": sides[a]["live_peak_rss_mib"] / sides[b]["live_peak_rss_mib"],
+            "live_peak_above_setup": sides[a]["live_peak_above_setup_mib"] / sides[b]["live_peak_above_setup_mib"]}
 
 
 def markdown(r: dict) -> str:
@@ -306,12 +320,24 @@ def markdown(r: dict) -> str:
         "sides (attribute world, 40 users).", "",
         "| | real tokens/s | median step s | padding run | live peak RSS MiB | live RSS after setup | "
         "live peak above setup | peak RSS, default malloc |", "|---|---|---|---|---|---|---|---|",
-        row("TRL RewardTrainer", s["trl"]), row("plrm transformer + bt", s["plrm"]), "",
+        row("TRL RewardTrainer", s["trl"]), row("plrm transformer + bt", s["plrm"]),
+        row("plrm transformer + bt, `packing: true`", s["plrm_packed"]), "",
         f"plrm / TRL: **{r['ratio']['tokens_per_second']:.2f}x** tokens/s at **{r['ratio']['live_peak_rss']:.2f}x** "
         f"live peak RSS ({r['ratio']['live_peak_above_setup']:.2f}x the live peak above setup).", "",
+        f"plrm with packing / TRL: **{r['ratio_packed']['tokens_per_second']:.2f}x** tokens/s at "
+        f"**{r['ratio_packed']['live_peak_rss']:.2f}x** live peak RSS "
+        f"({r['ratio_packed']['live_peak_above_setup']:.2f}x the live peak above setup). Packing against plrm's "
+        f"padded batches (before / after): {r['packing']['tokens_per_second']:.2f}x tokens/s, "
+        f"{r['packing']['live_peak_above_setup']:.2f}x the live peak above setup.", "",
+        "Packing (`backbone.packing: true`): each training batch's chosen and rejected sequences are packed first-fit "
+        "decreasing into rows as long as the batch's longest sequence; position ids restart per sequence and "
+        "transformers' attention keeps the sequences apart (block-diagonal causal mask), so features and LoRA "
+        "gradients equal the padded batch's to float rounding (tests/backbones/test_transformer.py). TRL's "
+        "RewardTrainer has no padding-free mode.", "",
         f"Tokens/s: the faster of {r['rounds']} runs of each side, alternating, with the default allocator (runs: TRL "
         f"{', '.join(f'{x:,.0f}' for x in s['trl']['tokens_per_second_runs'])}; plrm "
-        f"{', '.join(f'{x:,.0f}' for x in s['plrm']['tokens_per_second_runs'])}). Memory comes from another run "
+        f"{', '.join(f'{x:,.0f}' for x in s['plrm']['tokens_per_second_runs'])}; plrm packed "
+        f"{', '.join(f'{x:,.0f}' for x in s['plrm_packed']['tokens_per_second_runs'])}). Memory comes from another run "
         "of each side in which glibc maps every block over 64 KiB on its own and unmaps it when freed "
         "(`MALLOC_MMAP_THRESHOLD_=65536`, "
         "`MALLOC_TRIM_THRESHOLD_=0`), so RSS is the memory alive: with the default allocator the RSS also holds "

@@ -63,22 +63,56 @@ class HFEncoder(nn.Module):
     """Ragged token batches -> pooled features (N, H) in float32. Chunks itself when gradients are off."""
 
     def __init__(self, model: nn.Module, pooling: str, pad_id: int, inference_batch_size: int,
-                 lr: float | None = None, weight_decay: float = 0.0, tokenizer=None):
+                 lr: float | None = None, weight_decay: float = 0.0, tokenizer=None, packing: bool = False):
         super().__init__()
         self.model = model
+        self.packing = packing  # training forwards pack the batch's sequences into rows (decoders only)
         self.tokenizer = tokenizer  # the backbone's (what tokenized the items): methods that edit token ids use it
         self.pooling, self.pad_id, self.inference_batch_size = pooling, pad_id, inference_batch_size
         self.lr, self.weight_decay = lr, weight_decay  # the optimizer group of the trainable encoder weights
 
     def _forward(self, items: dict, reduce: Reduce | None) -> Tensor:
         input_ids, mask = pad(items, self.pad_id)
-        # no KV cache: nothing here decodes, and a decoder would otherwise build a DynamicCache of every layer's keys
-        # and values that nothing reads (as TRL's RewardTrainer; bench_trl measured no memory or speed change)
-        extra = {"use_cache": False} if getattr(self.model.config, "use_cache", None) is not None else {}
-        hidden = self.model(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
+        if self.packing and torch.is_grad_enabled():
+            hidden = self._packed_hidden(items, mask)
+        else:
+            hidden = self.model(input_ids=input_ids, attention_mask=mask, **self.no_cache()).last_hidden_state
         if reduce is None:
             return pool(hidden, mask, self.pooling).float()
         return reduce(hidden.float(), mask, items)
+
+    def no_cache(self) -> dict:
+        """No KV cache: nothing here decodes, and a decoder would otherwise build a DynamicCache of every layer's
+        keys and values that nothing reads (as TRL's RewardTrainer; bench_trl measured no memory or speed change)."""
+        return {"use_cache": False} if getattr(self.model.config, "use_cache", None) is not None else {}
+
+    def _packed_hidden(self, items: dict, mask: Tensor) -> Tensor:
+        """The hidden states (N, L, H) of the padded batch, computed from the sequences packed into rows of L tokens
+        (``packing``): the model runs ``rows`` x L tokens instead of N x L. Position ids restart at 0 with every
+        sequence and no attention mask is passed, so transformers builds a block-diagonal causal mask from them
+        (its packed-sequence format): no token attends across a sequence boundary, and each sequence's hidden
+        states equal its padded ones up to float rounding. A row's unused tail is one more block of pad tokens,
+        read by nothing."""
+        ids, lengths = items["ids"], items["lengths"]
+        n, width = mask.shape
+        row, offset, used = pack_rows(lengths.tolist(), width)
+        row, offset = torch.tensor(row, device=ids.device), torch.tensor(offset, device=ids.device)
+        used = torch.tensor(used, device=ids.device)
+        # slot of every token of the ragged batch in the (rows, L) layout; tail slots count from 0 after `used`
+        inner = torch.arange(len(ids), device=ids.device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
+                                                                                   lengths)
+        seq = torch.repeat_interleave(torch.arange(n, device=ids.device), lengths)
+        slot = row[seq] * width + offset[seq] + inner
+        packed = torch.full((len(used) * width,), self.pad_id, dtype=ids.dtype, device=ids.device)
+        packed[slot] = ids
+        positions = (torch.arange(width, device=ids.device) - used[:, None]).reshape(-1)
+        positions[slot] = inner
+        hidden = self.model(input_ids=packed.view(len(used), width), position_ids=positions.view(len(used), width),
+                            **self.no_cache()).last_hidden_state.flatten(0, 1)          # (rows * L, H)
+        # back to the padded layout the pooling and reductions read; pad positions are zeros
+        where = (row[:, None] * width + offset[:, None] + torch.arange(width, device=ids.device)).clamp_max(
+            len(hidden) - 1)
+        return hidden[where] * mask.unsqueeze(-1).to(hidden.dtype)
 
     def forward(self, items: dict, reduce: Reduce | None = None) -> Tensor:
         """Pooled features (N, H); with ``reduce``, whatever it makes of every token's hidden state (N, L, H), the
@@ -97,6 +131,43 @@ class HFEncoder(nn.Module):
         out = torch.empty_like(feats)
         out[order] = feats
         return out
+
+
+def check_packing(encoder: HFEncoder, name: str) -> None:
+    """Refuse packing for a model whose attention does not keep packed sequences apart (modeling code that
+    ignores restarting position ids: some ``trust_remote_code`` models): the two short sequences packed into one
+    row beside a long one must give their padded hidden states."""
+    vocab = encoder.model.config.get_text_config().vocab_size
+    items = {"ids": torch.tensor([3, 5, 7, 11, 13, 17, 19, 23]) % vocab, "lengths": torch.tensor([4, 2, 2])}
+    device = next(encoder.model.parameters()).device
+    items = {k: v.to(device) for k, v in items.items()}
+    input_ids, mask = pad(items, encoder.pad_id)
+    mode = encoder.model.training
+    encoder.model.eval()
+    try:
+        with torch.no_grad():
+            padded = encoder.model(input_ids=input_ids, attention_mask=mask, **encoder.no_cache()).last_hidden_state
+            packed = encoder._packed_hidden(items, mask)
+    finally:
+        encoder.model.train(mode)
+    padded, packed = padded[mask.bool()].float(), packed[mask.bool()].float()
+    if not torch.allclose(packed, padded, rtol=2e-2, atol=2e-2 * float(padded.abs().max())):
+        raise BackboneError(f"backbone.packing: {name!r} does not keep packed sequences apart (its attention "
+                            "ignores position ids that restart per sequence): set packing: false")
+
+
+def pack_rows(lengths: list[int], width: int) -> tuple[list[int], list[int], list[int]]:
+    """First-fit decreasing packing of sequences of ``lengths`` (each <= ``width``) into rows of ``width`` tokens:
+    each sequence's row and offset in it, and the tokens used in each row. A batch's sequences, tens to hundreds:
+    a Python loop (no library packs a handful of integers faster than it is called)."""
+    row, offset, used = [0] * len(lengths), [0] * len(lengths), []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, u in enumerate(used) if u + lengths[i] <= width), len(used))
+        if r == len(used):
+            used.append(0)
+        row[i], offset[i] = r, used[r]
+        used[r] += lengths[i]
+    return row, offset, used
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -203,6 +274,10 @@ class TransformerBackbone(HFBackbone):
         bnb_4bit_quant_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type.")
         bnb_4bit_double_quant: bool = opt(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
         gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, ~30% slower).")
+        packing: bool = opt(False, "Training forwards pack each batch's sequences into rows as long as its longest "
+                                   "one (position ids restart per sequence, block-diagonal causal attention): no "
+                                   "compute on padding. Decoders only; rewards equal the padded ones to float "
+                                   "rounding (checked on the model when the encoder is built).")
 
         forbid = (Forbid({"finetune": "full", "quantization": Not("none")},
                          "finetune: full cannot train quantized (4bit or 8bit) weights; use finetune: lora (QLoRA) "
@@ -211,6 +286,9 @@ class TransformerBackbone(HFBackbone):
     def prepare(self, data, items: ItemIndex) -> None:
         self._check_text(data)
         self.resolve()
+        if self.config.packing and not self.decoder:
+            raise BackboneError(f"backbone.packing: true packs decoder sequences behind a causal mask; "
+                                f"{self.config.model!r} is an encoder (bidirectional attention): set packing: false")
         tok = self.tokenizer()
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.tokens = self.tokenize_texts(*item_texts(data, items))
@@ -249,8 +327,11 @@ class TransformerBackbone(HFBackbone):
 
     def encoder(self) -> nn.Module:
         c = self.config
-        return HFEncoder(self.trainable_model(), self.pooling, self.pad_id, c.inference_batch_size,
-                         lr=c.lr, weight_decay=c.weight_decay, tokenizer=self.tokenizer())
+        encoder = HFEncoder(self.trainable_model(), self.pooling, self.pad_id, c.inference_batch_size,
+                            lr=c.lr, weight_decay=c.weight_decay, tokenizer=self.tokenizer(), packing=c.packing)
+        if c.packing:
+            check_packing(encoder, c.model)
+        return encoder
 
 
 def bnb_config(c, compute_dtype: torch.dtype):

@@ -10,7 +10,7 @@ from plrm import runner
 from plrm.backbones import models
 from plrm.backbones.models import BackboneError
 from plrm.backbones.text import TokenizedItems, pad, pool, tokenize_items
-from plrm.backbones.transformer import TransformerBackbone
+from plrm.backbones.transformer import TransformerBackbone, pack_rows
 from plrm.checkpoint import load_checkpoint
 from plrm.data.datamodule import PreferenceDataModule
 from plrm.recipe import RecipeError, load_recipe
@@ -236,3 +236,59 @@ def test_cpu_twins_of_the_cluster_recipes_run_the_same_recipe_on_tiny_models(tmp
     assert 0.0 <= result.per_seed[0]["lore"]["unseen"]["accuracy"] <= 1.0
     state = load_checkpoint(result.run_dir / "seed-0" / "lore.ckpt")["state_dict"]
     assert any("lora_" in k for k in state)
+
+
+def test_first_fit_decreasing_packing():
+    row, offset, used = pack_rows([5, 2, 8, 3, 6], width=8)
+    # decreasing: 8 -> row 0; 6 -> row 1; 5 -> row 2; 3 -> row 2 (5 + 3); 2 -> row 1 (6 + 2)
+    assert row == [2, 1, 0, 2, 1] and offset == [0, 6, 0, 5, 0] and used == [8, 8, 8]
+
+
+def _features_and_grads(enc, items, reduce=None):
+    enc.zero_grad()
+    feats = enc(items, reduce) if reduce else enc(items)
+    (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward() if feats.dim() == 2 else feats.sum().backward()
+    return feats.detach(), {n: p.grad.clone() for n, p in enc.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_packed_training_batches_give_the_padded_features_and_gradients(tmp_path, length_pairs, arch):
+    prepared = _prepared_backbone(tmp_path, length_pairs, model=f"tiny-random:{arch}", lora_dropout=0.0,
+                                  packing=True)
+    items = prepared.backbone.inputs(torch.arange(12))
+    assert len(set(items["lengths"].tolist())) > 3  # ragged: padding would be run without packing
+    L.seed_everything(0, verbose=False)
+    enc = prepared.backbone.encoder()
+    packed, packed_grads = _features_and_grads(enc, items)
+    enc.packing = False
+    padded, padded_grads = _features_and_grads(enc, items)
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 0
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # a reduction over every token's hidden state (Global RM-v2's) reads the same padded layout
+    per_token = lambda hidden, mask, batch: (hidden.sum(-1) * mask).sum(1)  # noqa: E731
+    enc.packing = True
+    packed_sum, _ = _features_and_grads(enc, items, per_token)
+    enc.packing = False
+    padded_sum, _ = _features_and_grads(enc, items, per_token)
+    torch.testing.assert_close(packed_sum, padded_sum, rtol=1e-4, atol=1e-4)
+
+
+def test_packing_is_refused_for_encoders_and_for_models_that_mix_packed_sequences(tmp_path, length_pairs):
+    from plrm.backbones.transformer import check_packing
+
+    with pytest.raises(BackboneError, match=r"backbone.packing: true packs decoder sequences .* 'tiny-random:bert' "
+                                            r"is an encoder"):
+        _prepared_backbone(tmp_path, length_pairs, model="tiny-random:bert", packing=True)
+    prepared = _prepared_backbone(tmp_path, length_pairs, model="tiny-random:qwen2", lora_dropout=0.0)
+    enc = prepared.backbone.encoder()
+    check_packing(enc, "tiny-random:qwen2")  # transformers' Qwen2 reads the packed format
+    original = enc.model.forward
+
+    def ignores_positions(*args, position_ids=None, **kwargs):  # what modeling code without packed support does
+        return original(*args, **kwargs)
+
+    enc.model.forward = ignores_positions
+    with pytest.raises(BackboneError, match="'mine' does not keep packed sequences apart"):
+        check_packing(enc, "mine")

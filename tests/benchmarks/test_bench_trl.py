@@ -20,3 +20,8 @@ def test_quick_trl_benchmark_trains_both_sides_on_the_same_tokens(tmp_path, run_
     assert 0 <= plrm["padding_share"] < 1 and 0 <= trl["padding_share"] < 1
     assert r["ratio"]["tokens_per_second"] > 0 and plrm["live_peak_rss_mib"] > 0
     assert plrm["memory_run_epoch_tokens"] == trl["memory_run_epoch_tokens"] == plrm["epoch_tokens"]
+    # packing runs the same tokens in fewer padded slots
+    packed = r["sides"]["plrm_packed"]
+    assert packed["epoch_tokens"] == plrm["epoch_tokens"] and packed["real_tokens"] == plrm["real_tokens"]
+    assert packed["padding_share"] < plrm["padding_share"]
+    assert r["packing"]["tokens_per_second"] > 0 and r["ratio_packed"]["live_peak_rss"] > 0
