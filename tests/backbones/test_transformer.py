@@ -292,3 +292,21 @@ def test_packing_is_refused_for_encoders_and_for_models_that_mix_packed_sequence
     enc.model.forward = ignores_positions
     with pytest.raises(BackboneError, match="'mine' does not keep packed sequences apart"):
         check_packing(enc, "mine")
+
+
+def test_4bit_without_the_fp32_upcast_keeps_unquantized_weights_in_dtype_and_trains(tmp_path, length_pairs):
+    pytest.importorskip("bitsandbytes")
+    dtypes = {}
+    for upcast in (True, False):
+        prepared = _prepared_backbone(tmp_path, length_pairs, model="tiny-random:qwen2", quantization="4bit",
+                                      dtype="bfloat16", lora_dropout=0.0, kbit_upcast=upcast)
+        L.seed_everything(0, verbose=False)
+        enc = prepared.backbone.encoder()
+        dtypes[upcast] = enc.model.get_input_embeddings().weight.dtype
+        feats, grads = _features_and_grads(enc, prepared.backbone.inputs(torch.arange(6)))
+        assert feats.dtype == torch.float32 and len(grads) > 0
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # lora_A's are 0 while B is 0
+        assert all(p.dtype == torch.float32 for p in enc.parameters() if p.requires_grad)  # peft's fp32 adapters
+    # peft's k-bit preparation casts the (unquantized) embedding to fp32; kbit_upcast: false leaves it in bf16
+    assert dtypes == {True: torch.float32, False: torch.bfloat16}
