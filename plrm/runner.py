@@ -649,7 +649,9 @@ def _fit_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
     n_train = len(unit.split.rows(TRAIN))
     dm = PreferenceDataModule(run.prepared, unit.split, batch_size=comp.config.batch_size, seed=train_seed,
                               users_per_batch=model.users_per_batch,
-                              difference_cache=model.uses_difference_cache(n_train, run.prepared.items.n_items))
+                              difference_cache=model.uses_difference_cache(n_train, run.prepared.items.n_items),
+                              difference_dtype=torch.bfloat16 if str(recipe.trainer.precision).startswith("bf16")
+                              else None)
     logger = make_logger(recipe.logger, run.dir, name=f"seed-{seed}/{label}",
                          group=recipe.logger.group or recipe.run.name, run_name=recipe.run.name,
                          config={**recipe.raw, "label": label, "split_seed": seed}) if run.main else None

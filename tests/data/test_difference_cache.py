@@ -100,3 +100,17 @@ def test_a_run_trains_the_same_model_from_the_table(tiny_overrides, monkeypatch)
     assert built == [1]  # lore's, for the one split seed
     assert on.per_seed[0]["lore"]["unseen"] == off.per_seed[0]["lore"]["unseen"]
     assert on.per_seed[0]["lore"]["seen"] == off.per_seed[0]["lore"]["seen"]
+
+
+def test_bf16_mixed_runs_store_the_table_in_bf16_and_train_to_the_fp32_accuracy(tiny_overrides, monkeypatch):
+    tables = []
+    init = datamodule._DifferenceRows.__init__
+    monkeypatch.setattr(datamodule._DifferenceRows, "__init__", lambda self, *a: init(self, *a) or tables.append(self))
+    common = tiny_overrides + ["methods.lore.difference_cache=always", "methods.bt.difference_cache=never"]
+    fp32 = runner.fit("quickstart", common + ["run.name=fp32"], show=False)
+    bf16 = runner.fit("quickstart", common + ["run.name=bf16", "trainer.precision=bf16-mixed"], show=False)
+    assert [t.table.dtype for t in tables] == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(tables[1].table, tables[0].table.bfloat16(), rtol=0, atol=0)  # rounded once
+    for group in ("seen", "unseen"):
+        assert bf16.per_seed[0]["lore"][group]["accuracy"] == pytest.approx(
+            fp32.per_seed[0]["lore"][group]["accuracy"], abs=0.02)
