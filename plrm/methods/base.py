@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plrm import capabilities as cap
-from plrm.config import Forbid, opt
+from plrm.config import Forbid, Not, opt
 from plrm.errors import PlrmError
 from plrm.methods.losses import bradley_terry_nll
 from plrm.methods.optim import adam
@@ -79,6 +79,24 @@ class AdaptConfig:
                                "App. B.1: 0.1).", gt=0)
     adapt_steps: int = opt(300, "Full-batch Adam steps of few-shot adaptation.", min=0)
     adapt_l2: float = opt(0.0, "L2 penalty on the adapted per-user parameters.", min=0)
+
+
+@dataclass
+class QuasiNewtonConfig:
+    """A full-batch L-BFGS schedule, offered by methods whose training loss is a deterministic function of every
+    train pair (BT and LoRe over frozen features: the batch is the difference table)."""
+
+    optimizer: Literal["adam", "lbfgs"] = opt(
+        "adam", "adam: Adam at lr over batch_size pairs per step. lbfgs: torch's L-BFGS (strong-Wolfe line search, "
+        "step length 1, one parameter group) on the full batch, so batch_size must cover every train pair; each "
+        "training step (= epoch) runs lbfgs_iterations iterations, and lr / weight_decay do not apply.")
+    lbfgs_iterations: int = opt(20, "L-BFGS iterations per training step (each one or more loss-and-gradient "
+                                    "evaluations of the full batch).", min=1)
+    lbfgs_history: int = opt(10, "L-BFGS memory: curvature pairs kept.", min=1)
+
+    forbid = (Forbid({"optimizer": "lbfgs", "weight_decay": Not(0.0)},
+                     "optimizer: lbfgs has no decoupled weight decay; set weight_decay: 0 (an L2 penalty of the "
+                     "method, e.g. basis_l2, is part of the loss and applies)"),)
 
 
 class SeenUsersData(Protocol):
@@ -248,6 +266,13 @@ class PersonalizedRewardModel(L.LightningModule):
             raise PlrmError(f"{type(self).__name__} needs the seen users' data during training (before_fit / "
                             "fit_seen_users / reference checkpoints): train it with plrm (runner.fit) or add "
                             "plrm.data.hooks.MethodHooks(datamodule) to the Trainer's callbacks")
+
+    def on_train_start(self) -> None:
+        batches = self.trainer.num_training_batches
+        if getattr(self.config, "optimizer", "adam") == "lbfgs" and batches != 1:
+            raise PlrmError(f"{type(self).__name__}: optimizer: lbfgs needs the full batch at every step, but "
+                            f"batch_size {self.config.batch_size} makes {batches} batches per epoch; set batch_size "
+                            "to at least the number of train pairs (or optimizer: adam)")
 
     def reference_checkpoints(self) -> dict[str, str]:
         """Checkpoints of other runs this method needs, by name (LoRe-Alt's reference reward model): the runner
@@ -476,6 +501,12 @@ class PersonalizedRewardModel(L.LightningModule):
         return trainer is not None and str(trainer.precision).endswith("-mixed")
 
     def configure_optimizers(self):
+        c = self.config
+        if getattr(c, "optimizer", "adam") == "lbfgs":
+            # torch's L-BFGS takes one parameter group; Lightning calls step() with the closure it needs
+            params = [p for group in self.optimizer_groups() for p in group["params"]]
+            return torch.optim.LBFGS(params, lr=1.0, max_iter=c.lbfgs_iterations, history_size=c.lbfgs_history,
+                                     line_search_fn="strong_wolfe")
         return adam(self.optimizer_groups(), lr=self.config.lr, weight_decay=self.config.weight_decay,
                     mixed_precision=self.mixed_precision())
 

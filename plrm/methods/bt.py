@@ -11,9 +11,11 @@ Nothing is learned per user, so it ignores user ids and a new user is served by 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from plrm.methods.base import MethodConfig, PersonalizedRewardModel
+from plrm.methods.base import MethodConfig, PersonalizedRewardModel, QuasiNewtonConfig
 from plrm.registry import methods
 
 
@@ -24,6 +26,10 @@ class GlobalBT(PersonalizedRewardModel):
     adapts_new_users = "generic"
     linear_in_features = True
     trains_on_differences = True  # loss and penalty read pairs only as e+ - e- (difference_cache)
+
+    @dataclass
+    class Config(MethodConfig, QuasiNewtonConfig):
+        pass
 
     def __init__(self, config: MethodConfig, n_users: int, feature_dim: int, encoder: nn.Module | None = None):
         super().__init__(config, n_users, feature_dim, encoder)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from plrm.config import opt
-from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel
+from plrm.methods.base import AdaptConfig, MethodConfig, PersonalizedRewardModel, QuasiNewtonConfig
 from plrm.methods.simplex import fit_simplex
 from plrm.registry import methods
 
@@ -36,7 +36,7 @@ class LoRe(PersonalizedRewardModel):
     user_state = ("user_logits",)
 
     @dataclass
-    class Config(MethodConfig, AdaptConfig):
+    class Config(MethodConfig, AdaptConfig, QuasiNewtonConfig):
         rank: int = opt(10, "B, the number of basis reward functions (LoRe: cross-validated in {2,..,50}).", min=1)
         lr: float = opt(0.01, "Adam learning rate of the basis A. LoRe App. B.1 uses 0.5 on its reward-model "
                               "embeddings; on N(0, 1) 4096-d features 0.5 diverges (57% unseen accuracy, "
