@@ -1,6 +1,18 @@
-"""Markdown table helpers shared by the benchmark study scripts (pref_study.py, mrm_study.py)."""
+"""Markdown table helpers shared by the benchmark scripts (pref_study.py, mrm_study.py, the TRL and k-bit
+benchmarks)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_report(out: Path, result: dict, markdown: str) -> None:
+    """``result`` as JSON at ``out`` and ``markdown`` beside it (``.md``), printed too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 def pct(stat: dict | None) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tables import write_report  # noqa: E402
 from bench_trl import LORA, LR, RESULTS, pick_rows, rss_mib  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,10 +130,7 @@ def main() -> int:
                         "step_seconds": no["step_seconds_median"] / up["step_seconds_median"]},
               "mean_feature_difference": abs(no["mean_feature"] - up["mean_feature"])}
     out = Path(args.out) if args.out else (Path("/tmp/kbit_quick.json") if args.quick else RESULTS / "kbit_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(out, result, markdown(result))
     return 0
 
 

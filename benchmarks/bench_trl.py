@@ -40,6 +40,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tables import write_report  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -289,10 +292,7 @@ def main() -> int:
               "sides": sides,
               "ratio": ratios(sides, "plrm", "trl"), "ratio_packed": ratios(sides, "plrm_packed", "trl"),
               "packing": ratios(sides, "plrm_packed", "plrm")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(out, result, markdown(result))
     return 0
 
 
