@@ -20,6 +20,16 @@ before its padding: with the mask on the pads and positions counted over real to
 computation as ``[pads][prefix][prompt][response]``. :meth:`CausalLM.reference` disables the LoRA adapter (the
 frozen base model, DPO's reference). :meth:`CausalLM.prefill` and :meth:`CausalLM.advance` serve the next-token
 log-probabilities over the whole vocabulary, one KV-cached step at a time (token-level rewards for decoding).
+
+``packing: true`` (the ``transformer`` backbone's option) applies here to the training forwards (gradients on; GenARM,
+P-DPO and every method that trains through :meth:`CausalLM.response_logprobs`): each sequence, its soft-token
+prefix included, is packed first-fit decreasing into rows as long as the batch's longest one, with position ids
+restarting per sequence and no attention mask (transformers' packed format: a block-diagonal causal mask), and
+only the hidden states of the positions that predict a response token go through the LM head. The log-probabilities
+and LoRA gradients equal the padded batch's to float rounding; scoring without gradients (reference
+log-probabilities, evaluation) stays padded. When the encoder is built, a probe on the loaded model checks that its
+attention keeps packed sequences apart and that its LM head is the plain output projection the packed path applies
+(no logit scaling or soft-capping); a model that fails either is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from torch import Tensor, nn
 
 from plrm import capabilities as cap
 from plrm.backbones.text import ItemTextTable, TokenizedItems, item_texts, ragged_select, tokenize_items
-from plrm.backbones.transformer import TransformerBackbone
+from plrm.backbones.transformer import TransformerBackbone, pack_rows
 from plrm.config import Forbid, opt
 from plrm.errors import BackboneError
 from plrm.items import ItemIndex
@@ -84,9 +94,10 @@ class CausalLM(nn.Module):
     when gradients are off (evaluation, reference log-probabilities)."""
 
     def __init__(self, model: nn.Module, pad_id: int, inference_batch_size: int, lr: float | None = None,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, packing: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.packing = packing  # training forwards run the batch's sequences packed into rows (no padding)
         self.pad_id, self.inference_batch_size = pad_id, inference_batch_size
         self.lr, self.weight_decay = lr, weight_decay  # the optimizer group of the trainable LM weights
 
@@ -124,6 +135,8 @@ class CausalLM(nn.Module):
         return input_ids, {"inputs_embeds": vectors}, mask
 
     def _response_logprobs(self, items: dict, prefix: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.packing and torch.is_grad_enabled():
+            return self._packed_response_logprobs(items, prefix)
         input_ids, kwargs, mask = self._model_inputs(items, prefix)
         n, width = input_ids.shape
         responses = items["lengths"] - items["prompt_lengths"]                   # (N,) response tokens per row
@@ -137,6 +150,70 @@ class CausalLM(nn.Module):
         valid = column[None, :] < responses[:, None]                            # (N, R)
         source = (column[None, :] + keep - responses[:, None]).clamp(0, max(keep - 1, 0))
         return right.gather(1, source) * valid, valid
+
+    def body_and_head(self) -> tuple[nn.Module, nn.Module]:
+        """The decoder stack (ids or embeddings -> last hidden states) and the output projection of the causal LM.
+        Under a peft wrapper they are the base model's own modules, with the LoRA layers inside them, so the
+        adapter (and :meth:`reference`, which disables it) acts on them as on the wrapped model's forward."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return model.get_decoder(), model.get_output_embeddings()
+
+    def _packed_hidden(self, items: dict, prefix: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The hidden states of the positions that predict response tokens, from one forward of the sequences
+        ([prefix] + ids) packed into rows as long as the longest: (K, H) for the K response tokens of the batch,
+        with each one's row, response column (t - prompt length) and target id. Positions restart at 0 with
+        every sequence (the prefix counts first, as in the padded batch) and no mask is passed, so transformers
+        keeps the sequences apart with a block-diagonal causal mask; a row's unused tail is one more block of
+        pad tokens that nothing reads."""
+        ids, lengths = items["ids"], items["lengths"]
+        n, dev = len(lengths), ids.device
+        soft = 0 if prefix is None else prefix.shape[1]
+        total = lengths + soft
+        width = int(total.max())
+        row, offset, used = pack_rows(total.tolist(), width)
+        row, offset, used = (torch.tensor(x, device=dev) for x in (row, offset, used))
+        start = row * width + offset                                              # (N,) first slot of each sequence
+        seq = torch.repeat_interleave(torch.arange(n, device=dev), lengths)
+        inner = torch.arange(len(ids), device=dev) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
+                                                                             lengths)
+        slot = start[seq] + soft + inner                                          # slot of every id
+        packed = torch.full((len(used) * width,), self.pad_id, dtype=ids.dtype, device=dev)
+        packed[slot] = ids
+        positions = (torch.arange(width, device=dev) - used[:, None]).reshape(-1)
+        positions[slot] = soft + inner
+        shape = (len(used), width)
+        if prefix is None:
+            kwargs = {"input_ids": packed.view(shape)}
+        else:
+            prefix_slot = (start[:, None] + torch.arange(soft, device=dev)).reshape(-1)
+            positions[prefix_slot] = torch.arange(soft, device=dev).repeat(n)
+            vectors = self.input_embeddings()(packed)
+            vectors = vectors.index_copy(0, prefix_slot, prefix.reshape(-1, prefix.shape[-1]).to(vectors.dtype))
+            kwargs = {"inputs_embeds": vectors.view(*shape, -1)}
+        body, _ = self.body_and_head()
+        extra = {"use_cache": False} if getattr(body.config, "use_cache", None) is not None else {}
+        hidden = body(**kwargs, position_ids=positions.view(shape), **extra).last_hidden_state.flatten(0, 1)
+        response = inner >= items["prompt_lengths"][seq]                          # ids that are response tokens
+        # the token at slot s is predicted by the hidden state at s - 1 (the previous token of its sequence)
+        return (hidden[slot[response] - 1], seq[response], (inner - items["prompt_lengths"][seq])[response],
+                ids[response])
+
+    def _packed_response_logprobs(self, items: dict, prefix: Tensor | None) -> tuple[Tensor, Tensor]:
+        """What the padded :meth:`_response_logprobs` returns, computed packed (``packing``): the vocabulary
+        projection runs on the K response-predicting positions only, never on the packed rows."""
+        hidden, seq, column, targets = self._packed_hidden(items, prefix)
+        n = len(items["lengths"])
+        keep = int((items["lengths"] - items["prompt_lengths"]).max()) if n else 0
+        logits = self.body_and_head()[1](hidden)                                 # (K, V)
+        # in low precision, upcast about one padded row's worth of logits at a time (as token_logprobs does)
+        chunk = len(logits) if logits.dtype == torch.float32 else max(keep, 1)
+        logps = torch.cat([token_logprobs(c[None], t[None])[0] for c, t in zip(logits.split(chunk),
+                                                                                targets.split(chunk))]
+                          + [logits.new_zeros(0, dtype=torch.float32)])
+        out = logps.new_zeros(n, keep).index_put((seq, column), logps)
+        valid = torch.zeros(n, keep, dtype=torch.bool, device=logps.device).index_put(
+            (seq, column), torch.ones_like(column, dtype=torch.bool))
+        return out, valid
 
     def response_logprobs(self, items: dict, prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """log pi(y_t | prefix, x, y_<t) of every response token, (N, R) float32 left-aligned (token t of the
@@ -204,6 +281,53 @@ class CausalLM(nn.Module):
         return rows
 
 
+# config fields of output heads that transform the projected logits (Gemma 2/3 soft-capping, Cohere and Granite
+# scaling): a tiny random model's logits are too small for the probe below to see a soft-cap, so they are named
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def check_packing(lm: CausalLM, name: str) -> None:
+    """Refuse ``packing`` for a model the packed path would not compute exactly: its logits must be the output
+    projection of the decoder stack's last hidden states (what the packed path applies to the gathered positions),
+    and its attention must keep packed sequences apart (modeling code that ignores restarting position ids: some
+    ``trust_remote_code`` models). The probe packs two short sequences into one row beside a long one."""
+    config = lm.model.config.get_text_config()
+    transforms = [k for k in HEAD_TRANSFORMS if getattr(config, k, None) not in (None, 1.0)]
+    vocab = config.vocab_size
+    items = {"ids": torch.tensor([3, 5, 7, 11, 13, 17, 19, 23]) % vocab, "lengths": torch.tensor([4, 2, 2]),
+             "prompt_lengths": torch.tensor([2, 1, 1])}
+    device = next(lm.model.parameters()).device
+    items = {k: v.to(device) for k, v in items.items()}
+    input_ids, mask = left_pad(items, lm.pad_id)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    body, head = lm.body_and_head()
+    mode = lm.model.training
+    lm.model.eval()
+    try:
+        with torch.no_grad():
+            own = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                          use_cache=False).last_hidden_state
+            projected = head(hidden)
+            packed, seq, column, _ = lm._packed_hidden(items, None)
+    finally:
+        lm.model.train(mode)
+    own, projected = own[mask.bool()].float(), projected[mask.bool()].float()
+    if transforms or own.shape != projected.shape or not torch.allclose(
+            projected, own, rtol=1e-3, atol=1e-3 * float(own.abs().max())):
+        detail = f" ({', '.join(f'{k}={getattr(config, k)}' for k in transforms)})" if transforms else ""
+        raise BackboneError(f"backbone.packing: the LM head of {name!r} is not a plain projection of the last hidden "
+                            f"state{detail}, which packing applies to the response positions only: set packing: "
+                            "false")
+    width = input_ids.shape[1]
+    # the padded hidden state that predicts the same response token as each packed one
+    padded = hidden[seq, width - items["lengths"][seq] + items["prompt_lengths"][seq] + column - 1].float()
+    packed = packed.float()
+    if not torch.allclose(packed, padded, rtol=2e-2, atol=2e-2 * float(padded.abs().max())):
+        raise BackboneError(f"backbone.packing: {name!r} does not keep packed sequences apart (its attention "
+                            "ignores position ids that restart per sequence): set packing: false")
+
+
 @backbones.register("causal_lm")
 class CausalLMBackbone(TransformerBackbone):
     """A Hugging Face causal LM (LoRA / full / frozen; 4/8-bit) serving response log-probabilities."""
@@ -258,6 +382,8 @@ class CausalLMBackbone(TransformerBackbone):
     def encoder(self) -> nn.Module:
         c = self.config
         lm = CausalLM(self.trainable_model(), self.pad_id, c.inference_batch_size, lr=c.lr,
-                      weight_decay=c.weight_decay)
+                      weight_decay=c.weight_decay, packing=c.packing)
+        if c.packing:
+            check_packing(lm, c.model)
         lm.item_texts = getattr(self, "texts", None)  # the prepared items' texts (the RAG judge reads them)
         return lm

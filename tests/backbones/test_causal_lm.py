@@ -167,3 +167,92 @@ def test_generation_with_a_soft_token_prefix_equals_a_loop_without_cache(length_
                     break
             assert cached[i] == new, i
     assert all(len(c) > 0 for c in cached)
+
+
+def _logprobs_and_grads(lm, items, prefix):
+    """Training-path response log-probabilities and mask, and the gradients of a weighted sum of them on the LoRA
+    weights and on the soft-token prefix."""
+    lm.zero_grad()
+    if prefix is not None:
+        prefix.grad = None
+    logps, mask = lm.response_logprobs(items, prefix)
+    weights = torch.linspace(-1, 1, logps.numel()).view_as(logps)
+    (logps * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
+    if prefix is not None:
+        grads["prefix"] = prefix.grad.clone()
+    return logps.detach(), mask, grads
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("soft_tokens", [0, 3])
+def test_packed_training_forwards_give_the_padded_logprobs_and_gradients(length_pairs, arch, soft_tokens):
+    """``packing``: the sequences (after their soft-token prefix, P-DPO's path) packed into rows, only the
+    response-predicting positions projected onto the vocabulary; same log-probabilities, mask and gradients."""
+    from plrm.backbones.transformer import pack_rows
+
+    prepared = _prepared(length_pairs, model=f"tiny-random:{arch}", dtype="float32", lora_dropout=0.0, packing=True)
+    lm = prepared.backbone.encoder()
+    assert lm.packing
+    # the longest item, the 7 shortest and 4 from the middle: two short sequences fit in the longest's row
+    order = torch.argsort(prepared.backbone.tokens.lengths, stable=True)
+    items = prepared.backbone.inputs(torch.cat([order[-1:], order[:7], order[len(order) // 2:][:4]]))
+    lengths = (items["lengths"] + soft_tokens).tolist()
+    rows = pack_rows(lengths, max(lengths))[2]
+    assert len(set(lengths)) > 3 and len(rows) < len(lengths)  # ragged, and some rows hold several sequences
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():  # a trained adapter: gradients reach lora_A too
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prefix = None
+    if soft_tokens:
+        prefix = torch.randn(12, soft_tokens, lm.hidden_size, generator=torch.Generator().manual_seed(0))
+        prefix.requires_grad_(True)
+    packed, packed_mask, packed_grads = _logprobs_and_grads(lm, items, prefix)
+    lm.packing = False
+    padded, padded_mask, padded_grads = _logprobs_and_grads(lm, items, prefix)
+    assert torch.equal(packed_mask, padded_mask) and packed.shape == padded.shape
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert (packed[~packed_mask] == 0).all()
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > (1 if soft_tokens else 0)
+    for name in packed_grads:
+        scale = float(padded_grads[name].abs().max())  # sums over many tokens: compare at the tensor's scale
+        assert scale > 0, name
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-5 * scale)
+    # without gradients the padded path serves (reference log-probabilities, evaluation)
+    lm.packing = True
+    with torch.no_grad():
+        torch.testing.assert_close(lm.response_logprobs(items, prefix)[0], padded, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_is_refused_for_models_that_mix_packed_sequences_or_transform_their_logits(length_pairs):
+    from plrm.backbones.causal_lm import check_packing
+
+    prepared = _prepared(length_pairs, model="tiny-random:qwen2", dtype="float32", lora_dropout=0.0)
+    lm = prepared.backbone.encoder()
+    check_packing(lm, "tiny-random:qwen2")  # transformers' Qwen2 reads the packed format, plain lm_head
+    body, _ = lm.body_and_head()
+    original = body.forward
+
+    def ignores_positions(*args, position_ids=None, **kwargs):  # what modeling code without packed support does
+        return original(*args, **kwargs)
+
+    body.forward = ignores_positions
+    with pytest.raises(BackboneError, match=r"backbone.packing: 'mine' does not keep packed sequences apart"):
+        check_packing(lm, "mine")
+    body.forward = original
+    lm.model.config.final_logit_softcapping = 30.0  # Gemma 2's head: tanh soft-capping after the projection
+    with pytest.raises(BackboneError, match=r"backbone.packing: the LM head of 'mine' is not a plain projection .*"
+                                            r"final_logit_softcapping=30.0"):
+        check_packing(lm, "mine")
+    del lm.model.config.final_logit_softcapping
+    forward = lm.model.forward
+
+    def scaled(*args, **kwargs):  # a head that scales its logits
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    lm.model.forward = scaled
+    with pytest.raises(BackboneError, match=r"backbone.packing: the LM head of 'mine' is not a plain projection"):
+        check_packing(lm, "mine")

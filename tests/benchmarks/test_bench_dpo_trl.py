@@ -32,3 +32,16 @@ def test_quick_dpo_trl_benchmark_trains_every_side_on_the_same_tokens(tmp_path, 
     for pairing in ("genarm_vs_trl", "pdpo_vs_trl"):
         assert all(v > 0 for v in r["ratio"][pairing].values()), r["ratio"][pairing]
     assert all(0 <= side["padding_share"] < 1 for side in (trl, genarm, pdpo))
+    # packing: the same pairs and tokens, run in fewer padded positions, after the check found them exact
+    for method, padded in (("genarm", genarm), ("pdpo", pdpo)):
+        packed = r["sides"][f"{method}_packed"]
+        assert packed["timed_steps"] == padded["timed_steps"]
+        assert packed["epoch_tokens"] == padded["epoch_tokens"] == packed["memory_run_epoch_tokens"]
+        assert packed["real_tokens"] == padded["real_tokens"]
+        assert packed["raw"]["steps"][0]["policy"] == padded["raw"]["steps"][0]["policy"]
+        assert packed["padding_share"] < padded["padding_share"]
+        assert packed["positions_per_second"] > 0 and packed["live_peak_rss_mib"] > 0
+        assert all(v > 0 for v in r["packing"][method].values()) and r["ratio"][f"{method}_packed_vs_trl"]
+        exact = check["packed"][method]
+        assert exact["loss_packed"] == pytest.approx(exact["loss_padded"], rel=1e-5, abs=1e-5)
+        assert exact["grad_max_abs_diff"] <= 1e-4 * exact["grad_max_abs"] + 1e-6
