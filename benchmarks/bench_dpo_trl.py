@@ -58,14 +58,12 @@ reference pass, and the live peak RSS of a separate run in which glibc maps ever
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,7 +73,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_trl import LORA, LR, pick_rows, rss_mib, small_qwen2  # noqa: E402
+from _tables import write_report  # noqa: E402
+from bench_trl import (  # noqa: E402
+    LORA,
+    LR,
+    StepClock,
+    model_and_out,
+    pick_rows,
+    plrm_steps,
+    rss_mib,
+    run_child,
+    run_sides,
+    side_parser,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BETA = 0.1          # DPO's beta on every side (TRL's default; it does not change the work of a step)
@@ -189,21 +199,12 @@ def run_plrm(side: str, model_path: str, steps: int, pairs: int, warmup: int) ->
               "lrs": sorted({g["lr"] for g in opt.param_groups})}
     seen = 0
     rss = [rss_mib()]  # after setup (model, data, reference pass, optimizer), before the first step
-    last = time.perf_counter()
-    for i in range(steps):
-        batch = dm.batch(rows[i * pairs:(i + 1) * pairs])
-        loss = model.training_step(batch, i)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        now = time.perf_counter()
-        rss.append(rss_mib())
+    for i, batch, seconds in plrm_steps(model, opt, dm, rows, steps, pairs, rss):
         c = counts(batch, method, n_tokens, packing)
         seen += c["tokens"]
         if i >= warmup:
-            record["times"].append(now - last)
+            record["times"].append(seconds)
             record["steps"].append(c)
-        last = now
     record.update(all_tokens=seen, rss_setup_mib=rss[0], rss_training_peak_mib=max(rss))
     return record
 
@@ -245,35 +246,20 @@ def trl_trainer(model_path: str, dataset, steps: int, pairs: int, callbacks=(), 
 
 
 def run_trl(model_path: str, steps: int, pairs: int, warmup: int) -> dict:
-    from transformers import TrainerCallback
-
     prepared, _, dm, train = lm_datamodule(model_path, pairs)
     rows = pick_rows(train, steps, pairs)
     batches = [dm.batch(rows[i * pairs:(i + 1) * pairs]) for i in range(steps)]  # what each step trains on
     dataset = trl_dataset(dm.batch(rows))
     record = {"times": [], "steps": [], "rss": [], "trl_tokens": []}
-    state = {"last": None, "tokens": 0}
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, st, control, **kw):
-            record["rss"].append(rss_mib())  # after setup (model, data, reference pass, optimizer)
+    def timed(step: int, tokens: int) -> None:
+        record["steps"].append(counts(batches[step - 1], "trl", 0))
+        record["trl_tokens"].append(tokens)
 
-        def on_step_begin(self, args, st, control, **kw):
-            if state["last"] is None:
-                state["last"] = time.perf_counter()
-
-        def on_step_end(self, args, st, control, **kw):
-            now = time.perf_counter()
-            record["rss"].append(rss_mib())
-            total = trainer._total_train_tokens
-            if st.global_step > warmup:
-                record["times"].append(now - state["last"])
-                record["steps"].append(counts(batches[st.global_step - 1], "trl", 0))
-                record["trl_tokens"].append(int(total - state["tokens"]))
-            state["last"], state["tokens"] = now, total
+    clock = StepClock(record, warmup, lambda: trainer, timed)
 
     timing: dict = {}
-    trainer = trl_trainer(model_path, dataset, steps, pairs, [Clock()], timing)
+    trainer = trl_trainer(model_path, dataset, steps, pairs, [clock], timing)
     trainer.train()
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     # TRL's own count of attention-mask tokens, per step: the same pairs as plrm's batch of that step
@@ -391,70 +377,23 @@ def summarize(rec: dict) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny-random:qwen2, 6 steps, 1 warmup")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 10; quick 6)")
-    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 2; quick 1)")
-    ap.add_argument("--pairs", type=int, default=8, help="pairs per step")
-    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the Qwen2-architecture model")
-    ap.add_argument("--layers", type=int, default=4, help="its layers")
-    ap.add_argument("--rounds", type=int, default=2, help="speed runs of each side, alternating (best counts)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in each process")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/dpo_trl_cpu.json; "
-                                                "--quick: /tmp/dpo_trl_quick.json)")
-    ap.add_argument("--child", choices=[*SIDES, "check"], help=argparse.SUPPRESS)
-    ap.add_argument("--model-path", help=argparse.SUPPRESS)
-    ap.add_argument("--child-out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = side_parser(__doc__, [*SIDES, "check"], steps=10, warmup=2, threads=1, results="dpo_trl_cpu").parse_args()
     steps = args.steps or (6 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if args.child:
         child(args.child, args.model_path, steps, args.pairs, warmup, args.threads, args.child_out)
         return 0
-    from plrm.backbones import models  # (bench_trl's import set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)
-
     warnings.filterwarnings("ignore")
-    if args.quick:
-        model_path, label = str(models.resolve("tiny-random:qwen2")), "tiny-random:qwen2 (hidden 64, 2 layers)"
-    else:
-        model_path = str(small_qwen2(Path(tempfile.gettempdir()) / "plrm-bench-trl", args.hidden, args.layers))
-        label = f"Qwen2 architecture, hidden {args.hidden}, {args.layers} layers, random weights"
-    out = Path(args.out) if args.out else (Path("/tmp/dpo_trl_quick.json") if args.quick
-                                           else RESULTS / "dpo_trl_cpu.json")
+    model_path, label, out = model_and_out(args, "dpo_trl_cpu")
     started = datetime.datetime.now(datetime.timezone.utc)
-    # memory runs: glibc maps every block over 64 KiB on its own and unmaps it on free, so RSS is live memory
-    live = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
-    def child_run(side: str, kind: str, env=None) -> dict:
-        part = Path(tempfile.mkdtemp()) / f"{side}-{kind}.json"
-        cmd = [sys.executable, __file__, "--child", side, "--model-path", model_path, "--child-out", str(part),
-               "--steps", str(steps), "--warmup", str(warmup), "--pairs", str(args.pairs),
-               "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-            raise SystemExit(f"bench_dpo_trl: the {side} {kind} process failed (exit {proc.returncode})")
-        return json.loads(part.read_text())
+    def child_run(side: str, kind: str) -> dict:  # memory runs: live memory (bench_trl.LIVE_MEMORY)
+        return run_child(__file__, side, kind, model_path, args, steps, warmup)
 
     check = child_run("check", "check")
     print(f"losses agree: DPO {check['dpo_loss']['plrm']:.6f} (TRL {check['dpo_loss']['trl']:.6f}), GenARM "
           f"{check['genarm_loss']['plrm']:.6f} (TRL {check['genarm_loss']['trl']:.6f})", flush=True)
-    speed: dict[str, list[dict]] = {side: [] for side in SIDES}
-    for _ in range(args.rounds):  # sides alternate; each side's fastest run counts (this CPU's speed drifts)
-        for side in SIDES:
-            speed[side].append(child_run(side, "speed"))
-            s = summarize(speed[side][-1])
-            print(f"{side}: {s['tokens_per_second']:.0f} tokens/s, {s['pairs_per_second']:.2f} pairs/s", flush=True)
-    sides = {}
-    for side in SIDES:
-        best = max(speed[side], key=lambda rec: summarize(rec)["pairs_per_second"])
-        mem = child_run(side, "memory", live)
-        sides[side] = {**summarize(best), "raw": best,
-                       "pairs_per_second_runs": [summarize(rec)["pairs_per_second"] for rec in speed[side]],
-                       "live_peak_rss_mib": mem["peak_rss_mib"], "live_rss_setup_mib": mem["rss_setup_mib"],
-                       "live_peak_above_setup_mib": mem["peak_rss_mib"] - mem["rss_setup_mib"],
-                       "memory_run_epoch_tokens": mem["all_tokens"]}
-        print(f"{side}: live peak RSS {sides[side]['live_peak_rss_mib']:.0f} MiB", flush=True)
+    sides = run_sides(SIDES, args.rounds, child_run, summarize, "pairs_per_second")
     import peft
     import transformers
     import trl
@@ -476,10 +415,7 @@ def main() -> int:
               "ratio": {"genarm_vs_trl": ratios("genarm"), "pdpo_vs_trl": ratios("pdpo"),
                         "genarm_packed_vs_trl": ratios("genarm_packed"), "pdpo_packed_vs_trl": ratios("pdpo_packed")},
               "packing": {"genarm": ratios("genarm_packed", "genarm"), "pdpo": ratios("pdpo_packed", "pdpo")}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(out, result, markdown(result))
     return 0
 
 

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tables import write_report  # noqa: E402
-from bench_trl import LORA, LR, RESULTS, pick_rows, rss_mib  # noqa: E402
+from bench_trl import LIVE_MEMORY, LORA, LR, RESULTS, pick_rows, rss_mib  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SETTINGS = {"upcast": True, "no_upcast": False}
@@ -103,7 +103,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
         Path(args.child_out).write_text(json.dumps(run(model, SETTINGS[args.child], steps, args.pairs)))
         return 0
-    live = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    live = {**os.environ, **LIVE_MEMORY}
     started = datetime.datetime.now(datetime.timezone.utc)
     runs = {}
     for name in SETTINGS:

@@ -113,6 +113,21 @@ def run_plrm(model_path: str, steps: int, pairs: int, warmup: int, packing: bool
     model.train()
     times, tokens, padded, seen = [], [], [], 0
     rss = [rss_mib()]  # after setup (model, data, optimizer), before the first step
+    for i, batch, seconds in plrm_steps(model, opt, dm, rows, steps, pairs, rss):
+        lengths = torch.cat([batch["chosen"]["lengths"], batch["rejected"]["lengths"]])
+        seen += int(lengths.sum())
+        if i >= warmup:
+            times.append(seconds)
+            tokens.append(int(lengths.sum()))
+            width = int(lengths.max())  # tokens the model runs: padded rows, or packed rows of that width
+            padded.append(width * (len(pack_rows(lengths.tolist(), width)[2]) if packing else len(lengths)))
+    return {"times": times, "tokens": tokens, "padded": padded, "all_tokens": seen, "rss_setup_mib": rss[0],
+            "rss_training_peak_mib": max(rss)}
+
+
+def plrm_steps(model, opt, dm, rows, steps: int, pairs: int, rss: list):
+    """Train ``model`` with ``opt`` on ``steps`` batches of ``pairs`` of ``rows`` (plrm's own training step),
+    appending the RSS after each; yields (step, batch, seconds since the previous step ended)."""
     last = time.perf_counter()
     for i in range(steps):
         batch = dm.batch(rows[i * pairs:(i + 1) * pairs])
@@ -122,22 +137,42 @@ def run_plrm(model_path: str, steps: int, pairs: int, warmup: int, packing: bool
         opt.zero_grad(set_to_none=True)
         now = time.perf_counter()
         rss.append(rss_mib())
-        lengths = torch.cat([batch["chosen"]["lengths"], batch["rejected"]["lengths"]])
-        seen += int(lengths.sum())
-        if i >= warmup:
-            times.append(now - last)
-            tokens.append(int(lengths.sum()))
-            width = int(lengths.max())  # tokens the model runs: padded rows, or packed rows of that width
-            padded.append(width * (len(pack_rows(lengths.tolist(), width)[2]) if packing else len(lengths)))
+        yield i, batch, now - last
         last = now
-    return {"times": times, "tokens": tokens, "padded": padded, "all_tokens": seen, "rss_setup_mib": rss[0],
-            "rss_training_peak_mib": max(rss)}
+
+
+def StepClock(record: dict, warmup: int, trainer, on_timed):  # noqa: N802 (builds a TrainerCallback)
+    """A TrainerCallback that times TRL's steps: the RSS before the first step and after each one into
+    ``record['rss']``, each step after ``warmup`` into ``record['times']``, and ``on_timed(step, tokens)`` with the
+    step's number and TRL's own count of its tokens. ``trainer()`` returns the trainer (built after the callback)."""
+    from transformers import TrainerCallback
+
+    state = {"last": None, "tokens": 0}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, st, control, **kw):
+            record["rss"].append(rss_mib())  # after setup (model, data, optimizer), before the first step
+
+        def on_step_begin(self, args, st, control, **kw):
+            if state["last"] is None:
+                state["last"] = time.perf_counter()
+
+        def on_step_end(self, args, st, control, **kw):
+            now = time.perf_counter()
+            record["rss"].append(rss_mib())
+            total = trainer()._total_train_tokens
+            if st.global_step > warmup:
+                record["times"].append(now - state["last"])
+                on_timed(st.global_step, int(total - state["tokens"]))
+            state["last"], state["tokens"] = now, total
+
+    return Clock()
 
 
 def run_trl(model_path: str, steps: int, pairs: int, warmup: int) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     prepared, _, dm, train = datamodule(model_path, pairs)
@@ -155,24 +190,8 @@ def run_trl(model_path: str, steps: int, pairs: int, warmup: int) -> dict:
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["targets"], task_type="SEQ_CLS", bias="none")
     record = {"times": [], "tokens": [], "padded": [], "rss": []}
-    state = {"last": None, "tokens": 0}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, st, control, **kw):
-            record["rss"].append(rss_mib())  # after setup (model, data, optimizer), before the first step
-
-        def on_step_begin(self, args, st, control, **kw):
-            if state["last"] is None:
-                state["last"] = time.perf_counter()
-
-        def on_step_end(self, args, st, control, **kw):
-            now = time.perf_counter()
-            record["rss"].append(rss_mib())
-            total = trainer._total_train_tokens
-            if st.global_step > warmup:
-                record["times"].append(now - state["last"])
-                record["tokens"].append(int(total - state["tokens"]))
-            state["last"], state["tokens"] = now, total
+    clock = StepClock(record, warmup, lambda: trainer,
+                      lambda step, tokens: record["tokens"].append(tokens))
 
     args = RewardConfig(output_dir=tempfile.mkdtemp(prefix="trl_bench_"), per_device_train_batch_size=pairs,
                         max_steps=steps, learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant",
@@ -180,7 +199,7 @@ def run_trl(model_path: str, steps: int, pairs: int, warmup: int) -> dict:
                         dataloader_num_workers=0, max_length=None, disable_dropout=True, seed=0, bf16=False,
                         fp16=False, gradient_checkpointing=False)
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora,
-                            callbacks=[Clock()])
+                            callbacks=[clock])
     pads = []
     collate = trainer.data_collator
 
@@ -217,68 +236,94 @@ def summarize(rec: dict) -> dict:
             "training_rss_growth_mib": rec["rss_training_peak_mib"] - rec["rss_setup_mib"]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def side_parser(doc: str, sides, steps: int, warmup: int, threads: int, results: str) -> argparse.ArgumentParser:
+    """The command line of the benchmarks that train one model on several sides, each in a fresh process
+    (this one and bench_dpo_trl.py): defaults ``steps``, ``warmup``, ``threads``, ``results/<results>.json``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny-random:qwen2, 6 steps, 1 warmup")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 24; quick 6)")
-    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 4; quick 1)")
+    ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps per side (default {steps}; quick 6)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help=f"steps left out of the timing (default {warmup}; quick 1)")
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step")
     ap.add_argument("--hidden", type=int, default=256, help="hidden size of the Qwen2-architecture model")
     ap.add_argument("--layers", type=int, default=4, help="its layers")
     ap.add_argument("--rounds", type=int, default=2, help="speed runs of each side, alternating (best counts)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in each process")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/trl_cpu.json; "
-                                                "--quick: /tmp/trl_quick.json)")
-    ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=threads, help="torch threads in each process")
+    ap.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/{results}.json; "
+                                                f"--quick: /tmp/{results.removesuffix('_cpu')}_quick.json)")
+    ap.add_argument("--child", choices=list(sides), help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    steps = args.steps or (6 if args.quick else 24)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 4)
-    if args.child:
-        child(args.child, args.model_path, steps, args.pairs, warmup, args.threads, args.child_out)
-        return 0
+    return ap
+
+
+# glibc keeps freed blocks and returns them to the kernel on its own schedule, so the RSS of a speed run mixes live
+# memory with the allocator's caching, which differs between two programs that allocate alike. A memory run makes
+# glibc map every block over 64 KiB on its own and unmap it on free: its RSS is the live memory (slower: not timed).
+LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def run_child(script: str, side: str, kind: str, model_path: str, args, steps: int, warmup: int) -> dict:
+    """``script --child side`` in a fresh process (``kind`` 'memory': under :data:`LIVE_MEMORY`); its JSON record."""
+    part = Path(tempfile.mkdtemp()) / f"{side}-{kind}.json"
+    cmd = [sys.executable, script, "--child", side, "--model-path", model_path, "--child-out", str(part),
+           "--steps", str(steps), "--warmup", str(warmup), "--pairs", str(args.pairs), "--threads", str(args.threads)]
+    env = {**os.environ, **LIVE_MEMORY} if kind == "memory" else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+        raise SystemExit(f"{Path(script).name}: the {side} {kind} process failed (exit {proc.returncode})")
+    return json.loads(part.read_text())
+
+
+def run_sides(sides, rounds: int, child_run, summarize, key: str) -> dict:
+    """Speed runs of every side, alternating for ``rounds`` rounds (each side's best by ``key`` counts: this CPU's
+    speed drifts), then one memory run of each: side -> its best run's summary with the live-memory figures."""
+    speed: dict[str, list[dict]] = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side in sides:
+            speed[side].append(child_run(side, "speed"))
+            print(f"{side}: {summarize(speed[side][-1])[key]:,.2f} {key.replace('_', ' ')}", flush=True)
+    out = {}
+    for side in sides:
+        best = max(speed[side], key=lambda rec: summarize(rec)[key])
+        mem = child_run(side, "memory")
+        out[side] = {**summarize(best), "raw": best, f"{key}_runs": [summarize(rec)[key] for rec in speed[side]],
+                     "live_peak_rss_mib": mem["peak_rss_mib"], "live_rss_setup_mib": mem["rss_setup_mib"],
+                     "live_peak_above_setup_mib": mem["peak_rss_mib"] - mem["rss_setup_mib"],
+                     "memory_run_epoch_tokens": mem["all_tokens"]}
+        print(f"{side}: live peak RSS {out[side]['live_peak_rss_mib']:.0f} MiB", flush=True)
+    return out
+
+
+def model_and_out(args, results: str) -> tuple[str, str, Path]:
+    """The model a :func:`side_parser` command trains (built once for the full run), its label, the JSON path."""
     from plrm.backbones import models
 
-    warnings.filterwarnings("ignore")
     if args.quick:
         model_path, label = str(models.resolve("tiny-random:qwen2")), "tiny-random:qwen2 (hidden 64, 2 layers)"
     else:
         model_path = str(small_qwen2(Path(tempfile.gettempdir()) / "plrm-bench-trl", args.hidden, args.layers))
         label = f"Qwen2 architecture, hidden {args.hidden}, {args.layers} layers, random weights"
-    out = Path(args.out) if args.out else (Path("/tmp/trl_quick.json") if args.quick else RESULTS / "trl_cpu.json")
-    started = datetime.datetime.now(datetime.timezone.utc)
-    sides = {}
-    # glibc keeps freed blocks and returns them to the kernel on its own schedule, so the RSS of the speed runs
-    # mixes live memory with the allocator's caching, which differs between two programs that allocate alike.
-    # The memory runs make glibc map every block over 64 KiB on its own and unmap it on free: their RSS is the live
-    # memory (slower, so they are not timed).
-    live = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    def child_run(side: str, kind: str, env) -> dict:
-        part = Path(tempfile.mkdtemp()) / f"{side}-{kind}.json"
-        cmd = [sys.executable, __file__, "--child", side, "--model-path", model_path, "--child-out", str(part),
-               "--steps", str(steps), "--warmup", str(warmup), "--pairs", str(args.pairs),
-               "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-            raise SystemExit(f"bench_trl: the {side} {kind} process failed (exit {proc.returncode})")
-        return json.loads(part.read_text())
+    quick = Path(f"/tmp/{results.removesuffix('_cpu')}_quick.json")
+    return model_path, label, Path(args.out) if args.out else (quick if args.quick else RESULTS / f"{results}.json")
 
-    speed: dict[str, list[dict]] = {side: [] for side in SIDES}
-    for _ in range(args.rounds):  # sides alternate; each side's fastest run counts (this CPU's speed drifts)
-        for side in SIDES:
-            speed[side].append(child_run(side, "speed", None))
-            print(f"{side}: {summarize(speed[side][-1])['tokens_per_second']:.0f} tokens/s", flush=True)
-    for side in SIDES:
-        best = max(speed[side], key=lambda rec: summarize(rec)["tokens_per_second"])
-        mem = child_run(side, "memory", live)
-        sides[side] = {**summarize(best), "raw": best,
-                       "tokens_per_second_runs": [summarize(rec)["tokens_per_second"] for rec in speed[side]],
-                       "live_peak_rss_mib": mem["peak_rss_mib"], "live_rss_setup_mib": mem["rss_setup_mib"],
-                       "live_peak_above_setup_mib": mem["peak_rss_mib"] - mem["rss_setup_mib"],
-                       "memory_run_epoch_tokens": mem["all_tokens"]}
-        print(f"{side}: live peak RSS {sides[side]['live_peak_rss_mib']:.0f} MiB", flush=True)
+
+def main() -> int:
+    args = side_parser(__doc__, SIDES, steps=24, warmup=4, threads=2, results="trl_cpu").parse_args()
+    steps = args.steps or (6 if args.quick else 24)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 4)
+    if args.child:
+        child(args.child, args.model_path, steps, args.pairs, warmup, args.threads, args.child_out)
+        return 0
+    warnings.filterwarnings("ignore")
+    model_path, label, out = model_and_out(args, "trl_cpu")
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    def child_run(side: str, kind: str) -> dict:
+        return run_child(__file__, side, kind, model_path, args, steps, warmup)
+
+    sides = run_sides(SIDES, args.rounds, child_run, summarize, "tokens_per_second")
     import peft
     import transformers
     import trl
