@@ -30,7 +30,8 @@ ERROR_CLASSES = {name for name, obj in vars(plrm.errors).items()
 # plrm's plugin API: module -> the names a plugin may import from it. CONTRIBUTING.md's table "What a plugin may
 # import" documents exactly these; anything else in plrm is internal.
 PUBLIC_API: dict[str, set[str]] = {
-    "plrm.methods.base": {"PersonalizedRewardModel", "MethodConfig", "AdaptConfig", "SeenUsersData"},
+    "plrm.methods.base": {"PersonalizedRewardModel", "MethodConfig", "AdaptConfig", "QuasiNewtonConfig",
+                          "SeenUsersData"},
     "plrm.methods.peruser": {"fit_per_user", "fit_per_user_sets"},
     "plrm.methods.heads": {"PerUserHeads"},
     "plrm.methods.episodic": {"EpisodicRewardModel", "EpisodeConfig"},
