@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics, _ = fit(recipe, method, [f"run.name={method}-adam"], runs_dir)
         variants[f"{method} adam"] = {"method": method, "overrides": [], "metrics": metrics}
         for n in steps:
-            overrides = [f"methods.{method}.optimizer=lbfgs", f"methods.{method}.batch_size=100000000",
-                         f"methods.{method}.max_epochs={n}", f"methods.{method}.difference_cache=always"]
+            overrides = [f"methods.{method}.optimizer=lbfgs", f"methods.{method}.max_epochs={n}"]
             metrics, calls = fit(recipe, method, [*overrides, f"run.name={method}-lbfgs{n}"], runs_dir)
             variants[f"{method} lbfgs x{n}"] = {"method": method, "overrides": overrides, "metrics": metrics,
                                                 "evaluations": calls}

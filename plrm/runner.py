@@ -647,7 +647,7 @@ def _fit_unit(unit: Unit) -> tuple[dict, pd.DataFrame]:
     L.seed_everything(train_seed, verbose=False)
     model = build_model(recipe, label, run.prepared, len(unit.split.user_ids))
     n_train = len(unit.split.rows(TRAIN))
-    dm = PreferenceDataModule(run.prepared, unit.split, batch_size=comp.config.batch_size, seed=train_seed,
+    dm = PreferenceDataModule(run.prepared, unit.split, batch_size=model.training_batch_size(n_train), seed=train_seed,
                               users_per_batch=model.users_per_batch,
                               difference_cache=model.uses_difference_cache(n_train, run.prepared.items.n_items),
                               difference_dtype=torch.bfloat16 if str(recipe.trainer.precision).startswith("bf16")

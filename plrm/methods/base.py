@@ -88,8 +88,8 @@ class QuasiNewtonConfig:
 
     optimizer: Literal["adam", "lbfgs"] = opt(
         "adam", "adam: Adam at lr over batch_size pairs per step. lbfgs: torch's L-BFGS (strong-Wolfe line search, "
-        "step length 1, one parameter group) on the full batch, so batch_size must cover every train pair; each "
-        "training step (= epoch) runs lbfgs_iterations iterations, and lr / weight_decay do not apply.")
+        "step length 1, one parameter group) on the full batch: every step reads every train pair (batch_size, "
+        "lr and weight_decay do not apply), and each training step (= epoch) runs lbfgs_iterations iterations.")
     lbfgs_iterations: int = opt(20, "L-BFGS iterations per training step (each one or more loss-and-gradient "
                                     "evaluations of the full batch).", min=1)
     lbfgs_history: int = opt(10, "L-BFGS memory: curvature pairs kept.", min=1)
@@ -171,7 +171,14 @@ class PersonalizedRewardModel(L.LightningModule):
         choice = getattr(self.config, "difference_cache", "never")
         if not (self.trains_on_differences and self.scores_differences()) or choice == "never":
             return False
-        return choice == "always" or self.config.batch_size >= n_train_pairs or n_train_pairs <= n_items
+        full_batch = self.training_batch_size(n_train_pairs) >= n_train_pairs
+        return choice == "always" or full_batch or n_train_pairs <= n_items
+
+    def training_batch_size(self, n_train_pairs: int) -> int:
+        """Pairs per training step: ``batch_size``, or every train pair under ``optimizer: lbfgs`` (full batch)."""
+        if getattr(self.config, "optimizer", "adam") == "lbfgs":
+            return max(n_train_pairs, 1)
+        return self.config.batch_size
 
     @property
     def users_per_batch(self) -> int | None:
@@ -270,9 +277,10 @@ class PersonalizedRewardModel(L.LightningModule):
     def on_train_start(self) -> None:
         batches = self.trainer.num_training_batches
         if getattr(self.config, "optimizer", "adam") == "lbfgs" and batches != 1:
-            raise PlrmError(f"{type(self).__name__}: optimizer: lbfgs needs the full batch at every step, but "
-                            f"batch_size {self.config.batch_size} makes {batches} batches per epoch; set batch_size "
-                            "to at least the number of train pairs (or optimizer: adam)")
+            # plrm fit batches every train pair (training_batch_size); a datamodule built by hand may not
+            raise PlrmError(f"{type(self).__name__}: optimizer: lbfgs needs the full batch at every step, but the "
+                            f"datamodule makes {batches} batches per epoch; give it a batch_size of at least the "
+                            "number of train pairs (training_batch_size), or use optimizer: adam")
 
     def reference_checkpoints(self) -> dict[str, str]:
         """Checkpoints of other runs this method needs, by name (LoRe-Alt's reference reward model): the runner

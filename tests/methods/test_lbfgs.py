@@ -8,6 +8,7 @@ import torch
 
 from plrm import runner
 from plrm.data.datamodule import PreferenceDataModule
+from plrm.data.splits import TRAIN
 from plrm.errors import PlrmError
 from plrm.methods.bt import GlobalBT
 from plrm.methods.lore import LoRe
@@ -59,16 +60,20 @@ def test_lbfgs_refuses_minibatches_and_weight_decay_with_what_to_change(world, t
     prepared, split = world
     model = LoRe(LoRe.Config(optimizer="lbfgs", batch_size=64, rank=3), n_users=len(split.user_ids),
                  feature_dim=prepared.backbone.feature_dim)
-    with pytest.raises(PlrmError, match=r"LoRe: optimizer: lbfgs needs the full batch at every step, but batch_size "
-                                        r"64 makes \d+ batches per epoch; set batch_size to at least the number of "
-                                        r"train pairs"):
+    n_train = len(split.rows(TRAIN))
+    assert model.training_batch_size(n_train) == n_train  # what plrm fit batches: batch_size does not apply
+    # a datamodule built by hand with minibatches is refused
+    with pytest.raises(PlrmError, match=r"LoRe: optimizer: lbfgs needs the full batch at every step, but the "
+                                        r"datamodule makes \d+ batches per epoch; give it a batch_size of at least "
+                                        r"the number of train pairs"):
         _train(model, prepared, split, 64, 1)
     with pytest.raises(RecipeError, match="optimizer: lbfgs has no decoupled weight decay; set weight_decay: 0"):
         load_recipe("quickstart", ["methods.lore.optimizer=lbfgs", "methods.lore.weight_decay=0.01"])
 
 
 def test_a_run_trains_lore_with_lbfgs(tiny_overrides):
+    # the recipe's minibatch batch_size (64) stays: under lbfgs every step is the full batch
     result = runner.fit("quickstart", tiny_overrides + ["methods.lore.optimizer=lbfgs", "~methods.bt",
-                                                        "methods.lore.batch_size=1000000000"], show=False)
+                                                        "methods.lore.batch_size=64"], show=False)
     lore = result.per_seed[0]["lore"]
     assert lore["seen"]["accuracy"] > 0.85 and lore["unseen"]["accuracy"] > 0.8
